@@ -1,0 +1,129 @@
+"""Training throughput of every cell against native nn.LSTM of the same size, in one run.
+
+Each model is a small char LM (embedding -> RecurrentStack -> linear decoder) trained with
+AdamW on random characters (or windows of a real text file with --data). The models take turns,
+one training step each, so a busy shared CPU slows them all alike; the figure per model is the
+median step time over --steps steps after --warmup steps.
+
+    python benchmarks/cells.py                                  # every cell, 2 x 256, batch 32, bptt 128
+    python benchmarks/cells.py --cells lstm,gru --steps 5       # a quick look
+
+Extra rows: ``nn.LSTM`` (the reference), ``lstm[custom]`` (the engine's custom path, hand-written
+BPTT kernel), ``lstm[autograd]`` (the generic autograd time loop, i.e. no fused kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from charlm.cells import CELLS
+from charlm.engine import RecurrentStack
+
+REFERENCE = "nn.LSTM"
+
+
+class CharLM(nn.Module):
+    """Embedding -> recurrent stack -> linear decoder."""
+
+    def __init__(self, rnn: nn.Module, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.rnn = rnn
+        self.decode = nn.Linear(hidden, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.rnn(self.embed(x))[0]
+        return self.decode(out)
+
+
+def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
+    """The model for one table row and a word on which path it runs."""
+    h, layers = args.hidden, args.layers
+    if row == REFERENCE:
+        return CharLM(nn.LSTM(h, h, layers, batch_first=True), args.vocab, h), "native"
+    cell, _, variant = row.partition("[")
+    stack = RecurrentStack(cell, h, h, layers, native=not variant)
+    for layer in stack.layers:
+        layer.cell.fused = variant != "autograd]"
+    first = stack.layers[0]
+    fused = first.cell.has_fused and first.cell.fused
+    path = "native" if first.native else "fused" if fused else "autograd"
+    return CharLM(stack, args.vocab, h), path
+
+
+def batches(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if args.data:
+        text = Path(args.data).read_text(encoding="utf-8")
+        vocab = sorted(set(text))
+        ids = torch.tensor([vocab.index(ch) for ch in text[: 200_000]])
+        args.vocab = len(vocab)
+        start = torch.randint(0, ids.numel() - args.bptt - 1, (args.batch,), generator=g)
+        window = torch.stack([ids[s : s + args.bptt + 1] for s in start.tolist()])
+        return window[:, :-1], window[:, 1:]
+    x = torch.randint(0, args.vocab, (args.batch, args.bptt + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default="all", help="comma-separated rows (default: all)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per model")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--bptt", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--vocab", type=int, default=65)
+    ap.add_argument("--data", default="", help="train on windows of this text file instead of random chars")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    if args.cells == "all":
+        rows = ["lstm[custom]", "lstm[autograd]", *CELLS]
+    else:
+        rows = [c.strip() for c in args.cells.split(",") if c.strip()]
+    rows = [REFERENCE, *[r for r in rows if r != REFERENCE]]
+    x, y = batches(args)
+    models: dict[str, tuple[nn.Module, torch.optim.Optimizer, str]] = {}
+    for row in rows:
+        model, path = build(row, args)
+        models[row] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), path)
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    loss_fn = nn.CrossEntropyLoss()
+    for it in range(args.warmup + args.steps):
+        for row, (model, opt, _) in models.items():
+            t0 = time.perf_counter()
+            loss = loss_fn(model(x).reshape(-1, args.vocab), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it >= args.warmup:
+                times[row].append(time.perf_counter() - t0)
+    chars = args.batch * args.bptt
+    ref = chars / statistics.median(times[REFERENCE])
+    print(
+        f"# {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
+        f"{torch.get_num_threads()} threads, {args.steps} timed steps, torch {torch.__version__}"
+    )
+    print(f"{'cell':<16} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
+    for row, (model, _, path) in models.items():
+        rate = chars / statistics.median(times[row])
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{row:<16} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Variable-length truncated-BPTT window schedule (Merity et al. 2017, arXiv:1708.02182, section 4.1).
+
+The training split is laid out as ``B`` parallel streams of ``n`` columns (see DESIGN.md section 2).
+A window starting at column ``start`` with length ``seq_len`` reads inputs ``[start, start + seq_len)``
+and targets ``[start + 1, start + seq_len + 1)``, so the windows of one epoch tile the ``n - 1``
+input positions ``[0, n - 1)`` exactly once, in order.
+
+Variable mode (AWD-LSTM): each window draws a base length ``T = bptt`` with probability 0.95, else
+``bptt / 2``, then ``seq_len = max(5, round(N(T, 5)))``; the last window is clipped to end exactly at
+the end of the stream. The draws come from a private ``torch.Generator`` seeded from ``(seed, epoch)``
+only, so every DDP rank cuts identical windows and the global RNG is left alone.
+
+Scale: the loss of a window is a mean over its ``seq_len`` positions, so short and long windows
+would otherwise move the weights equally. AWD-LSTM multiplies the learning rate by ``seq_len / bptt``
+for that one step; multiplying the loss by :func:`loss_scale` instead is the same thing for plain SGD
+without gradient-norm clipping (clipping then acts on the scaled gradient). With Adam/AdamW the
+effect is much weaker, since their steps are normalised by the running gradient scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+__all__ = ["MIN_SEQ_LEN", "P_FULL", "SEQ_LEN_STD", "loss_scale", "num_windows", "window_schedule"]
+
+P_FULL = 0.95
+"""Probability of the full base length ``bptt`` (else ``bptt / 2``) (Merity et al. 2017)."""
+SEQ_LEN_STD = 5.0
+"""Standard deviation of the sampled window length (Merity et al. 2017)."""
+MIN_SEQ_LEN = 5
+"""Shortest sampled window; only the clipped last window may be shorter (Merity et al. 2017)."""
+
+_CHUNK = 256  # draws are taken in fixed-size chunks, so results depend on (seed, epoch) only
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    """A private CPU generator keyed on (seed, epoch) for the AWD-LSTM window draws (Merity et al. 2017).
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so the pair is hashed into 32 bits
+    rather than packed (packing would make seeds that differ in the high bits collide).
+    """
+    key = hashlib.blake2b(f"charlm-bptt:{int(seed)}:{int(epoch)}".encode(), digest_size=4).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(key, "little"))
+
+
+def window_schedule(
+    n_inputs: int,
+    bptt: int,
+    *,
+    variable: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[tuple[int, int]]:
+    """The (start, seq_len) windows of one epoch over ``n_inputs`` input positions (Merity et al. 2017).
+
+    ``n_inputs`` is the number of input positions, i.e. stream columns minus one (the last column
+    is only ever a target). Windows are contiguous, in order, and cover ``[0, n_inputs)`` exactly
+    once. ``variable=False`` gives windows of exactly ``bptt`` (the last one shorter) and ignores
+    seed and epoch. ``variable=True`` draws AWD-LSTM lengths from a private generator keyed on
+    ``(seed, epoch)``: the same pair always gives the same list, on every process.
+    """
+    if bptt < 1:
+        raise ValueError(f"bptt must be >= 1, got {bptt}")
+    if n_inputs < 0:
+        raise ValueError(f"n_inputs must be >= 0, got {n_inputs}")
+    windows: list[tuple[int, int]] = []
+    if not variable:
+        for start in range(0, n_inputs, bptt):
+            windows.append((start, min(bptt, n_inputs - start)))
+        return windows
+
+    gen = _generator(seed, epoch)
+    start = 0
+    while start < n_inputs:
+        uniforms = torch.rand(_CHUNK, generator=gen, dtype=torch.float64).tolist()
+        normals = torch.randn(_CHUNK, generator=gen, dtype=torch.float64).tolist()
+        for u, z in zip(uniforms, normals, strict=True):
+            base = bptt if u < P_FULL else bptt / 2
+            seq_len = max(MIN_SEQ_LEN, round(base + SEQ_LEN_STD * z))
+            seq_len = min(seq_len, n_inputs - start)
+            windows.append((start, seq_len))
+            start += seq_len
+            if start >= n_inputs:
+                break
+    return windows
+
+
+def num_windows(n_inputs: int, bptt: int) -> int:
+    """Window count of the fixed-length schedule, ceil(n_inputs / bptt) (Merity et al. 2017)."""
+    return math.ceil(n_inputs / bptt) if n_inputs > 0 else 0
+
+
+def loss_scale(seq_len: int, bptt: int) -> float:
+    """The factor ``seq_len / bptt`` that weighs a window by its length (Merity et al. 2017).
+
+    Multiply the batch loss (or, as AWD-LSTM does, the learning rate for that one step) by it.
+    """
+    return seq_len / bptt

@@ -1,0 +1,159 @@
+"""The cell contract shared by every recurrence, plus the per-gate-block initialisation.
+
+A cell is the arithmetic of one direction of one recurrent layer: which parameters it needs, how
+to initialise them, how to project the whole input sequence in one matmul, and one time step.
+The parameters themselves live on :class:`charlm.engine.RecurrentLayer` under nn.LSTM-style names
+(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``), so one cell
+object serves both directions and weights move freely between a custom cell and the native module.
+
+Shapes (time-major inside the engine): the projected input ``xw`` is (T, B, K); a state is a tuple
+of (B, S) tensors whose first entry is the output h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from charlm.errors import CharlmError
+
+Params = dict[str, Tensor]
+CellState = tuple[Tensor, ...]
+
+INITS = ("xavier", "kaiming")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Registry entry for one cell name.
+
+    ``native`` names the fused kernel that computes exactly this cell ("LSTM", "GRU", "RNN_TANH",
+    "RNN_RELU") or is None; ``forget_bias`` forces the forget-gate bias initialisation (lstm-b).
+    """
+
+    name: str
+    summary: str
+    paper: str
+    num_states: int
+    build: Callable[[int, int], Cell] = field(repr=False, compare=False)
+    native: str | None = None
+    forget_bias: float | None = None
+
+
+class Cell(nn.Module):
+    """Base class: one direction's recurrence. Holds no parameters of its own.
+
+    Subclasses set ``num_states`` and implement :meth:`param_shapes`, :meth:`step` and, where the
+    default does not fit, :meth:`project`, :meth:`reset_parameters` and :meth:`sequence`.
+    It is an ``nn.Module`` only so that ``train()`` / ``eval()`` reach it (batch norm reads
+    ``self.training``); its state_dict is empty.
+    """
+
+    num_states: int = 1
+    has_fused: bool = False  # True where sequence() has a hand-written forward/backward kernel
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        # A replacement for step in the generic time loop (the layer's torch.compile'd step), or None.
+        self.step_fn: Callable[[Tensor, CellState, Params, int], CellState] | None = None
+        self.fused = True  # cells with a hand-written sequence kernel may use it when True
+
+    # -- parameters ---------------------------------------------------------------------------
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Base names (no ``_l0`` suffix) and shapes of this cell's parameters."""
+        raise NotImplementedError
+
+    def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Base names and initial shapes of buffers (running statistics); none by default."""
+        return {}
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """Feature size of each state tensor; (H,) or (H, H) for the usual cells."""
+        return (self.hidden_size,) * self.num_states
+
+    def gate_blocks(self) -> tuple[int, int]:
+        """How many H-row blocks ``weight_ih`` and ``weight_hh`` hold (for per-block init)."""
+        shapes = self.param_shapes()
+        h = self.hidden_size
+        return shapes["weight_ih"][0] // h, shapes["weight_hh"][0] // h
+
+    def forget_block(self) -> tuple[int, float] | None:
+        """(block index in the biases, sign) that the forget bias initialises, or None."""
+        return None
+
+    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
+        """Per-gate-block init: ``init`` per input block, orthogonal per recurrent block, zero biases,
+        ``forget_bias`` on the forget block of ``bias_ih``; anything else is left to the subclass."""
+        h = self.hidden_size
+        with torch.no_grad():
+            for w, orth in ((p["weight_ih"], False), (p["weight_hh"], True)):
+                for k in range(w.shape[0] // h):
+                    block = w[k * h : (k + 1) * h]
+                    if orth:
+                        nn.init.orthogonal_(block)
+                    else:
+                        init_input_block(block, init)
+            for name in ("bias_ih", "bias_hh"):
+                if name in p:
+                    p[name].zero_()
+            fb = self.forget_block()
+            if fb is not None and "bias_ih" in p:
+                k, sign = fb
+                p["bias_ih"][k * h : (k + 1) * h].fill_(sign * forget_bias)
+
+    # -- computation --------------------------------------------------------------------------
+    def prepare(self, p: Params) -> Params:
+        """Per-forward-call preparation (transposes, folded biases); ``p`` already weight-dropped."""
+        return p
+
+    def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
+        """Input projection of every time step in one matmul: (T, B, in) -> (T, B, K).
+
+        ``t0`` is the time index of the first step (only batch norm's per-step statistics use it)."""
+        return F.linear(x, q["weight_ih"], q["bias_ih"] + q["bias_hh"])
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        """One time step: projected input (B, K), state -> new state (h first)."""
+        raise NotImplementedError
+
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        """Run every step of ``xw`` (T, B, K); returns outputs (T, B, H) and the last state."""
+        step = self.step_fn or self.step
+        outs: list[Tensor] = []
+        for t, xt in enumerate(xw.unbind(0)):
+            state = step(xt, state, q, t)
+            outs.append(state[0])
+        return torch.stack(outs, 0), state
+
+    def grow_buffers(self, buffers: Params, steps: int) -> Params:
+        """Return buffers resized for a training sequence of ``steps`` steps (batch norm only)."""
+        return buffers
+
+
+def init_input_block(block: Tensor, init: str) -> None:
+    """Initialise one [H, in] input block in place: Glorot-uniform or He-uniform (fan_in, gain 1)."""
+    if init == "xavier":
+        nn.init.xavier_uniform_(block)
+    elif init == "kaiming":
+        nn.init.kaiming_uniform_(block, nonlinearity="linear")
+    else:
+        raise CharlmError(f"unknown init '{init}'; valid inits: {', '.join(INITS)}")
+
+
+def standard_shapes(
+    gates_ih: int, gates_hh: int, input_size: int, hidden_size: int
+) -> dict[str, tuple[int, ...]]:
+    """nn.LSTM-style parameter shapes: ``weight_ih`` [Gi*H, in], ``weight_hh`` [Gh*H, H], two biases."""
+    h = hidden_size
+    return {
+        "weight_ih": (gates_ih * h, input_size),
+        "weight_hh": (gates_hh * h, h),
+        "bias_ih": (gates_ih * h,),
+        "bias_hh": (gates_hh * h,),
+    }

@@ -1,0 +1,207 @@
+"""Hand-written forward and backward through time for the LSTM family (the CPU speed path).
+
+Autograd through a Python time loop pays for a graph node per small op per step and for T small
+weight-gradient matmuls. Here the forward loop runs without autograd into preallocated buffers
+(8 small ops and one in-place ``addmm`` per step), and the backward loop needs 4-6 small ops and
+one ``addmm`` per step, with every derivative factor precomputed for all steps at once and the
+recurrent weight gradient done as one big matmul at the end.
+
+Two tricks keep the per-step op count down: tanh(a) = 2 s(2 a) - 1, so the candidate g shares one
+sigmoid call with the gates (its pre-activation rows are scaled by 2 once per call); and because
+the blocks are ordered i, f, g, o, everything driven by the cell gradient (i, f, g) is one
+contiguous slice, written by one broadcast multiply.
+
+The math is that of :class:`charlm.cells.lstm.GatedLSTMCell`; the tests check the two agree in
+value and gradient for every variant.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from charlm.cells.lstm import GateConfig
+
+
+def fused_available(xw: Tensor) -> bool:
+    """The fused kernel runs in the tensor's own dtype; under autocast use the autograd loop."""
+    return xw.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(xw.device.type)
+
+
+def _sigd(s: Tensor) -> Tensor:
+    """Derivative of the sigmoid from its output."""
+    return s * (1.0 - s)
+
+
+class FusedGatedLSTM(torch.autograd.Function):
+    """(xw (T,B,K) with biases, h0, c0 (B,H), weight_hh [K,H], peephole [P*H], config) -> (hs, h, c)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, peep: Tensor, cfg: GateConfig
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        T, B, K = xw.shape
+        H = h0.shape[1]
+        blocks = cfg.blocks
+        gi = blocks.index("g")  # number of sigmoid gates before g (i and/or f)
+        has_i, has_f, has_o = "i" in blocks, "f" in blocks, "o" in blocks
+        npre = gi if cfg.peephole else 0  # peepholes on the gates before g
+        gsl = slice(gi * H, (gi + 1) * H)
+
+        G = torch.empty_like(xw, memory_format=torch.contiguous_format)
+        wt = w_hh.t()
+        if cfg.g_tanh:  # tanh(a) = 2 s(2a) - 1: the g rows of U count twice, xw_g is added once more
+            w2 = w_hh.clone()
+            w2[gsl].mul_(2.0)
+            wt = w2.t()
+        Cs = xw.new_empty(T + 1, B, H)
+        Cs[0].copy_(c0)
+        Hs = xw.new_empty(T + 1, B, H)  # Hs[0] = h0, so Hs[:-1] is every step's previous output
+        Hs[0].copy_(h0)
+        TC = xw.new_empty(T, B, H) if cfg.out_tanh else None
+
+        p_pre = peep[: npre * H].view(npre, H) if npre else None
+        p_o = peep[npre * H :] if cfg.peephole and has_o else None
+        # sigmoid ranges applied before c' (o joins when it needs no c' peephole)
+        whole_row = cfg.g_tanh and p_o is None
+        sig_to = K if whole_row else ((gi + 1) * H if cfg.g_tanh else gi * H)
+
+        def steps(t: Tensor) -> tuple[Tensor, ...]:
+            return t.unbind(0)
+
+        g_all, x_all = steps(G), steps(xw)
+        g_blk, xg_blk = steps(G[:, :, gsl]), steps(xw[:, :, gsl])
+        sig_blk = steps(G[:, :, :sig_to]) if sig_to else None
+        pre_blk = steps(G[:, :, : npre * H].unflatten(2, (npre, H))) if npre else None
+        i_blk = steps(G[:, :, :H]) if has_i else None
+        f_blk = steps(G[:, :, (gi - 1) * H : gi * H]) if has_f else None
+        o_blk = steps(G[:, :, (gi + 1) * H :]) if has_o else None
+        c_list, h_list = steps(Cs), steps(Hs)
+        tc_list = steps(TC) if TC is not None else None
+        h = h_list[0]
+        for t in range(T):
+            torch.addmm(x_all[t], h, wt, out=g_all[t])
+            g = g_blk[t]
+            c = c_list[t]
+            if cfg.g_tanh:
+                g.add_(xg_blk[t])
+            if pre_blk is not None:
+                pre_blk[t].addcmul_(p_pre, c.unsqueeze(1))
+            if sig_blk is not None:
+                sig_blk[t].sigmoid_()
+            if o_blk is not None and not whole_row and p_o is None:
+                o_blk[t].sigmoid_()
+            if cfg.g_tanh:
+                g.mul_(2.0).sub_(1.0)
+            cn = c_list[t + 1]
+            if cfg.coupled:  # c' = c + i (g - c)
+                assert i_blk is not None
+                torch.sub(g, c, out=cn)
+                cn.mul_(i_blk[t]).add_(c)
+            elif f_blk is not None:
+                torch.mul(f_blk[t], c, out=cn)
+                if i_blk is not None:
+                    cn.addcmul_(i_blk[t], g)
+                else:
+                    cn.add_(g)
+            elif i_blk is not None:
+                torch.addcmul(c, i_blk[t], g, out=cn)
+            else:
+                torch.add(c, g, out=cn)
+            if o_blk is not None and p_o is not None:
+                o_blk[t].addcmul_(p_o, cn).sigmoid_()
+            a = torch.tanh(cn, out=tc_list[t]) if tc_list is not None else cn
+            h = torch.mul(o_blk[t], a, out=h_list[t + 1]) if o_blk is not None else h_list[t + 1].copy_(a)
+        ctx.cfg = cfg
+        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, w_hh, peep)
+        return Hs[1:], Hs[T].clone(), Cs[T].clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_c: Tensor) -> tuple[Tensor | None, ...]:
+        G, Cs, TC, Hs, w_hh, peep = ctx.saved_tensors
+        cfg = ctx.cfg
+        T, B, K = G.shape
+        H = Hs.shape[2]
+        blocks = cfg.blocks
+        gi = blocks.index("g")
+        has_i, has_f, has_o = "i" in blocks, "f" in blocks, "o" in blocks
+        npre = gi if cfg.peephole else 0
+        p_o = peep[npre * H :] if cfg.peephole and has_o else None
+        sig_bw = torch.ops.aten.sigmoid_backward
+        tanh_bw = torch.ops.aten.tanh_backward
+
+        def act(name: str) -> Tensor:
+            k = blocks.index(name)
+            return G[:, :, k * H : (k + 1) * H]
+
+        c_prev, c_new = Cs[:-1], Cs[1:]
+        tanh_c = TC if cfg.out_tanh else None
+        a = tanh_c if tanh_c is not None else c_new
+        # Derivative factors for every step at once. dh drives d a_o = dh * a_o and dc' += dh * b_c;
+        # dc' drives (d a_i, d a_f, d a_g) = dc' * k_fac.
+        o = act("o") if has_o else None
+        a_o = sig_bw(a, o) if o is not None else None
+        if tanh_c is not None:
+            b_c: Tensor | None = tanh_bw(o, tanh_c) if o is not None else 1.0 - tanh_c * tanh_c
+        else:
+            b_c = o
+        g = act("g")
+        i = act("i") if has_i else None
+        k_fac = G.new_empty(T, B, gi + 1, H)
+        j = 0
+        if i is not None:
+            sig_bw.grad_input((g - c_prev) if cfg.coupled else g, i, grad_input=k_fac[:, :, j])
+            j += 1
+        if has_f:
+            sig_bw.grad_input(c_prev, act("f"), grad_input=k_fac[:, :, j])
+            j += 1
+        if cfg.g_tanh:
+            if i is not None:
+                tanh_bw.grad_input(i, g, grad_input=k_fac[:, :, j])
+            else:
+                torch.mul(g, g, out=k_fac[:, :, j]).neg_().add_(1.0)
+        else:
+            k_fac[:, :, j] = i if i is not None else 1.0
+        keep = act("f") if has_f else (1.0 - i if cfg.coupled and i is not None else None)
+        p_pre = [peep[k * H : (k + 1) * H] for k in range(npre)]
+
+        def steps(t: Tensor | None) -> tuple[Tensor, ...]:
+            return t.unbind(0) if t is not None else ()
+
+        dG = torch.empty_like(G)
+        dg_all = steps(dG)
+        d_ifg = steps(dG[:, :, : (gi + 1) * H].unflatten(2, (gi + 1, H)))
+        d_o_blk = steps(dG[:, :, (gi + 1) * H :]) if has_o else ()
+        d_pre = [steps(dG[:, :, k * H : (k + 1) * H]) for k in range(npre)]
+        k_list, a_o_list, b_c_list, keep_list = steps(k_fac), steps(a_o), steps(b_c), steps(keep)
+        gh_list = steps(g_hs)
+        dh = gh_list[T - 1] + g_h
+        dc = g_c.clone()
+        for t in range(T - 1, -1, -1):
+            if b_c_list:
+                dc.addcmul_(dh, b_c_list[t])
+            else:
+                dc.add_(dh)
+            if a_o_list:
+                d_o = torch.mul(dh, a_o_list[t], out=d_o_blk[t])
+                if p_o is not None:
+                    dc.addcmul_(d_o, p_o)
+            torch.mul(dc.unsqueeze(1), k_list[t], out=d_ifg[t])
+            if keep_list:
+                dc.mul_(keep_list[t])
+            for k in range(npre):
+                dc.addcmul_(d_pre[k][t], p_pre[k])
+            dh = torch.addmm(gh_list[t - 1], dg_all[t], w_hh) if t > 0 else dg_all[t] @ w_hh
+        d_w = None
+        if ctx.needs_input_grad[3]:
+            d_w = dG.reshape(T * B, K).t() @ Hs[:-1].reshape(T * B, H)
+        d_peep = None
+        if cfg.peephole and ctx.needs_input_grad[4]:
+            parts = [(dG[:, :, k * H : (k + 1) * H] * c_prev).sum((0, 1)) for k in range(npre)]
+            if has_o:
+                parts.append((dG[:, :, (gi + 1) * H :] * c_new).sum((0, 1)))
+            d_peep = torch.cat(parts)
+        return dG, dh, dc, d_w, d_peep, None

@@ -1,0 +1,193 @@
+"""The LSTM family on one configurable cell: LSTM, peephole LSTM and the gate-removal variants.
+
+Every member is the peephole LSTM of Gers & Schmidhuber (2000) with parts switched off
+(s = sigmoid, a_* = W_* x + U_* h + b_* for the gates present):
+
+    i  = s(a_i + p_i * c)        (input gate; 1 when removed)
+    f  = s(a_f + p_f * c)        (forget gate; 1 when removed, 1 - i when coupled)
+    g  = tanh(a_g)               (identity for NIAF)
+    c' = f * c + i * g
+    o  = s(a_o + p_o * c')       (1 when removed)
+    h' = o * tanh(c')            (o * c' for NOAF)
+
+Parameter layout follows nn.LSTM: ``weight_ih`` [G*H, in], ``weight_hh`` [G*H, H], ``bias_ih``,
+``bias_hh``, with the G blocks in nn.LSTM order i, f, g, o, a removed gate's block left out (so the
+full LSTM is byte-for-byte nn.LSTM's layout). Peephole weights are the diagonal vectors
+``peephole`` [P*H], blocks in order i, f, o for the sigmoid gates present. Peepholes start at zero,
+so a fresh peephole cell computes exactly an LSTM and learns its peepholes from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.fused import FusedGatedLSTM, fused_available
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Which parts of the peephole LSTM a variant keeps (see the module docstring)."""
+
+    input_gate: bool = True
+    forget_gate: bool = True
+    output_gate: bool = True
+    coupled: bool = False  # CIFG: f = 1 - i (needs the input gate, has no forget block)
+    g_tanh: bool = True  # False: NIAF, g = a_g
+    out_tanh: bool = True  # False: NOAF, h' = o * c'
+    peephole: bool = False
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """Gate blocks present in ``weight_ih`` / ``weight_hh``, in nn.LSTM order."""
+        out = []
+        if self.input_gate:
+            out.append("i")
+        if self.forget_gate and not self.coupled:
+            out.append("f")
+        out.append("g")
+        if self.output_gate:
+            out.append("o")
+        return tuple(out)
+
+    @property
+    def peep_blocks(self) -> tuple[str, ...]:
+        """Gates that receive a peephole, in order i, f, o."""
+        if not self.peephole:
+            return ()
+        return tuple(b for b in self.blocks if b != "g")
+
+
+class GatedLSTMCell(Cell):
+    """Peephole LSTM with switchable gates (Gers & Schmidhuber 2000; Greff et al. 2017;
+    Jozefowicz et al. 2015).
+
+        i = s(W_i x + U_i h + b_i + p_i*c), f = s(W_f x + U_f h + b_f + p_f*c), g = tanh(W_g x + U_g h + b_g)
+        c' = f*c + i*g,  o = s(W_o x + U_o h + b_o + p_o*c'),  h' = o*tanh(c')
+
+    with a removed gate fixed to 1, CIFG's f = 1 - i, NIAF's g = identity, NOAF's h' = o*c'.
+    With every gate and no peepholes this is exactly nn.LSTM (Hochreiter & Schmidhuber 1997,
+    with the forget gate of Gers et al. 2000).
+    """
+
+    num_states = 2
+    has_fused = True
+
+    def __init__(self, input_size: int, hidden_size: int, config: GateConfig | None = None) -> None:
+        super().__init__(input_size, hidden_size)
+        self.config = config or GateConfig()
+        self.blocks = self.config.blocks
+        self.peep_blocks = self.config.peep_blocks
+
+    def extra_repr(self) -> str:
+        return f"blocks={''.join(self.blocks)}, peepholes={''.join(self.peep_blocks) or 'none'}"
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        n = len(self.blocks)
+        shapes = standard_shapes(n, n, self.input_size, self.hidden_size)
+        if self.peep_blocks:
+            shapes["peephole"] = (len(self.peep_blocks) * self.hidden_size,)
+        return shapes
+
+    def forget_block(self) -> tuple[int, float] | None:
+        if "f" in self.blocks:
+            return self.blocks.index("f"), 1.0
+        if self.config.coupled:  # f = 1 - s(a_i) = s(-a_i): a forget bias b is an input bias -b
+            return self.blocks.index("i"), -1.0
+        return None
+
+    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
+        super().reset_parameters(p, init, forget_bias)
+        if "peephole" in p:
+            with torch.no_grad():
+                p["peephole"].zero_()
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h, c = state[0], state[1]
+        hs = self.hidden_size
+        gates = torch.addmm(xw, h, q["weight_hh"].t())
+        blk = {name: gates[:, k * hs : (k + 1) * hs] for k, name in enumerate(self.blocks)}
+        peep = q.get("peephole")
+        pk = {name: k for k, name in enumerate(self.peep_blocks)}
+
+        def pre(name: str, cell: Tensor) -> Tensor:
+            a = blk[name]
+            if peep is not None and name in pk:
+                a = a + peep[pk[name] * hs : (pk[name] + 1) * hs] * cell
+            return a
+
+        i = torch.sigmoid(pre("i", c)) if "i" in blk else None
+        if "f" in blk:
+            f: Tensor | None = torch.sigmoid(pre("f", c))
+        elif self.config.coupled:
+            assert i is not None
+            f = 1.0 - i
+        else:
+            f = None
+        g = torch.tanh(blk["g"]) if self.config.g_tanh else blk["g"]
+        c_new = f * c if f is not None else c
+        c_new = c_new + i * g if i is not None else c_new + g
+        a = torch.tanh(c_new) if self.config.out_tanh else c_new
+        h_new = torch.sigmoid(pre("o", c_new)) * a if "o" in blk else a
+        return h_new, c_new
+
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if self.fused and self.step_fn is None and fused_available(xw):
+            peep = q.get("peephole", xw.new_empty(0))
+            hs, h, c = FusedGatedLSTM.apply(xw, state[0], state[1], q["weight_hh"], peep, self.config)
+            return hs, (h, c)
+        return super().sequence(xw, state, q)
+
+
+class GateRecurrentLSTMCell(GatedLSTMCell):
+    """FGR: peephole LSTM with full gate recurrence (Greff et al. 2017, "LSTM: A Search Space Odyssey").
+
+        [a_i, a_f, a_o] += R [i_prev, f_prev, o_prev]      (R = nine H x H matrices, ``weight_gg`` [3H, 3H])
+        then the peephole LSTM above; the state carries the gate activations: (h, c, [i, f, o]).
+
+    ``weight_gg`` rows are the receiving gates (i, f, o), columns the previous step's gates (i, f, o).
+    It starts at zero (the cell begins as the peephole LSTM); the third state entry is (B, 3H).
+    """
+
+    num_states = 3
+    has_fused = False
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size, GateConfig(peephole=True))
+
+    def state_sizes(self) -> tuple[int, ...]:
+        return (self.hidden_size, self.hidden_size, 3 * self.hidden_size)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = super().param_shapes()
+        shapes["weight_gg"] = (3 * self.hidden_size, 3 * self.hidden_size)
+        return shapes
+
+    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
+        super().reset_parameters(p, init, forget_bias)
+        with torch.no_grad():
+            p["weight_gg"].zero_()
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h, c, prev = state
+        hs = self.hidden_size
+        rec = prev @ q["weight_gg"].t()  # (B, 3H): contributions to a_i, a_f, a_o
+        # blocks are i, f, g, o: add the gate recurrence to i, f (first 2H) and o (last H)
+        a_if = xw[:, : 2 * hs] + rec[:, : 2 * hs]
+        a_o = xw[:, 3 * hs :] + rec[:, 2 * hs :]
+        xw = torch.cat([a_if, xw[:, 2 * hs : 3 * hs], a_o], 1)
+        gates = torch.addmm(xw, h, q["weight_hh"].t())
+        peep = q["peephole"]
+        i = torch.sigmoid(gates[:, :hs] + peep[:hs] * c)
+        f = torch.sigmoid(gates[:, hs : 2 * hs] + peep[hs : 2 * hs] * c)
+        g = torch.tanh(gates[:, 2 * hs : 3 * hs])
+        c_new = f * c + i * g
+        o = torch.sigmoid(gates[:, 3 * hs :] + peep[2 * hs :] * c_new)
+        h_new = o * torch.tanh(c_new)
+        return h_new, c_new, torch.cat([i, f, o], 1)
+
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        return Cell.sequence(self, xw, state, q)

@@ -1,0 +1,99 @@
+"""MUT1-3: the three best architectures of Jozefowicz, Zaremba & Sutskever 2015,
+"An Empirical Exploration of Recurrent Network Architectures".
+
+MUT1 and MUT2 use the bare input (tanh(x), x) where a width-H vector is needed, which only makes sense
+when dim x = dim h. Here x is first projected to H: x~ = P x + b_p, with P a learned [H, in] block of
+``weight_ih`` (initialised like every input block), and x~ stands wherever the paper writes x bare.
+
+Layout: ``weight_ih`` [3H, in], ``bias_ih`` [3H]; ``weight_hh`` [2H or 3H, H], ``bias_hh`` alike; the
+block order is given per cell. Biases that the equations add outside a nonlinearity are folded into
+the input projection once per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from charlm.cells.base import Cell, CellState, Params, standard_shapes
+
+
+class MUT1Cell(Cell):
+    """MUT1 (Jozefowicz et al. 2015):
+
+        z = s(W_z x + b_z),  r = s(W_r x + U_r h + b_r)
+        h' = tanh(U_h (r * h) + tanh(x~) + b_h) * z + h * (1 - z),   x~ = P x + b_p
+
+    ``weight_ih`` blocks (z, r, P); ``weight_hh`` blocks (U_r, U_h); ``bias_hh`` blocks (r, h).
+    """
+
+    num_states = 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return standard_shapes(3, 2, self.input_size, self.hidden_size)
+
+    def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
+        h = self.hidden_size
+        xw = F.linear(x, q["weight_ih"], q["bias_ih"])
+        b_hh = q["bias_hh"]
+        u = torch.tanh(xw[..., 2 * h :]) + b_hh[h:]
+        return torch.cat([xw[..., :h], xw[..., h : 2 * h] + b_hh[:h], u], -1)
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h = state[0]
+        hs = self.hidden_size
+        w_hh = q["weight_hh"]
+        z = torch.sigmoid(xw[:, :hs])
+        r = torch.sigmoid(torch.addmm(xw[:, hs : 2 * hs], h, w_hh[:hs].t()))
+        n = torch.tanh(torch.addmm(xw[:, 2 * hs :], r * h, w_hh[hs:].t()))
+        return (h + z * (n - h),)
+
+
+class MUT2Cell(Cell):
+    """MUT2 (Jozefowicz et al. 2015):
+
+        z = s(W_z x + U_z h + b_z),  r = s(x~ + U_r h + b_r)
+        h' = tanh(U_h (r * h) + W_h x + b_h) * z + h * (1 - z),   x~ = P x + b_p
+
+    ``weight_ih`` blocks (z, P, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
+    """
+
+    num_states = 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return standard_shapes(3, 3, self.input_size, self.hidden_size)
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h = state[0]
+        hs = self.hidden_size
+        w_hh = q["weight_hh"]
+        zr = torch.sigmoid(torch.addmm(xw[:, : 2 * hs], h, w_hh[: 2 * hs].t()))
+        z, r = zr[:, :hs], zr[:, hs:]
+        n = torch.tanh(torch.addmm(xw[:, 2 * hs :], r * h, w_hh[2 * hs :].t()))
+        return (h + z * (n - h),)
+
+
+class MUT3Cell(Cell):
+    """MUT3 (Jozefowicz et al. 2015):
+
+        z = s(W_z x + U_z tanh(h) + b_z),  r = s(W_r x + U_r h + b_r)
+        h' = tanh(U_h (r * h) + W_h x + b_h) * z + h * (1 - z)
+
+    ``weight_ih`` blocks (W_z, W_r, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
+    (MUT3 never uses the bare input, so it needs no projection.)
+    """
+
+    num_states = 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return standard_shapes(3, 3, self.input_size, self.hidden_size)
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h = state[0]
+        hs = self.hidden_size
+        w_hh = q["weight_hh"]
+        z = torch.sigmoid(torch.addmm(xw[:, :hs], torch.tanh(h), w_hh[:hs].t()))
+        r = torch.sigmoid(torch.addmm(xw[:, hs : 2 * hs], h, w_hh[hs : 2 * hs].t()))
+        n = torch.tanh(torch.addmm(xw[:, 2 * hs :], r * h, w_hh[2 * hs :].t()))
+        return (h + z * (n - h),)

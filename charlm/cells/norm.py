@@ -1,0 +1,157 @@
+"""Normalised LSTMs: layer normalisation and recurrent batch normalisation.
+
+Both keep nn.LSTM's ``weight_ih`` [4H, in], ``weight_hh`` [4H, H], ``bias_ih``, ``bias_hh`` (gate order
+i, f, g, o) and add their gains (and the cell-state shift) as extra parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from charlm.cells.base import Cell, CellState, Params, standard_shapes
+
+EPS = 1e-5
+
+
+def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Tensor]:
+    """LSTM gate activations from normalised pre-activations (i, f, g, o): returns (o, c')."""
+    i = torch.sigmoid(gates[:, :hs])
+    f = torch.sigmoid(gates[:, hs : 2 * hs])
+    g = torch.tanh(gates[:, 2 * hs : 3 * hs])
+    o = torch.sigmoid(gates[:, 3 * hs :])
+    return o, f * c + i * g
+
+
+class LayerNormLSTMCell(Cell):
+    """Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer Normalization", eqs. 20-22):
+
+        [a_i, a_f, a_g, a_o] = LN(W x; a_x) + LN(U h; a_h) + b
+        i, f, o = s(.), g = tanh(.),  c' = f * c + i * g,  h' = o * tanh(LN(c'; a_c, b_c))
+
+    LN normalises over the whole 4H pre-activation vector (as the paper writes it), with gains
+    ``ln_ih_weight``, ``ln_hh_weight`` [4H] (init 1) and no shift of its own (b = ``bias_ih`` +
+    ``bias_hh`` is the shift); the cell norm has ``ln_c_weight`` (1) and ``ln_c_bias`` (0) [H].
+    The unnormalised c' is carried to the next step.
+    """
+
+    num_states = 2
+
+    @property
+    def _gates(self) -> tuple[int]:
+        return (4 * self.hidden_size,)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = standard_shapes(4, 4, self.input_size, self.hidden_size)
+        g, h = 4 * self.hidden_size, self.hidden_size
+        shapes.update(ln_ih_weight=(g,), ln_hh_weight=(g,), ln_c_weight=(h,), ln_c_bias=(h,))
+        return shapes
+
+    def forget_block(self) -> tuple[int, float] | None:
+        return 1, 1.0
+
+    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
+        super().reset_parameters(p, init, forget_bias)
+        with torch.no_grad():
+            for name in ("ln_ih_weight", "ln_hh_weight", "ln_c_weight"):
+                p[name].fill_(1.0)
+            p["ln_c_bias"].zero_()
+
+    def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
+        shift = q["bias_ih"] + q["bias_hh"]
+        return F.layer_norm(F.linear(x, q["weight_ih"]), self._gates, q["ln_ih_weight"], shift, EPS)
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h, c = state[0], state[1]
+        hs = self.hidden_size
+        gates = xw + F.layer_norm(h @ q["weight_hh"].t(), (4 * hs,), q["ln_hh_weight"], None, EPS)
+        o, c_new = _lstm_tail(gates, c, hs)
+        h_new = o * torch.tanh(F.layer_norm(c_new, (hs,), q["ln_c_weight"], q["ln_c_bias"], EPS))
+        return h_new, c_new
+
+
+class BatchNormLSTMCell(Cell):
+    """LSTM with recurrent batch normalisation (Cooijmans et al. 2016, "Recurrent Batch Normalization"):
+
+        [a_i, a_f, a_g, a_o] = BN_t(W x; g_x) + BN_t(U h; g_h) + b
+        i, f, o = s(.), g = tanh(.),  c' = f * c + i * g,  h' = o * tanh(BN_t(c'; g_c, b_c))
+
+    BN_t normalises over the batch with statistics kept separately for every time step t and the
+    gains / shifts shared across time. Gains ``bn_ih_weight``, ``bn_hh_weight`` [4H] and
+    ``bn_c_weight`` [H] start at 0.1 (the paper's advice, keeping tanh/sigmoid out of saturation),
+    ``bn_c_bias`` at 0; the shifts of the two gate norms are b = ``bias_ih`` + ``bias_hh``.
+
+    Running statistics (momentum 0.1, unbiased variance) are buffers ``bn_{ih,hh,c}_{mean,var}`` of
+    shape [L, .], where L is the longest training sequence seen so far (they grow in training and
+    resize on ``load_state_dict``). In eval, step t >= L uses the statistics of step L - 1; with no
+    training yet (L = 0) they are mean 0, variance 1. ``RecurrentLayer.step`` continues the time
+    index of the previous ``forward``/``step`` call and restarts it at 0 when given no state.
+    """
+
+    num_states = 2
+    momentum = 0.1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = standard_shapes(4, 4, self.input_size, self.hidden_size)
+        g, h = 4 * self.hidden_size, self.hidden_size
+        shapes.update(bn_ih_weight=(g,), bn_hh_weight=(g,), bn_c_weight=(h,), bn_c_bias=(h,))
+        return shapes
+
+    def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
+        g, h = 4 * self.hidden_size, self.hidden_size
+        return {f"bn_{k}_{s}": (0, n) for k, n in (("ih", g), ("hh", g), ("c", h)) for s in ("mean", "var")}
+
+    def forget_block(self) -> tuple[int, float] | None:
+        return 1, 1.0
+
+    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
+        super().reset_parameters(p, init, forget_bias)
+        with torch.no_grad():
+            for name in ("bn_ih_weight", "bn_hh_weight", "bn_c_weight"):
+                p[name].fill_(0.1)
+            p["bn_c_bias"].zero_()
+
+    def grow_buffers(self, buffers: Params, steps: int) -> Params:
+        out = dict(buffers)
+        for name, buf in buffers.items():
+            if buf.shape[0] < steps:
+                fill = 1.0 if name.endswith("_var") else 0.0
+                extra = buf.new_full((steps - buf.shape[0], buf.shape[1]), fill)
+                out[name] = torch.cat([buf, extra], 0)
+        return out
+
+    def _norm(self, v: Tensor, key: str, q: Params, t: int) -> Tensor:
+        """Normalise v (..., B, F) with step-t statistics; v may hold several steps along dim 0."""
+        mean_buf, var_buf = q[f"bn_{key}_mean"], q[f"bn_{key}_var"]
+        steps = v.shape[0] if v.dim() == 3 else 1
+        if self.training:
+            mean = v.mean(-2, keepdim=True)
+            var = v.var(-2, unbiased=False, keepdim=True)
+            with torch.no_grad():
+                n = v.shape[-2]
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                rows = slice(t, t + steps)
+                mean_buf[rows].lerp_(mean.reshape(steps, -1), self.momentum)
+                var_buf[rows].lerp_(unbiased.reshape(steps, -1), self.momentum)
+        else:
+            length = mean_buf.shape[0]
+            if length == 0:
+                return v * (1.0 / (1.0 + EPS) ** 0.5)
+            idx = torch.arange(t, t + steps, device=v.device).clamp_(max=length - 1)
+            shape = (steps, 1, -1) if v.dim() == 3 else (1, -1)
+            mean = mean_buf[idx].reshape(shape)
+            var = var_buf[idx].reshape(shape)
+        return (v - mean) * torch.rsqrt(var + EPS)
+
+    def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
+        v = self._norm(F.linear(x, q["weight_ih"]), "ih", q, t0)
+        return torch.addcmul(q["bias_ih"] + q["bias_hh"], v, q["bn_ih_weight"])
+
+    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+        h, c = state[0], state[1]
+        hs = self.hidden_size
+        gates = torch.addcmul(xw, self._norm(h @ q["weight_hh"].t(), "hh", q, t), q["bn_hh_weight"])
+        o, c_new = _lstm_tail(gates, c, hs)
+        c_hat = torch.addcmul(q["bn_c_bias"], self._norm(c_new, "c", q, t), q["bn_c_weight"])
+        return o * torch.tanh(c_hat), c_new

@@ -1,0 +1,224 @@
+"""The ``charlm`` command line (Typer): train, eval, sample, data, cells, compare.
+
+Every user error is a :class:`CharlmError`, printed as one red line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from charlm.errors import CharlmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Character-level recurrent language models of Shakespeare, AWD-LSTM style.")
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(func: F) -> F:
+    """Turn a :class:`CharlmError` into one clear message and exit code 2 (never a traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CharlmError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------- train
+@app.command()
+@friendly
+def train(
+    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML file.")] = "default",
+    cell: Annotated[str | None, typer.Option(help="Recurrent cell (see `charlm cells`).")] = None,
+    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    max_time: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (folder under --out).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="Folder of runs.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Devices per node: a number or 'auto'.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="cpu, gpu or auto.")] = None,
+    precision: Annotated[str | None, typer.Option(help="e.g. 32-true, bf16-mixed.")] = None,
+    resume: Annotated[str | None, typer.Option(
+        flag_value="newest", help="Continue a run: alone, the newest run's last.ckpt; or give a checkpoint.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+) -> None:
+    """Train a model; prints the best validation loss and where its checkpoint is."""
+    from charlm.config import load_config
+
+    overrides = list(set_ or [])
+    named = {"model.cell": cell, "data.path": data, "train.max_epochs": max_epochs,
+             "train.max_steps": max_steps, "train.max_time": max_time, "train.seed": seed,
+             "train.name": name, "train.out": out_dir, "train.strategy": strategy,
+             "train.num_nodes": num_nodes, "train.accelerator": accelerator, "train.precision": precision}
+    overrides += [f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None]
+    if devices is not None:
+        overrides.append(f"train.devices={devices}")
+    cfg = load_config(config, overrides)
+    resume_path, run_dir = None, None
+    if resume is not None:
+        from charlm.resume import resolve_resume
+
+        cfg, resume_path, run_dir = resolve_resume(resume, cfg, overrides)
+    from charlm.train import train as run_training
+
+    result = run_training(cfg, resume=resume_path, run_dir=run_dir, console=out)
+    out.print(f"[bold green]done[/] in {result.seconds:.0f} s, {result.steps} steps, "
+              f"{result.parameters:,} parameters")
+    out.print(f"best val loss {result.best_val_loss:.4f} nats/char = {result.best_val_loss / 0.6931471805599453:.4f}"
+              f" bits/char")
+    out.print(f"checkpoint: {result.best_checkpoint}")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def _checkpoint(path: str | None, out_dir: str = "checkpoints") -> Path:
+    from charlm.checkpoint import newest_run_checkpoint
+
+    return Path(path) if path else newest_run_checkpoint(out_dir)
+
+
+@app.command("eval")
+@friendly
+def eval_(
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
+    split: Annotated[str, typer.Option(help="val or test.")] = "val",
+    text: Annotated[str | None, typer.Option(help="Evaluate this text file instead of a split.")] = None,
+    data: Annotated[str | None, typer.Option(help="Corpus the split is cut from (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Streams evaluated side by side.")] = 16,
+) -> None:
+    """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
+    from charlm.checkpoint import load_model
+    from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
+    from charlm.datamodule import split_ids, text_ids
+    from charlm.evaluate import evaluate_ids
+
+    if split not in ("val", "test"):
+        raise CharlmError(f"--split must be val or test, got '{split}'")
+    if batch_size < 1:
+        raise CharlmError(f"--batch-size must be at least 1, got {batch_size}")
+    path = _checkpoint(checkpoint)
+    model, vocab, cfg, _ = load_model(path)
+    if text is not None:
+        corpus = read_corpus(resolve_corpus_path(text))
+        ids = text_ids(vocab, corpus.text, what=f"--text file {corpus.path}")
+        source = str(corpus.path)
+    else:
+        corpus = load_corpus(data if data is not None else cfg.data.path)
+        all_ids = vocab.encode(corpus.text, what=f"corpus {corpus.path}")
+        ids = getattr(split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction), split)
+        source = f"{corpus.path} ({split} split)"
+    result = evaluate_ids(model, ids, batch_size=batch_size, bptt=max(cfg.data.bptt, 64))
+    result = {"checkpoint": str(path), "source": source, **result}
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"{path}\n{source}", show_header=False)
+    for key, fmt in (("loss", "{:.4f} nats/char"), ("bpc", "{:.4f} bits/char"), ("perplexity", "{:.3f}"),
+                     ("chars", "{:,}"), ("chars_per_s", "{:,.0f}")):
+        table.add_row(key, fmt.format(result[key]))
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------------------- sample
+@app.command()
+@friendly
+def sample(
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
+    prime: Annotated[str, typer.Option(help="Text the sample starts with.")] = "\n",
+    length: Annotated[int, typer.Option(help="Characters to generate after the prime.")] = 500,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; higher is wilder.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample only from the k likeliest characters.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, generated together.")] = 1,
+) -> None:
+    """Generate text, streamed as it comes; the output starts with the prime."""
+    from charlm.checkpoint import load_model
+    from charlm.sampling import generate
+
+    if length < 0:
+        raise CharlmError(f"--length must be >= 0, got {length}")
+    if temperature < 0:
+        raise CharlmError(f"--temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise CharlmError(f"--top-k must be at least 1, got {top_k}")
+    if num_samples < 1:
+        raise CharlmError(f"--num-samples must be at least 1, got {num_samples}")
+    model, vocab, _, _ = load_model(_checkpoint(checkpoint))
+    vocab.check(prime, what="--prime")
+    if num_samples == 1:
+        sys.stdout.write(prime)
+        sys.stdout.flush()
+
+        def emit(ch: str) -> None:
+            sys.stdout.write(ch)
+            sys.stdout.flush()
+
+        generate(model, vocab, prime, length, temperature=temperature, top_k=top_k, seed=seed, on_char=emit)
+        sys.stdout.write("\n")
+        return
+    texts = generate(model, vocab, prime, length, temperature=temperature, top_k=top_k, seed=seed,
+                     num_samples=num_samples)
+    for i, text in enumerate(texts):
+        sys.stdout.write(f"=== sample {i + 1} ===\n{text}\n")
+
+
+# ------------------------------------------------------------------------------------------------ data
+@app.command("data")
+@friendly
+def data_(
+    data: Annotated[str | None, typer.Option(help="Corpus text file (default: tiny Shakespeare).")] = None,
+    config: Annotated[str, typer.Option(help="Config whose split fractions to use.")] = "default",
+) -> None:
+    """Where the corpus is, its sha256, size, vocabulary and split sizes."""
+    from charlm.config import load_config
+    from charlm.corpus import load_corpus
+    from charlm.datamodule import split_ids
+    from charlm.vocab import Vocab
+
+    cfg = load_config(config)
+    corpus = load_corpus(data if data is not None else cfg.data.path)
+    vocab = Vocab.from_text(corpus.text)
+    splits = split_ids(vocab.encode(corpus.text), cfg.data.val_fraction, cfg.data.test_fraction)
+    table = Table(show_header=False)
+    table.add_row("path", str(corpus.path))
+    table.add_row("sha256", corpus.sha256)
+    table.add_row("characters", f"{len(corpus.text):,}")
+    table.add_row("vocabulary", f"{len(vocab)}: {vocab.chars!r}")
+    for name in ("train", "val", "test"):
+        table.add_row(f"{name} split", f"{getattr(splits, name).numel():,}")
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------------------------- cells
+@app.command()
+def cells() -> None:
+    """The recurrent cells, one line each."""
+    from charlm.cells import describe_cells
+
+    table = Table("cell", "what it computes")
+    for name, summary in describe_cells():
+        table.add_row(name, summary)
+    out.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,282 @@
+"""Configuration: typed sections with defaults, YAML files, and ``--set section.key=value`` overrides.
+
+Every value is a primitive (int, float, bool, str, None), so a config round-trips through YAML and
+through a checkpoint loaded with ``weights_only=True``. An unknown key or a value of the wrong type is
+a :class:`CharlmError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from charlm.errors import CharlmError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is cut into training windows."""
+
+    path: str | None = None  # None: $CHARLM_DATA_DIR, data/, then download tiny Shakespeare
+    batch_size: int = 32  # B streams side by side (per process under DDP)
+    bptt: int = 128  # window length T
+    variable_bptt: bool = False  # AWD-LSTM: T or T/2, then N(T, 5) per window
+    eval_batch_size: int = 16  # streams for validation / test
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+
+
+@dataclass
+class ModelConfig:
+    """The network: embedding -> recurrent layers -> decoder, and its regularizers."""
+
+    cell: str = "lstm"
+    embedding_size: int = 256
+    hidden_size: int = 256
+    num_layers: int = 2
+    tie_weights: bool = True  # last layer sized to the embedding, decoder shares its matrix
+    dropout: float = 0.1  # locked dropout on the last layer's output
+    dropouth: float = 0.1  # locked dropout between recurrent layers
+    dropouti: float = 0.0  # locked dropout on the embedding output
+    dropoute: float = 0.0  # embedding dropout: whole characters
+    weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices
+    weight_drop_variational: bool = False  # drop whole rows instead of elements
+    layer_norm: bool = False  # LayerNorm on each recurrent layer's output
+    native: bool = True  # use nn.LSTM / nn.GRU / nn.RNN kernels where the cell allows
+    init: Literal["xavier", "kaiming"] = "xavier"
+    forget_bias: float = 1.0
+    compile: bool = False  # torch.compile the custom cells' step
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and the AWD-LSTM penalties."""
+
+    optimizer: Literal["adamw", "ntasgd"] = "adamw"
+    lr: float = 3e-3
+    min_lr: float = 1e-4
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    clip: float = 1.0  # gradient-norm clipping; 0 turns it off
+    alpha: float = 0.0  # AR: alpha * mean(dropped_h ** 2)
+    beta: float = 0.0  # TAR: beta * mean((h_t - h_{t-1}) ** 2)
+    nonmono: int = 5  # NT-ASGD: evaluations without improvement before averaging
+
+
+@dataclass
+class TrainConfig:
+    """How long, where, on what, and what to keep."""
+
+    name: str | None = None  # run folder name; None: <cell>-<date>-<time>
+    out: str = "checkpoints"
+    seed: int = 1234
+    max_epochs: int = -1
+    max_steps: int = -1
+    max_time: float | None = 840.0  # seconds
+    val_every_steps: int = 200  # 0: once per epoch
+    checkpoint_every_steps: int = 100  # refresh last.ckpt this often (and at every epoch end)
+    log_every_steps: int = 20
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    threads: int = 0  # torch CPU threads; 0 leaves torch's choice
+    on_nan: Literal["stop", "skip"] = "stop"
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    """The short sample printed at each validation so the user sees the model learn."""
+
+    enabled: bool = True
+    prime: str = "ROMEO:"
+    length: int = 200
+    temperature: float = 0.8
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+_SECTION_CLASSES: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                                     "train": TrainConfig, "sample": SampleConfig}
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTION_CLASSES.items()}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` (int -> float allowed), or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except CharlmError:
+                continue
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise CharlmError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _section(name: str) -> type:
+    if name not in _SECTION_CLASSES:
+        raise CharlmError(f"unknown config section '{name}'; sections: {', '.join(_SECTION_CLASSES)}")
+    return _SECTION_CLASSES[name]
+
+
+def apply(config: Config, values: dict[str, Any], source: str = "config") -> Config:
+    """Merge a nested mapping ``{section: {key: value}}`` into ``config`` (checked, in place)."""
+    if not isinstance(values, dict):
+        raise CharlmError(f"{source}: expected a mapping of sections (data, model, optim, train, sample)")
+    for section_name, entries in values.items():
+        _section(str(section_name))
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise CharlmError(f"{source}: section '{section_name}' must be a mapping of keys to values")
+        section = getattr(config, section_name)
+        hints = _HINTS[section_name]
+        for key, value in entries.items():
+            dotted = f"{section_name}.{key}"
+            if key not in hints:
+                raise CharlmError(
+                    f"unknown config key '{dotted}'; keys of '{section_name}': {', '.join(hints)}")
+            setattr(section, key, _coerce(dotted, value, hints[key]))
+    return config
+
+
+def parse_override(text: str) -> dict[str, dict[str, Any]]:
+    """``"model.hidden_size=512"`` -> ``{"model": {"hidden_size": 512}}`` (value parsed as YAML)."""
+    if "=" not in text:
+        raise CharlmError(f"--set expects section.key=value, got '{text}'")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise CharlmError(f"--set expects section.key=value, got '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return {parts[0]: {parts[1]: value}}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or a name from ``configs/`` (``smoke`` -> ``configs/smoke.yaml``)."""
+    candidates = [Path(name_or_path)]
+    if not name_or_path.endswith((".yaml", ".yml")):
+        candidates += [Path("configs") / f"{name_or_path}.yaml", REPO_ROOT / "configs" / f"{name_or_path}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+    raise CharlmError(f"config '{name_or_path}' not found; give a YAML file or one of: {', '.join(known)}")
+
+
+def load_config(name_or_path: str | None = "default", overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then each ``section.key=value`` override, then checks."""
+    config = Config()
+    if name_or_path is not None:
+        path = resolve_config_path(name_or_path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise CharlmError(f"config file {path} is not valid YAML: {exc}") from None
+        apply(config, values, source=str(path))
+    for text in overrides or []:
+        apply(config, parse_override(text), source="--set")
+    validate(config)
+    return config
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint (unknown keys are an error: an incompatible version)."""
+    return apply(Config(), values, source="checkpoint config")
+
+
+def validate(config: Config) -> None:
+    """Range checks the types cannot express."""
+    d, m, o, t, s = config.data, config.model, config.optim, config.train, config.sample
+    positive = {"data.batch_size": d.batch_size, "data.bptt": d.bptt, "data.eval_batch_size": d.eval_batch_size,
+                "model.embedding_size": m.embedding_size, "model.hidden_size": m.hidden_size,
+                "model.num_layers": m.num_layers, "train.num_nodes": t.num_nodes,
+                "train.log_every_steps": t.log_every_steps, "optim.nonmono": o.nonmono}
+    for key, value in positive.items():
+        if value < 1:
+            raise CharlmError(f"config key '{key}' must be at least 1, got {value}")
+    for key in ("dropout", "dropouth", "dropouti", "dropoute", "weight_drop"):
+        value = getattr(m, key)
+        if not 0.0 <= value < 1.0:
+            raise CharlmError(f"config key 'model.{key}' must be in [0, 1), got {value}")
+    for key, value in {"data.val_fraction": d.val_fraction, "data.test_fraction": d.test_fraction}.items():
+        if not 0.0 < value < 0.5:
+            raise CharlmError(f"config key '{key}' must be in (0, 0.5), got {value}")
+    nonneg = {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
+              "optim.clip": o.clip, "optim.alpha": o.alpha, "optim.beta": o.beta,
+              "optim.warmup_steps": o.warmup_steps, "train.val_every_steps": t.val_every_steps,
+              "train.checkpoint_every_steps": t.checkpoint_every_steps, "train.threads": t.threads,
+              "sample.length": s.length, "sample.temperature": s.temperature}
+    for key, value in nonneg.items():
+        if value < 0:
+            raise CharlmError(f"config key '{key}' must not be negative, got {value}")
+    if o.lr == 0:
+        raise CharlmError("config key 'optim.lr' must be positive, got 0")
+    if t.max_time is not None and t.max_time <= 0:
+        raise CharlmError(f"config key 'train.max_time' must be positive seconds or null, got {t.max_time}")
+    if t.max_epochs == -1 and t.max_steps == -1 and t.max_time is None:
+        raise CharlmError("no stopping rule: set train.max_epochs, train.max_steps or train.max_time")
+    from charlm.cells import cell_names  # late: the cell registry imports torch modules
+
+    if m.cell not in cell_names():
+        raise CharlmError(f"unknown cell '{m.cell}'; valid cells: {', '.join(sorted(cell_names()))}")
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,114 @@
+"""Finding, fetching and reading the corpus.
+
+Resolution order (DESIGN.md section 2): an explicit path; ``$CHARLM_DATA_DIR/tinyshakespeare.txt``;
+``data/tinyshakespeare.txt``; a download from the char-rnn repository, checked against its sha256 and
+written atomically. Offline with no copy: one :class:`CharlmError` that says where to put the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from charlm.config import REPO_ROOT
+from charlm.errors import CharlmError
+
+CORPUS_NAME = "tinyshakespeare.txt"
+CORPUS_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text read from disk, with where it came from."""
+
+    path: Path
+    text: str
+    sha256: str
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_data_dir() -> Path:
+    """``data/`` of the working directory if it exists, else the repository's own."""
+    local = Path("data")
+    return local if local.is_dir() else REPO_ROOT / "data"
+
+
+def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
+    """Fetch ``url`` to ``dest``: a temporary file beside it, the hash checked, then an atomic rename."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+        got = sha256_of(tmp)
+        if got != sha256:
+            raise CharlmError(f"downloaded {url} but its sha256 is {got}, expected {sha256}; "
+                              f"not saved. Download it by hand to {dest}.")
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: bool = True) -> Path:
+    """The corpus file to use, downloading tiny Shakespeare only when no copy is found."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if path.is_dir():
+            path = path / CORPUS_NAME
+        if not path.is_file():
+            raise CharlmError(f"corpus file {path} does not exist; give --data an existing text file")
+        return path
+    env_dir = os.environ.get("CHARLM_DATA_DIR")
+    if env_dir:
+        path = Path(env_dir).expanduser() / CORPUS_NAME
+        if path.is_file():
+            return path
+    local = default_data_dir() / CORPUS_NAME
+    if local.is_file():
+        return local
+    if not allow_download:
+        raise CharlmError(f"no corpus found; put {CORPUS_NAME} in {local.parent}/ or set CHARLM_DATA_DIR")
+    try:
+        return download(CORPUS_URL, local, CORPUS_SHA256)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        where = f"$CHARLM_DATA_DIR ({env_dir}) or {local.parent}/" if env_dir else f"{local.parent}/"
+        raise CharlmError(
+            f"tiny Shakespeare is not on this machine and could not be downloaded ({exc}).\n"
+            f"Download {CORPUS_URL}\nand save it as {CORPUS_NAME} in {where}, "
+            f"set CHARLM_DATA_DIR to its folder, or pass --data FILE.") from None
+
+
+def read_corpus(path: Path) -> Corpus:
+    """Read a UTF-8 text file, refusing empty and non-UTF-8 files with a clear message."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CharlmError(f"cannot read corpus {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CharlmError(f"corpus {path} is not UTF-8 text (invalid byte at offset {exc.start}); "
+                          "convert it to UTF-8 first") from None
+    if not text:
+        raise CharlmError(f"corpus {path} is empty")
+    return Corpus(path=path, text=text, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def load_corpus(explicit: str | Path | None = None) -> Corpus:
+    return read_corpus(resolve_corpus_path(explicit))

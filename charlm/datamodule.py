@@ -1,0 +1,101 @@
+"""The ``LightningDataModule``: corpus -> vocabulary -> 90/5/5 split -> stream windows per rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from charlm.config import DataConfig
+from charlm.corpus import Corpus, load_corpus
+from charlm.errors import CharlmError
+from charlm.streams import StreamDataset, StreamLayout, WindowSampler, collate_batch
+from charlm.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Contiguous train / val / test ids of one corpus."""
+
+    train: Tensor
+    val: Tensor
+    test: Tensor
+
+
+def split_ids(ids: Tensor, val_fraction: float, test_fraction: float) -> Splits:
+    """Contiguous split: the first (1 - val - test) for training, then val, then test."""
+    n = ids.numel()
+    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+    n_train = n - n_val - n_test
+    return Splits(ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:])
+
+
+class CharDataModule(L.LightningDataModule):
+    """Serves stream windows; the vocabulary comes from the corpus unless a checkpoint's is given."""
+
+    def __init__(self, config: DataConfig, *, seed: int = 0, vocab: Vocab | None = None,
+                 corpus: Corpus | None = None) -> None:
+        super().__init__()
+        self.config, self.seed = config, seed
+        self.corpus = corpus if corpus is not None else load_corpus(config.path)
+        self.vocab = vocab if vocab is not None else Vocab.from_text(self.corpus.text)
+        ids = self.vocab.encode(self.corpus.text, what=f"corpus {self.corpus.path}")
+        self.splits = split_ids(ids, config.val_fraction, config.test_fraction)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        c = self.config
+        need = c.batch_size * (c.bptt + 1)
+        if self.splits.train.numel() < need:
+            raise CharlmError(
+                f"corpus {self.corpus.path} is too short: its training split has {self.splits.train.numel()} "
+                f"characters, one batch needs batch_size * (bptt + 1) = {need}; "
+                "use a longer text or lower data.batch_size / data.bptt")
+        for name in ("val", "test"):
+            if getattr(self.splits, name).numel() < 2:
+                raise CharlmError(f"corpus {self.corpus.path} is too short for a {name} split")
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def layout(self, split: str, *, rank: int = 0, world_size: int = 1) -> StreamLayout:
+        ids: Tensor = getattr(self.splits, split)
+        if split == "train":
+            return StreamLayout(ids, self.config.batch_size, rank=rank, world_size=world_size)
+        # evaluation: fewer streams if the split is short, and the tail so every char counts once
+        per_rank = max(1, min(self.config.eval_batch_size, (ids.numel() - 1) // world_size))
+        return StreamLayout(ids, per_rank, rank=rank, world_size=world_size, keep_tail=True)
+
+    def _loader(self, split: str) -> DataLoader:
+        rank, world = self._rank_world()
+        layout = self.layout(split, rank=rank, world_size=world)
+        train = split == "train"
+        sampler = WindowSampler(layout, self.config.bptt, variable=train and self.config.variable_bptt,
+                                seed=self.seed)
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(StreamDataset(layout), sampler=sampler, batch_size=None, collate_fn=collate_batch,
+                          pin_memory=pin)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def text_ids(vocab: Vocab, text: str, what: str) -> Tensor:
+    """Encode an evaluation text with a checkpoint's vocabulary (a clear error for unknown chars)."""
+    if len(text) < 2:
+        raise CharlmError(f"{what} needs at least 2 characters to score")
+    return vocab.encode(text, what=what)
+
+
+

@@ -1,0 +1,131 @@
+"""``charlm train``: build the data, the module and the Lightning ``Trainer``, run, report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from rich.console import Console
+
+from charlm.callbacks import LastCheckpoint, PrintSample, TrackBestPath
+from charlm.checkpoint import AtomicCheckpointIO
+from charlm.config import Config, dump_yaml
+from charlm.datamodule import CharDataModule
+from charlm.errors import CharlmError
+from charlm.evaluate import evaluate_ids
+from charlm.lightning_module import CharLMModule
+from charlm.model import count_parameters
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_checkpoint: Path
+    best_val_loss: float
+    steps: int
+    seconds: float
+    parameters: int
+
+
+def run_name(config: Config) -> str:
+    return config.train.name or f"{config.model.cell}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_run_dir(path: Path) -> Path:
+    """Create the run folder and prove it is writable before any training time is spent."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CharlmError(f"output folder {path} is not writable ({exc.strerror}); "
+                          "choose another with --out") from None
+    return path
+
+
+def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Callback] | None = None
+                  ) -> tuple[L.Trainer, ModelCheckpoint]:
+    t = config.train
+    best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
+                           save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
+    callbacks: list[L.Callback] = [best, LastCheckpoint(run_dir / "last.ckpt", t.checkpoint_every_steps),
+                                   TrackBestPath(run_dir / "best.ckpt", run_dir / "last.ckpt")]
+    if config.sample.enabled:
+        callbacks.append(PrintSample(config.sample.prime, config.sample.length, config.sample.temperature,
+                                     t.seed))
+    if t.progress:
+        callbacks.append(RichProgressBar(leave=True))
+    callbacks += extra_callbacks or []
+    val_kwargs: dict[str, object] = (
+        {"val_check_interval": t.val_every_steps, "check_val_every_n_epoch": None}
+        if t.val_every_steps else {"check_val_every_n_epoch": 1})
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=t.precision,  # type: ignore[arg-type]
+        max_epochs=t.max_epochs, max_steps=t.max_steps,
+        max_time=None if t.max_time is None else dt.timedelta(seconds=t.max_time),
+        gradient_clip_val=config.optim.clip or None, logger=CSVLogger(run_dir, name="", version=""),
+        callbacks=callbacks, enable_progress_bar=t.progress, log_every_n_steps=t.log_every_steps,
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+        enable_model_summary=False, default_root_dir=run_dir, **val_kwargs)  # type: ignore[arg-type]
+    return trainer, best
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (device banner, tips) and known-harmless warnings off screen."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (".*exists and is not empty.*", ".*LeafSpec.*is deprecated.*", ".*does not have many workers.*",
+                    ".*The number of training batches.*is smaller than the logging interval.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = None,
+          console: Console | None = None) -> TrainResult:
+    """Train a model as ``config`` says (or continue ``resume``) and return where the best one is."""
+    t = config.train
+    quiet_lightning()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    data = CharDataModule(config.data, seed=t.seed)
+    run_dir = prepare_run_dir(run_dir or Path(t.out) / run_name(config))
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(dump_yaml(config), encoding="utf-8")
+    module = CharLMModule(config.to_dict(), data.vocab.chars)
+    trainer, best = build_trainer(config, run_dir)
+    if console is not None and trainer.is_global_zero:
+        m, d = config.model, config.data
+        console.print(f"[bold]run[/] {run_dir}  [bold]corpus[/] {data.corpus.path} "
+                      f"({data.splits.train.numel():,} train chars, vocabulary {len(data.vocab)})")
+        console.print(f"[bold]model[/] {m.cell} {m.num_layers}x{m.hidden_size}, embedding {m.embedding_size}, "
+                      f"{count_parameters(module.model):,} parameters  [bold]device[/] "
+                      f"{trainer.strategy.root_device}  [bold]batch[/] {d.batch_size} x {d.bptt} chars"
+                      + (f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""))
+        if resume is not None:
+            console.print(f"[bold]resuming[/] from {resume}")
+    start = dt.datetime.now()
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    seconds = (dt.datetime.now() - start).total_seconds()
+    best_path = run_dir / "best.ckpt"
+    # the budget can end between validations: score the final weights and keep them if they are best
+    # (every rank scores the whole split, so all of them agree and reach save_checkpoint together)
+    final = evaluate_ids(module.model, data.splits.val, batch_size=config.data.eval_batch_size,
+                         bptt=config.data.bptt, device=module.device)
+    best_score = float(best.best_model_score) if best.best_model_score is not None else float("inf")
+    if final["loss"] < best_score or not best_path.is_file():
+        trainer.save_checkpoint(best_path, weights_only=False)
+        best_score = final["loss"]
+    return TrainResult(run_dir, best_path, best_score, trainer.global_step, seconds,
+                       count_parameters(module.model))
+
+
+

@@ -1,0 +1,141 @@
+"""Vocabulary, config and corpus resolution: round trips and exact error messages."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import corpus as corpus_mod
+from charlm.config import load_config, parse_override
+from charlm.errors import CharlmError
+from charlm.vocab import Vocab
+
+
+def test_vocab_round_trip_and_sorted() -> None:
+    text = "To be, or not to be: that is the question.\n"
+    vocab = Vocab.from_text(text)
+    assert vocab.chars == "".join(sorted(set(text)))
+    ids = vocab.encode(text)
+    assert ids.dtype == torch.long and ids.shape == (len(text),)
+    assert vocab.decode(ids) == text
+
+
+def test_vocab_names_unknown_characters() -> None:
+    vocab = Vocab.from_text("abc")
+    with pytest.raises(CharlmError, match=r"prime has 3 character\(s\) outside the model's 3-character "
+                                          r"vocabulary: 'z' \(2x\), 'Q' \(1x\)"):
+        vocab.encode("azzQ", what="prime")
+
+
+def test_default_and_smoke_configs_load() -> None:
+    default = load_config("default")
+    assert default.model.cell == "lstm" and default.train.max_time == 840
+    smoke = load_config("smoke")
+    assert smoke.train.max_steps == 40 and smoke.train.max_time is None
+    assert load_config("awd-lstm").model.num_layers == 3
+
+
+def test_override_parses_yaml_values() -> None:
+    assert parse_override("model.hidden_size=512") == {"model": {"hidden_size": 512}}
+    assert parse_override("train.name=run 1") == {"train": {"name": "run 1"}}
+    cfg = load_config("default", ["model.hidden_size=512", "optim.lr=1", "train.max_time=null",
+                                  "train.max_steps=5"])
+    assert cfg.model.hidden_size == 512 and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.hiden_size=3", "unknown config key 'model.hiden_size'; keys of 'model': cell, embedding_size"),
+    ("modle.hidden_size=3", "unknown config section 'modle'; sections: data, model, optim, train, sample"),
+    ("model.hidden_size=big", "config key 'model.hidden_size' must be int, got 'big'"),
+    ("model.dropout=1.0", "config key 'model.dropout' must be in [0, 1), got 1.0"),
+    ("data.batch_size=0", "config key 'data.batch_size' must be at least 1, got 0"),
+    ("model.tie_weights=3", "config key 'model.tie_weights' must be bool, got 3"),
+    ("model.cell=lstmm", "unknown cell 'lstmm'; valid cells: "),
+    ("hidden_size", "--set expects section.key=value, got 'hidden_size'"),
+])
+def test_bad_config_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(CharlmError) as info:
+        load_config("default", [override])
+    assert str(info.value).startswith(message)
+
+
+def test_unknown_config_name_lists_known() -> None:
+    with pytest.raises(CharlmError, match="config 'nope' not found; give a YAML file or one of: "
+                                          "awd-lstm, default, smoke"):
+        load_config("nope")
+
+
+def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    explicit = tmp_path / "mine.txt"
+    explicit.write_text("hello world\n")
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    (env_dir / "tinyshakespeare.txt").write_text("from env\n")
+    local_dir = tmp_path / "work"
+    (local_dir / "data").mkdir(parents=True)
+    (local_dir / "data" / "tinyshakespeare.txt").write_text("from data/\n")
+    monkeypatch.chdir(local_dir)
+    monkeypatch.setenv("CHARLM_DATA_DIR", str(env_dir))
+    assert corpus_mod.resolve_corpus_path(explicit) == explicit
+    assert corpus_mod.resolve_corpus_path() == env_dir / "tinyshakespeare.txt"
+    monkeypatch.delenv("CHARLM_DATA_DIR")
+    assert corpus_mod.resolve_corpus_path() == Path("data") / "tinyshakespeare.txt"
+
+
+def test_offline_without_copy_says_where_to_put_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    monkeypatch.delenv("CHARLM_DATA_DIR", raising=False)
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", offline)
+    with pytest.raises(CharlmError, match=r"(?s)could not be downloaded.*save it as tinyshakespeare.txt in data/"):
+        corpus_mod.resolve_corpus_path()
+    assert list((tmp_path / "data").iterdir()) == []  # no partial file left behind
+
+
+class _FakeResponse:
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def read(self, n: int) -> bytes:
+        chunk, self.payload = self.payload[:n], self.payload[n:]
+        return chunk
+
+    def __enter__(self) -> _FakeResponse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_download_checks_sha256_and_writes_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(payload))
+    dest = tmp_path / "d" / "tinyshakespeare.txt"
+    with pytest.raises(CharlmError, match=r"sha256 is .* expected abc; not saved"):
+        corpus_mod.download("http://x", dest, "abc")
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    good = hashlib.sha256(payload).hexdigest()
+    assert corpus_mod.download("http://x", dest, good) == dest
+    assert dest.read_bytes() == payload
+
+
+def test_bad_corpus_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(CharlmError, match="is empty"):
+        corpus_mod.load_corpus(empty)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(CharlmError, match=r"is not UTF-8 text \(invalid byte at offset 3\)"):
+        corpus_mod.load_corpus(latin)
+    with pytest.raises(CharlmError, match="does not exist; give --data an existing text file"):
+        corpus_mod.load_corpus(tmp_path / "missing.txt")
