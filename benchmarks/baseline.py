@@ -49,12 +49,22 @@ class _EvalAdapter(nn.Module):
 
 def train_plain(train_ids: Tensor, val_ids: Tensor, vocab_size: int, *, seconds: float | None = None,
                 steps: int | None = None, hidden: int = 256, layers: int = 2, batch: int = 32, bptt: int = 128,
-                lr: float = 2e-3, dropout: float = 0.1, seed: int = 1234) -> dict[str, float]:
-    """Train for ``seconds`` (or ``steps``); return chars/s, steps and the exact val loss."""
+                lr: float = 2e-3, dropout: float = 0.1, seed: int = 1234, device: str | torch.device = "cpu",
+                eval_batch: int = 16, eval_bptt: int = 128, autocast: torch.dtype | None = None) -> dict[str, float]:
+    """Train for ``seconds`` (or ``steps``); return chars/s, steps and the exact val loss.
+
+    On ``device="cuda"`` nn.LSTM is the cuDNN kernel; ``autocast=torch.bfloat16`` runs the training steps
+    under autocast (the final evaluation stays fp32).
+
+    Denormals are flushed to zero here too (as ``charlm train`` does): without it the carried state
+    drifts into denormal floats and this loop runs 2-3x slower on CPU, which would flatter charlm.
+    """
+    torch.set_flush_denormal(True)
     torch.manual_seed(seed)
-    model = PlainLSTM(vocab_size, hidden, layers, dropout)
+    device = torch.device(device)
+    model = PlainLSTM(vocab_size, hidden, layers, dropout).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    layout = StreamLayout(train_ids, batch)
+    layout = StreamLayout(train_ids.to(device), batch)  # the whole split on the device: windows are views
     windows = list(WindowSampler(layout, bptt))
     state = None
     n_steps, chars, start = 0, 0, time.perf_counter()
@@ -64,9 +74,10 @@ def train_plain(train_ids: Tensor, val_ids: Tensor, vocab_size: int, *, seconds:
             if i == 0:
                 state = None
             b = layout.batch(w)
-            logits, state = model(b.x, state)
-            state = tuple(s.detach() for s in state)
-            loss = F.cross_entropy(logits.reshape(-1, vocab_size), b.y.reshape(-1))
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                logits, state = model(b.x, state)
+                state = tuple(s.detach() for s in state)
+                loss = F.cross_entropy(logits.reshape(-1, vocab_size), b.y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -77,7 +88,10 @@ def train_plain(train_ids: Tensor, val_ids: Tensor, vocab_size: int, *, seconds:
                 timed_from, timed_chars = time.perf_counter(), chars
             elapsed = time.perf_counter() - start
             if (seconds is not None and elapsed >= seconds) or (steps is not None and n_steps >= steps):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # kernels still queued belong to the timed steps
                 speed = (chars - timed_chars) / max(time.perf_counter() - (timed_from or start), 1e-9)
-                val = evaluate_ids(_EvalAdapter(model), val_ids, batch_size=16, bptt=128)  # type: ignore[arg-type]
+                val = evaluate_ids(_EvalAdapter(model), val_ids, batch_size=eval_batch,  # type: ignore[arg-type]
+                                   bptt=eval_bptt, device=device)
                 return {"steps": n_steps, "seconds": elapsed, "chars_per_s": speed, "val_loss": val["loss"],
                         "val_bpc": val["bpc"]}

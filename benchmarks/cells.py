@@ -3,13 +3,17 @@
 Each model is a small char LM (embedding -> RecurrentStack -> linear decoder) trained with
 AdamW on random characters (or windows of a real text file with --data). The models take turns,
 one training step each, so a busy shared CPU slows them all alike; the figure per model is the
-median step time over --steps steps after --warmup steps.
+median step time over --steps steps after --warmup steps (``--stat min`` takes the fastest step
+instead, the better estimate when other jobs share the CPU).
 
     python benchmarks/cells.py                                  # every cell, 2 x 256, batch 32, bptt 128
     python benchmarks/cells.py --cells lstm,gru --steps 5       # a quick look
 
-Extra rows: ``nn.LSTM`` (the reference), ``lstm[custom]`` (the engine's custom path, hand-written
-BPTT kernel), ``lstm[autograd]`` (the generic autograd time loop, i.e. no fused kernel).
+Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
+``lstm[naive]`` (autograd; per step: ``x[:, t]``, its own input matmul, chunk, five activations),
+``lstm[autograd]`` (the engine's generic loop: one input projection for all steps, ``unbind``,
+``addmm``), ``lstm[custom]`` (the hand-written forward/backward-through-time kernel).
+``nn.LSTM`` is the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +35,28 @@ from charlm.engine import RecurrentStack
 REFERENCE = "nn.LSTM"
 
 
+class NaiveLSTM(nn.Module):
+    """The textbook Python LSTM loop, for the speed ablation only (same math as nn.LSTM)."""
+
+    def __init__(self, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.cells = nn.ModuleList(nn.LSTMCell(hidden, hidden) for _ in range(layers))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        for cell in self.cells:
+            h = x.new_zeros(x.shape[0], cell.hidden_size)
+            c = torch.zeros_like(h)
+            outs = []
+            for t in range(x.shape[1]):
+                gates = x[:, t] @ cell.weight_ih.t() + cell.bias_ih + h @ cell.weight_hh.t() + cell.bias_hh
+                i, f, g, o = gates.chunk(4, 1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                outs.append(h)
+            x = torch.stack(outs, 1)
+        return x, None
+
+
 class CharLM(nn.Module):
     """Embedding -> recurrent stack -> linear decoder."""
 
@@ -50,6 +76,8 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     h, layers = args.hidden, args.layers
     if row == REFERENCE:
         return CharLM(nn.LSTM(h, h, layers, batch_first=True), args.vocab, h), "native"
+    if row == "lstm[naive]":
+        return CharLM(NaiveLSTM(h, layers), args.vocab, h), "naive"
     cell, _, variant = row.partition("[")
     stack = RecurrentStack(cell, h, h, layers, native=not variant)
     for layer in stack.layers:
@@ -86,13 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--data", default="", help="train on windows of this text file instead of random chars")
+    ap.add_argument("--stat", choices=("median", "min"), default="median", help="step time per model")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     if args.cells == "all":
-        rows = ["lstm[custom]", "lstm[autograd]", *CELLS]
+        rows = ["lstm[naive]", "lstm[autograd]", "lstm[custom]", *CELLS]
     else:
         rows = [c.strip() for c in args.cells.split(",") if c.strip()]
     rows = [REFERENCE, *[r for r in rows if r != REFERENCE]]
@@ -113,14 +142,15 @@ def main(argv: list[str] | None = None) -> None:
             if it >= args.warmup:
                 times[row].append(time.perf_counter() - t0)
     chars = args.batch * args.bptt
-    ref = chars / statistics.median(times[REFERENCE])
+    stat = statistics.median if args.stat == "median" else min
+    ref = chars / stat(times[REFERENCE])
     print(
         f"# {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
-        f"{torch.get_num_threads()} threads, {args.steps} timed steps, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, {args.stat} of {args.steps} timed steps, torch {torch.__version__}"
     )
     print(f"{'cell':<16} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
     for row, (model, _, path) in models.items():
-        rate = chars / statistics.median(times[row])
+        rate = chars / stat(times[row])
         n = sum(p.numel() for p in model.parameters())
         print(f"{row:<16} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
 

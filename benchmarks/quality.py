@@ -1,7 +1,7 @@
 """Val loss at equal wall time: ``charlm train`` (a config) against the plain nn.LSTM loop.
 
-    python benchmarks/quality.py --seconds 840                # the default config, 14 minutes each
-    python benchmarks/quality.py --seconds 120 --set model.weight_drop=0.2
+    python -m benchmarks.quality --seconds 840                # the default config, 14 minutes each
+    python -m benchmarks.quality --seconds 120 --set model.weight_drop=0.2
 
 Both train on the same 90 % split and are scored exactly on the same 5 % validation split. Prints a
 table and the ratio charlm / baseline (below 1 is better).

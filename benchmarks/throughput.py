@@ -1,8 +1,8 @@
 """Training and sampling speed: charlm (through Lightning, as ``charlm train`` runs it) against the plain
 nn.LSTM loop of the same size, in the same process.
 
-    python benchmarks/throughput.py                      # default config, 60 steps each
-    python benchmarks/throughput.py --set model.weight_drop=0.2 --set model.dropouti=0.1
+    python -m benchmarks.throughput                      # default config, 60 steps each
+    python -m benchmarks.throughput --set model.weight_drop=0.2 --set model.dropouti=0.1
 
 Prints training chars/s (steps after the first 5) and one-stream sampling chars/s, with ratios.
 """
@@ -25,7 +25,7 @@ from charlm.config import load_config
 from charlm.datamodule import CharDataModule
 from charlm.lightning_module import CharLMModule
 from charlm.sampling import generate
-from charlm.train import build_trainer
+from charlm.train import build_trainer, fast_cpu_math
 
 
 class StepTimer(L.Callback):
@@ -56,6 +56,7 @@ def charlm_train_speed(overrides: list[str], config: str, steps: int) -> tuple[f
     cfg = load_config(config, [*overrides, f"train.max_steps={steps}", "train.max_time=null",
                                "train.val_every_steps=0", "train.max_epochs=1", "train.progress=false",
                                "sample.enabled=false", "train.checkpoint_every_steps=0"])
+    fast_cpu_math(cfg.train.threads)
     data = CharDataModule(cfg.data, seed=cfg.train.seed)
     module = CharLMModule(cfg.to_dict(), data.vocab.chars)
     timer = StepTimer()

@@ -6,8 +6,10 @@ and targets ``[start + 1, start + seq_len + 1)``, so the windows of one epoch ti
 input positions ``[0, n - 1)`` exactly once, in order.
 
 Variable mode (AWD-LSTM): each window draws a base length ``T = bptt`` with probability 0.95, else
-``bptt / 2``, then ``seq_len = max(5, round(N(T, 5)))``; the last window is clipped to end exactly at
-the end of the stream. The draws come from a private ``torch.Generator`` seeded from ``(seed, epoch)``
+``bptt / 2``, then ``seq_len = max(5, round(N(T, 5)))``. The number of windows is fixed by the stream
+length (:func:`variable_window_count`, about ``n / (0.975 bptt)``) so every epoch has the same number
+of batches, and the drawn lengths are stretched or shrunk by a common factor (above the minimum of 5)
+so that they tile the stream exactly. The draws come from a private ``torch.Generator`` seeded from ``(seed, epoch)``
 only, so every DDP rank cuts identical windows and the global RNG is left alone.
 
 Scale: the loss of a window is a mean over its ``seq_len`` positions, so short and long windows
@@ -24,16 +26,16 @@ import math
 
 import torch
 
-__all__ = ["MIN_SEQ_LEN", "P_FULL", "SEQ_LEN_STD", "loss_scale", "num_windows", "window_schedule"]
+__all__ = [
+    "MIN_SEQ_LEN", "P_FULL", "SEQ_LEN_STD", "loss_scale", "num_windows", "variable_window_count", "window_schedule",
+]
 
 P_FULL = 0.95
 """Probability of the full base length ``bptt`` (else ``bptt / 2``) (Merity et al. 2017)."""
 SEQ_LEN_STD = 5.0
 """Standard deviation of the sampled window length (Merity et al. 2017)."""
 MIN_SEQ_LEN = 5
-"""Shortest sampled window; only the clipped last window may be shorter (Merity et al. 2017)."""
-
-_CHUNK = 256  # draws are taken in fixed-size chunks, so results depend on (seed, epoch) only
+"""Shortest window (unless the whole stream is shorter) (Merity et al. 2017)."""
 
 
 def _generator(seed: int, epoch: int) -> torch.Generator:
@@ -72,20 +74,37 @@ def window_schedule(
             windows.append((start, min(bptt, n_inputs - start)))
         return windows
 
+    count = variable_window_count(n_inputs, bptt)
+    if count == 0:
+        return []
     gen = _generator(seed, epoch)
-    start = 0
-    while start < n_inputs:
-        uniforms = torch.rand(_CHUNK, generator=gen, dtype=torch.float64).tolist()
-        normals = torch.randn(_CHUNK, generator=gen, dtype=torch.float64).tolist()
-        for u, z in zip(uniforms, normals, strict=True):
-            base = bptt if u < P_FULL else bptt / 2
-            seq_len = max(MIN_SEQ_LEN, round(base + SEQ_LEN_STD * z))
-            seq_len = min(seq_len, n_inputs - start)
-            windows.append((start, seq_len))
-            start += seq_len
-            if start >= n_inputs:
-                break
-    return windows
+    uniforms = torch.rand(count, generator=gen, dtype=torch.float64)
+    normals = torch.randn(count, generator=gen, dtype=torch.float64)
+    base = torch.where(uniforms < P_FULL, float(bptt), bptt / 2)
+    drawn = torch.clamp(torch.round(base + SEQ_LEN_STD * normals), min=MIN_SEQ_LEN)  # AWD-LSTM lengths
+    # Fit the draws to the stream: every window keeps its floor, the length above it is rescaled so the
+    # windows end exactly at the stream's end (cumulative rounding keeps the sum exact).
+    floor = min(MIN_SEQ_LEN, n_inputs // count)
+    extra = drawn - floor
+    total_extra = n_inputs - floor * count
+    weights = extra / extra.sum() if float(extra.sum()) > 0 else torch.full_like(extra, 1.0 / count)
+    ends = [floor * (k + 1) + math.floor(total_extra * c + 1e-9) for k, c in
+            enumerate(torch.cumsum(weights, 0).tolist())]
+    ends[-1] = n_inputs
+    starts = [0, *ends[:-1]]
+    return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
+
+
+def variable_window_count(n_inputs: int, bptt: int) -> int:
+    """Windows per epoch in variable mode: fixed by (n_inputs, bptt), the same in every epoch.
+
+    Lightning sizes an epoch once, from the first epoch's loader, so a count that changed from epoch
+    to epoch would drop or cut short windows; the lengths vary, their number does not.
+    """
+    if n_inputs <= 0:
+        return 0
+    mean_length = max(float(MIN_SEQ_LEN), (P_FULL + (1.0 - P_FULL) / 2) * bptt)
+    return max(1, min(round(n_inputs / mean_length), n_inputs // MIN_SEQ_LEN or 1))
 
 
 def num_windows(n_inputs: int, bptt: int) -> int:

@@ -7,10 +7,11 @@ reads it: unpickling can build tensors and plain containers, never call arbitrar
 
 from __future__ import annotations
 
+import errno
 import os
-import pickle
+import re
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,55 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+_UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: (.+)")
+
+
+def _load_failure(path: Path, exc: BaseException) -> CharlmError:
+    """One clear message for why ``torch.load(path, weights_only=True)`` failed.
+
+    torch's own text starts by suggesting ``weights_only=False``, the one thing never to do with a file
+    of unknown origin, so only the reason is kept.
+    """
+    text = " ".join(str(exc).split())
+    unsafe = _UNSAFE_GLOBAL.search(text)
+    if unsafe:
+        return CharlmError(
+            f"refused to load {path}: unpickling it would call {unsafe.group(1)}, which can run code. A charlm "
+            "checkpoint holds only tensors and plain values; only load checkpoints you trust, made by charlm.")
+    reason = _UNPICKLER_ERROR.search(text)
+    detail = reason.group(1) if reason else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return CharlmError(f"{path} is not a readable checkpoint (truncated, corrupt, or not a checkpoint); "
+                       f"refused to load it: {detail[:200]}")
 
 
 def safe_load(path: str | Path) -> dict[str, Any]:
@@ -49,14 +95,13 @@ def safe_load(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CharlmError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CharlmError(
-            f"refused to load {path}: it holds objects that would run code when unpickled "
-            f"({str(exc).splitlines()[0][:200]}). Only load checkpoints you trust, made by charlm.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CharlmError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
-                          f"{str(exc).splitlines()[0][:200]}") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CharlmError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # torch.load fails in many ways on a file it cannot read; all are answered here
+        raise _load_failure(path, exc) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CharlmError(f"{path} is not a charlm checkpoint (no state_dict / hyper_parameters)")
     hp = ckpt["hyper_parameters"]
@@ -73,21 +118,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that saves atomically and loads with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        atomic_torch_save(checkpoint, path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as exc:
+            kept = "the previous checkpoint there is unchanged" if Path(path).is_file() else "nothing was written"
+            raise CharlmError(f"could not save checkpoint {path}: {exc.strerror or exc} "
+                              f"({errno.errorcode.get(exc.errno or 0, 'OSError')}); {kept}. Free some space "
+                              "or choose another --out, then resume with `charlm train --resume`") from None
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
-        safe_load(path)  # clear errors first
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        # clear errors for every bad file; tensors land on the CPU and Lightning moves them where they belong
+        return safe_load(path)
 
 
-def newest_run_checkpoint(out_dir: str | Path = "checkpoints", name: str = "best.ckpt") -> Path:
-    """``<out>/<run>/<name>`` of the run written most recently."""
+def newest_run_checkpoint(out_dir: str | Path = "checkpoints", name: str = "best.ckpt",
+                          option: str = "--checkpoint") -> Path:
+    """``<out>/<run>/<name>`` of the run written most recently (``option`` names the flag in the error)."""
     out = Path(out_dir)
     found = [p for p in out.glob(f"*/{name}") if p.is_file()]
     if not found:
         raise CharlmError(f"no checkpoint found under {out}/ (looked for {out}/<run>/{name}); "
-                          "train one with `charlm train` or pass --checkpoint FILE")
+                          f"train one with `charlm train` or pass {option} FILE")
     return max(found, key=lambda p: p.stat().st_mtime)
 
 

@@ -14,9 +14,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperCommand
 
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, TrainingInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Character-level recurrent language models of Shakespeare, AWD-LSTM style.")
@@ -26,21 +28,50 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def friendly(func: F) -> F:
-    """Turn a :class:`CharlmError` into one clear message and exit code 2 (never a traceback)."""
+    """Turn a :class:`CharlmError` into one clear message and its exit code (2; 130 for Ctrl-C), never a
+    traceback; likewise an ``OSError`` no other layer explained (a full disk, a vanished folder) and a
+    Ctrl-C outside training."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            from lightning.pytorch.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0:  # under DDP every process stops the same way: say it once
+                err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except CharlmError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            err.print(f"[bold red]error:[/] could not read or write{escape(where)}: {exc.strerror or exc}",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold yellow]stopped:[/] interrupted by Ctrl-C", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- train
-@app.command()
+class _TrainCommand(TyperCommand):
+    """``train`` with ``--resume`` usable alone: Typer options cannot take an optional value, so a bare
+    ``--resume`` (the last word, or followed by another option) is given the value ``newest`` here."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        for i, arg in enumerate(args):
+            fixed.append(arg)
+            if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                fixed.append("newest")
+        return super().parse_args(ctx, fixed)
+
+
+@app.command(cls=_TrainCommand)
 @friendly
 def train(
     config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML file.")] = "default",
@@ -58,8 +89,11 @@ def train(
     accelerator: Annotated[str | None, typer.Option(help="cpu, gpu or auto.")] = None,
     precision: Annotated[str | None, typer.Option(help="e.g. 32-true, bf16-mixed.")] = None,
     resume: Annotated[str | None, typer.Option(
-        flag_value="newest", help="Continue a run: alone, the newest run's last.ckpt; or give a checkpoint.")] = None,
+        help="Continue a run: alone (or 'newest'), the newest run's last.ckpt under --out; or a checkpoint.",
+        show_default=False)] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+    show_samples: Annotated[bool | None, typer.Option(
+        "--samples/--no-samples", help="Print a short sample at each validation (default: the config's).")] = None,
 ) -> None:
     """Train a model; prints the best validation loss and where its checkpoint is."""
     from charlm.config import load_config
@@ -68,7 +102,8 @@ def train(
     named = {"model.cell": cell, "data.path": data, "train.max_epochs": max_epochs,
              "train.max_steps": max_steps, "train.max_time": max_time, "train.seed": seed,
              "train.name": name, "train.out": out_dir, "train.strategy": strategy,
-             "train.num_nodes": num_nodes, "train.accelerator": accelerator, "train.precision": precision}
+             "train.num_nodes": num_nodes, "train.accelerator": accelerator, "train.precision": precision,
+             "sample.enabled": show_samples}
     overrides += [f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None]
     if devices is not None:
         overrides.append(f"train.devices={devices}")
@@ -81,6 +116,10 @@ def train(
     from charlm.train import train as run_training
 
     result = run_training(cfg, resume=resume_path, run_dir=run_dir, console=out)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # under DDP every process runs this command; one report is enough
+        return
     out.print(f"[bold green]done[/] in {result.seconds:.0f} s, {result.steps} steps, "
               f"{result.parameters:,} parameters")
     out.print(f"best val loss {result.best_val_loss:.4f} nats/char = {result.best_val_loss / 0.6931471805599453:.4f}"
@@ -110,6 +149,7 @@ def eval_(
     from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
     from charlm.datamodule import split_ids, text_ids
     from charlm.evaluate import evaluate_ids
+    from charlm.train import fast_cpu_math
 
     if split not in ("val", "test"):
         raise CharlmError(f"--split must be val or test, got '{split}'")
@@ -117,8 +157,9 @@ def eval_(
         raise CharlmError(f"--batch-size must be at least 1, got {batch_size}")
     path = _checkpoint(checkpoint)
     model, vocab, cfg, _ = load_model(path)
+    fast_cpu_math()
     if text is not None:
-        corpus = read_corpus(resolve_corpus_path(text))
+        corpus = read_corpus(resolve_corpus_path(text, option="--text"))
         ids = text_ids(vocab, corpus.text, what=f"--text file {corpus.path}")
         source = str(corpus.path)
     else:
@@ -153,6 +194,7 @@ def sample(
     """Generate text, streamed as it comes; the output starts with the prime."""
     from charlm.checkpoint import load_model
     from charlm.sampling import generate
+    from charlm.train import fast_cpu_math
 
     if length < 0:
         raise CharlmError(f"--length must be >= 0, got {length}")
@@ -164,6 +206,7 @@ def sample(
         raise CharlmError(f"--num-samples must be at least 1, got {num_samples}")
     model, vocab, _, _ = load_model(_checkpoint(checkpoint))
     vocab.check(prime, what="--prime")
+    fast_cpu_math()
     if num_samples == 1:
         sys.stdout.write(prime)
         sys.stdout.flush()
@@ -216,8 +259,55 @@ def cells() -> None:
 
     table = Table("cell", "what it computes")
     for name, summary in describe_cells():
-        table.add_row(name, summary)
+        table.add_row(name, escape(summary))
     out.print(table)
+
+
+# --------------------------------------------------------------------------------------------- compare
+@app.command()
+@friendly
+def compare(
+    cells: Annotated[str | None, typer.Option(
+        help="Comma-separated cells, e.g. lstm,gru,peephole (see `charlm cells`); the first is the reference.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="jozefowicz: Tanh, LSTM, LSTM-f/i/o/b, GRU, MUT1-3 (Jozefowicz et al. 2015); "
+             "greff: V (peephole) and NIG NFG NOG NIAF NOAF NP CIFG FGR (Greff et al. 2017).")] = None,
+    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML file.")] = "default",
+    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Steps per run (alone, it turns the config's time limit off).")] = None,
+    max_time: Annotated[float | None, typer.Option(
+        help="Seconds per run (alone, it turns the config's step limit off).")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        help="Comma-separated seeds, e.g. 1,2,3: each cell is trained once per seed; mean ± std and "
+             "min–max are reported. Default: the config's seed.")] = None,
+    match_params: Annotated[bool, typer.Option(
+        "--match-params", help="Give each cell the hidden size whose parameter count is nearest the first cell's.")
+    ] = False,
+    out_dir: Annotated[str | None, typer.Option(
+        "--out", help="Folder of the comparison (default checkpoints/compare-<time>); the same --out resumes.")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+) -> None:
+    """Train several cells under one config, seed and budget; a table, results files and curves.png."""
+    import datetime as dt
+
+    from charlm.compare import PRESET_OVERRIDES, budget_overrides, parse_seeds, resolve_entries, run_comparison
+    from charlm.config import load_config
+
+    entries = resolve_entries(cells, preset)
+    overrides = ["sample.enabled=false", *PRESET_OVERRIDES.get((preset or "").strip().lower(), []),
+                 *(set_ or []), *budget_overrides(max_steps, max_time)]
+    if data is not None:
+        overrides.append(f"data.path={json.dumps(data)}")
+    cfg = load_config(config, overrides)
+    folder = Path(out_dir) if out_dir else Path(cfg.train.out) / f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    settings = {"config": config, "overrides": overrides, "preset": preset}
+    result = run_comparison(cfg, entries, seeds=parse_seeds(seeds, cfg.train.seed), out=folder,
+                            match_params=match_params, console=out, settings=settings)
+    out.print(f"[bold green]done[/]: {result.trained} run(s) trained, {len(result.runs) - result.trained} "
+              f"already finished; wrote {', '.join(str(p) for p in result.files)}")
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ class ModelConfig:
     layer_norm: bool = False  # LayerNorm on each recurrent layer's output
     native: bool = True  # use nn.LSTM / nn.GRU / nn.RNN kernels where the cell allows
     init: Literal["xavier", "kaiming"] = "xavier"
-    forget_bias: float = 1.0
+    forget_bias: float = 0.0  # LSTM-family forget-gate bias at init (lstm-b always uses 1)
     compile: bool = False  # torch.compile the custom cells' step
 
 
@@ -268,6 +268,9 @@ def validate(config: Config) -> None:
             raise CharlmError(f"config key '{key}' must not be negative, got {value}")
     if o.lr == 0:
         raise CharlmError("config key 'optim.lr' must be positive, got 0")
+    for key, value in {"train.max_steps": t.max_steps, "train.max_epochs": t.max_epochs}.items():
+        if value == 0 or value < -1:
+            raise CharlmError(f"config key '{key}' must be at least 1 (or -1: no limit), got {value}")
     if t.max_time is not None and t.max_time <= 0:
         raise CharlmError(f"config key 'train.max_time' must be positive seconds or null, got {t.max_time}")
     if t.max_epochs == -1 and t.max_steps == -1 and t.max_time is None:

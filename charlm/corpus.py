@@ -65,14 +65,17 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
         tmp.unlink(missing_ok=True)
 
 
-def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: bool = True) -> Path:
-    """The corpus file to use, downloading tiny Shakespeare only when no copy is found."""
+def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: bool = True,
+                        option: str = "--data") -> Path:
+    """The corpus file to use, downloading tiny Shakespeare only when no copy is found.
+
+    ``option`` is the command-line flag an explicit path came from, named in the error."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if path.is_dir():
             path = path / CORPUS_NAME
         if not path.is_file():
-            raise CharlmError(f"corpus file {path} does not exist; give --data an existing text file")
+            raise CharlmError(f"corpus file {path} does not exist; give {option} an existing text file")
         return path
     env_dir = os.environ.get("CHARLM_DATA_DIR")
     if env_dir:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning as L
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from charlm.config import DataConfig
 from charlm.corpus import Corpus, load_corpus
 from charlm.errors import CharlmError
-from charlm.streams import StreamDataset, StreamLayout, WindowSampler, collate_batch
+from charlm.streams import ResumableLoader, StreamDataset, StreamLayout, WindowSampler, collate_batch
 from charlm.vocab import Vocab
 
 
@@ -22,6 +23,15 @@ class Splits:
     train: Tensor
     val: Tensor
     test: Tensor
+
+
+def eval_streams(n_ids: int, batch_size: int, world_size: int = 1) -> int:
+    """Streams per process for scoring a split of ``n_ids`` ids: ``batch_size``, fewer if it is short.
+
+    The split is cut into ``world_size`` times this many rows, so ``evaluate_ids`` with
+    ``eval_streams(...) * world_size`` streams scores the same rows as a validation under DDP.
+    """
+    return max(1, min(batch_size, (n_ids - 1) // world_size))
 
 
 def split_ids(ids: Tensor, val_fraction: float, test_fraction: float) -> Splits:
@@ -68,7 +78,7 @@ class CharDataModule(L.LightningDataModule):
         if split == "train":
             return StreamLayout(ids, self.config.batch_size, rank=rank, world_size=world_size)
         # evaluation: fewer streams if the split is short, and the tail so every char counts once
-        per_rank = max(1, min(self.config.eval_batch_size, (ids.numel() - 1) // world_size))
+        per_rank = eval_streams(ids.numel(), self.config.eval_batch_size, world_size)
         return StreamLayout(ids, per_rank, rank=rank, world_size=world_size, keep_tail=True)
 
     def _loader(self, split: str) -> DataLoader:
@@ -78,8 +88,11 @@ class CharDataModule(L.LightningDataModule):
         sampler = WindowSampler(layout, self.config.bptt, variable=train and self.config.variable_bptt,
                                 seed=self.seed)
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if train:  # remembers its place in the epoch, so a resumed run goes on from the next window
+            return ResumableLoader(StreamDataset(layout), sampler, pin_memory=pin)
+        # own generator: creating an iterator must not draw from the global RNG (dropout's stream)
         return DataLoader(StreamDataset(layout), sampler=sampler, batch_size=None, collate_fn=collate_batch,
-                          pin_memory=pin)
+                          pin_memory=pin, generator=torch.Generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

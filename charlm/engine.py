@@ -113,14 +113,21 @@ class RecurrentLayer(nn.Module):
         self.cell = spec.build(input_size, hidden_size)
         self.num_states: int = self.cell.num_states
         self.native: bool = native and spec.native is not None
-        self.compile = compile
+        self.compile_step = compile  # (not ``self.compile``: that would shadow nn.Module.compile)
         self._compiled_step: Callable[..., CellState] | None = None
         if compile and not self.native:
+            # Dynamo keeps its variants per code object, shared by every layer of this cell: layer sizes x
+            # train/eval x fresh/carried state x the one-row eval tail already make ~12, past its default
+            # limit of 8, after which the step silently runs eager. Allow enough for a whole model.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled_step = torch.compile(self.cell.step)
             self.cell.step_fn = self._compiled_step
         self._suffixes = ("", "_reverse")[: self.num_directions]
         self._param_names = tuple(self.cell.param_shapes())
         self._buffer_names = tuple(self.cell.buffer_shapes())
+        # (base name, registered name) per direction, for quick lookups in forward / step
+        self._param_keys = [tuple((n, f"{n}_l0{sfx}") for n in self._param_names) for sfx in self._suffixes]
+        self._buffer_keys = [tuple((n, f"{n}_l0{sfx}") for n in self._buffer_names) for sfx in self._suffixes]
         for sfx in self._suffixes:
             for name, shape in self.cell.param_shapes().items():
                 self.register_parameter(f"{name}_l0{sfx}", nn.Parameter(torch.empty(shape)))
@@ -150,10 +157,10 @@ class RecurrentLayer(nn.Module):
         self._next_t = 0
 
     def _raw(self, d: int) -> Params:
-        sfx = self._suffixes[d]
-        p: Params = {name: getattr(self, f"{name}_l0{sfx}") for name in self._param_names}
-        for name in self._buffer_names:
-            p[name] = getattr(self, f"{name}_l0{sfx}")
+        params, buffers = self._parameters, self._buffers
+        p: Params = {base: params[name] for base, name in self._param_keys[d]}  # type: ignore[misc]
+        for base, name in self._buffer_keys[d]:
+            p[base] = buffers[name]  # type: ignore[assignment]
         return p
 
     def _params(self, d: int) -> Params:

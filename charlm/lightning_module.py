@@ -8,6 +8,7 @@ state for evaluation (reset at the start of each pass over a split).
 from __future__ import annotations
 
 import math
+import random
 import time
 from typing import Any
 
@@ -27,6 +28,8 @@ from charlm.regularizers import ar_penalty, tar_penalty
 from charlm.streams import Batch
 from charlm.vocab import Vocab
 
+MAX_SKIPPED_IN_A_ROW = 10  # on_nan=skip: this many non-finite steps in a row stop the run all the same
+
 
 class CharLMModule(L.LightningModule):
     """Trains and evaluates a :class:`CharLM`; hyperparameters are primitives (config dict + vocab)."""
@@ -44,6 +47,9 @@ class CharLMModule(L.LightningModule):
         self._raw_backup: list[tuple[Tensor, Tensor]] = []
         self._last_step_time: float | None = None
         self.last_good_checkpoint: str | None = None
+        self.last_window = 0  # length of the current training window (variable-length BPTT)
+        self._resumed: dict[str, Any] | None = None  # carried state + RNG from a checkpoint, applied at step 1
+        self._skipped_in_a_row = 0
 
     # ----------------------------------------------------------------------------------- training
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -57,15 +63,10 @@ class CharLMModule(L.LightningModule):
         nll = self._loss(out.logits, batch.y)
         o = self.cfg.optim
         loss = nll + ar_penalty(out.dropped_last, o.alpha) + tar_penalty(out.raw_last, o.beta)
-        if not torch.isfinite(loss):
-            if self.cfg.train.on_nan == "skip":
-                self.print(f"step {self.global_step}: non-finite loss {loss.item()}, step skipped")
-                self._train_states = None
-                return None
-            where = self.last_good_checkpoint or "none saved yet"
-            raise CharlmError(f"training stopped: the loss became {loss.item()} at step {self.global_step}. "
-                              f"Last good checkpoint: {where}. Lower optim.lr or raise optim.clip, "
-                              "or set train.on_nan=skip")
+        if self._any_rank(not bool(torch.isfinite(loss))):  # decided together: DDP ranks must not diverge
+            self._non_finite(f"the loss became {loss.item()}")
+            self._train_states = None  # a NaN in the carried state would poison every later window
+            return None
         chars = batch.y.numel()
         now = time.perf_counter()
         if self._last_step_time is not None:
@@ -75,7 +76,49 @@ class CharLMModule(L.LightningModule):
         self.log("train_bpc", nll / LN2, on_step=True)
         return loss
 
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or'ed over the DDP processes (just ``flag`` in one process or outside a Trainer)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _non_finite(self, what: str) -> None:
+        """Stop with a message naming the step and the last good checkpoint, or count a skipped step."""
+        step = self.global_step
+        where = self.last_good_checkpoint
+        resume = (f" Resume from it with `charlm train --resume {where} --set optim.lr=...` (a lower rate)."
+                  if where else "")
+        if self.cfg.train.on_nan == "skip":
+            self._skipped_in_a_row += 1
+            if self._skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
+                self.print(f"step {step}: {what}; step skipped (train.on_nan=skip)")
+                return
+            raise CharlmError(f"training stopped: {what} at step {step}, the {MAX_SKIPPED_IN_A_ROW}th step in a "
+                              f"row that was not finite. Last good checkpoint: {where or 'none saved yet'}."
+                              + resume)
+        raise CharlmError(f"training stopped: {what} at step {step}. Last good checkpoint: "
+                          f"{where or 'none saved yet'}. Lower optim.lr or raise optim.clip, "
+                          "or set train.on_nan=skip to skip such steps." + resume)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A finite loss can still give inf/NaN gradients: never let them reach the weights."""
+        if str(self.trainer.precision).startswith("16"):
+            return  # fp16 mixed precision: the gradient scaler already skips such steps
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return  # a step skipped for its loss: nothing to check, and not a good step either
+        if not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+            self._non_finite("the gradients became non-finite")
+            optimizer.zero_grad(set_to_none=True)  # skipped: no gradient, no update
+            self._train_states = None
+            return
+        self._skipped_in_a_row = 0
+
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        if self._resumed is not None:
+            self._restore_resume_state(self._resumed)
+            self._resumed = None
+        self.last_window = batch.x.size(1)
         lr = self.learning_rate()
         if self.cfg.data.variable_bptt:  # AWD-LSTM: short windows take proportionally smaller steps
             lr *= batch.x.size(1) / self.cfg.data.bptt
@@ -134,11 +177,16 @@ class CharLMModule(L.LightningModule):
         self._eval_step(batch, batch_idx, self.test_nll)
 
     def _log_split(self, split: str, metric: CharNLL) -> float:
-        loss = float(metric.compute())
+        # Under DDP each rank scored its own streams (the last one also the tail): sum both states over
+        # the ranks (dist_reduce_fx="sum", a no-op in one process), so every rank logs the same exact
+        # split figure and sync_dist (a mean of per-rank values) is neither needed nor right.
+        with metric.sync_context():
+            nll_sum, chars = float(metric.nll_sum), int(metric.chars)
+        loss = nll_sum / max(chars, 1)
         self.log(f"{split}_loss", loss, prog_bar=True, sync_dist=False)
         self.log(f"{split}_bpc", loss / LN2)
         self.log(f"{split}_ppl", math.exp(min(loss, 700.0)))
-        self.log(f"{split}_chars", float(metric.chars))
+        self.log(f"{split}_chars", float(chars))
         metric.reset()
         return loss
 
@@ -165,8 +213,58 @@ class CharLMModule(L.LightningModule):
         self._log_split("test", self.test_nll)
 
     # -------------------------------------------------------------------------------- checkpoints
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """[world_size, ...] on the CPU: every process's copy (all processes call this together)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor.detach().cpu().unsqueeze(0)
+        local = tensor.detach().to(self.device).contiguous()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [torch.empty_like(local) for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather(parts, local)
+            return torch.stack(parts).cpu()
+        return self.all_gather(local).cpu()  # type: ignore[union-attr]
+
+    def _resume_state(self) -> dict[str, Any]:
+        """What a resumed run needs beyond weights, optimizer and loops: the streams' carried hidden
+        state and the random state (dropout masks), one copy per DDP process."""
+        version, internal, _ = random.getstate()
+        rng = {"torch": self._gather(torch.get_rng_state()),
+               "python": self._gather(torch.tensor(internal, dtype=torch.int64))}
+        if self.device.type == "cuda":
+            rng["cuda"] = self._gather(torch.cuda.get_rng_state(self.device))
+        states = None
+        if self._train_states is not None:
+            states = [[self._gather(t) for t in layer] for layer in self._train_states]
+        world = 1 if self._trainer is None else self.trainer.world_size
+        return {"world_size": world, "python_rng_version": version, "rng": rng, "train_states": states}
+
+    def _restore_resume_state(self, state: dict[str, Any]) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if state["world_size"] != world:
+            self.print(f"resuming with {world} process(es) where the checkpoint had {state['world_size']}: "
+                       "the streams' hidden state starts from zero and random numbers from the seed")
+            return
+        rng = state["rng"]
+        # clone: a row of the stacked states is a view at an offset, which set_rng_state misreads (segfault)
+        torch.set_rng_state(rng["torch"][rank].clone())
+        random.setstate((state["python_rng_version"], tuple(rng["python"][rank].tolist()), None))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][rank].clone(), self.device)
+        if state["train_states"] is not None:
+            self._train_states = [tuple(t[rank].to(self.device) for t in layer) for layer in state["train_states"]]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # never a NaN model on disk, whoever saves (last.ckpt, best.ckpt, Ctrl-C); every DDP process holds
+        # the same weights and runs this hook, so they all stop together
+        bad = [name for name, value in checkpoint["state_dict"].items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            where = self.last_good_checkpoint or "none saved yet"
+            raise CharlmError(f"training stopped at step {self.global_step}: the weights are not finite "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so they were not saved. "
+                              f"Last good checkpoint: {where}")
         checkpoint["ntasgd"] = self.ntasgd.state_dict()
+        checkpoint["resume_state"] = self._resume_state()
         if self._raw_backup:  # saved while averages are swapped in: keep the raw weights to resume
             names = {id(p): n for n, p in self.named_parameters()}
             checkpoint["raw_weights"] = {names[id(p)]: raw for p, raw in self._raw_backup if id(p) in names}
@@ -174,5 +272,7 @@ class CharLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ntasgd" in checkpoint:
             self.ntasgd.load_state_dict(checkpoint["ntasgd"])
+        # applied at the first training batch, after everything that may draw random numbers on the way
+        self._resumed = checkpoint.get("resume_state")
         if "raw_weights" in checkpoint:  # resume training from the raw (not averaged) weights
             checkpoint["state_dict"].update(checkpoint["raw_weights"])

@@ -13,7 +13,7 @@ def resolve_resume(resume: str, cli_config: Config, overrides: list[str]) -> tup
 
     ``resume == "newest"`` picks ``last.ckpt`` of the newest run under ``train.out``.
     """
-    path = newest_run_checkpoint(cli_config.train.out, "last.ckpt") if resume == "newest" else Path(resume)
+    path = newest_run_checkpoint(cli_config.train.out, "last.ckpt", "--resume") if resume == "newest" else Path(resume)
     ckpt = safe_load(path)
     config = from_dict(ckpt["hyper_parameters"]["config"])
     for text in overrides:

@@ -23,8 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from charlm.bptt import window_schedule
 
@@ -95,6 +96,7 @@ class WindowSampler(Sampler[Window]):
     def __init__(self, layout: StreamLayout, bptt: int, *, variable: bool = False, seed: int = 0) -> None:
         self.layout, self.bptt, self.variable, self.seed = layout, bptt, variable, seed
         self.epoch = 0
+        self.start = 0  # first window the next iteration yields (a resumed epoch skips the ones done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -109,9 +111,9 @@ class WindowSampler(Sampler[Window]):
         return out
 
     def __iter__(self) -> Iterator[Window]:
-        return iter(self.windows())
+        return iter(self.windows()[self.start:])
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # always the whole epoch: Lightning counts a resumed epoch's batches from it
         return len(self.windows())
 
 
@@ -131,3 +133,56 @@ class StreamDataset(Dataset[Batch]):
 def collate_batch(batch: Batch) -> Batch:
     """Identity collate: windows arrive batched already."""
     return batch
+
+
+class ResumableLoader(DataLoader[Batch]):
+    """The training loader: remembers how far into the epoch it is, so a resumed run goes on from there.
+
+    Lightning 2.x restarts an epoch's loader from its first batch on a mid-epoch resume unless the
+    loader has ``state_dict`` / ``load_state_dict``: then its ``FitLoop`` saves the state in every
+    checkpoint (``loops.fit_loop.state_dict.combined_loader``) and loads it back before it creates the
+    epoch's iterator. The state is the epoch (whose variable-length windows to cut) and the windows
+    already handed out; the next iterator starts after them, and later ones start from the beginning.
+    ``len()`` stays the whole epoch, which is what Lightning counts the resumed batches against.
+
+    The count is exact at every place a checkpoint is written (batch end, validation end, epoch end):
+    with ``batch_size=None`` and no workers nothing is fetched ahead, and Lightning does not prefetch
+    from a loader whose length it knows.
+    """
+
+    def __init__(self, dataset: StreamDataset, sampler: WindowSampler, *, pin_memory: bool = False) -> None:
+        super().__init__(dataset, sampler=sampler, batch_size=None, collate_fn=collate_batch,
+                         pin_memory=pin_memory, generator=torch.Generator())  # never draws from the global RNG
+        self.windows = sampler
+        self.served = 0  # windows handed out by the current iterator, counted from the epoch's first
+        self._resume_at = 0
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        start, self._resume_at = self._resume_at, 0
+        self.windows.start = start
+        try:
+            batches = super().__iter__()  # the sampler's window list (from ``start``) is fixed here
+        finally:
+            self.windows.start = 0
+        self.served = start
+        return self._count(batches)
+
+    def _count(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        for batch in batches:
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.windows.epoch, "served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, served = int(state["epoch"]), int(state["served"])
+        # Lightning took its batches-per-epoch from this (new, epoch-0) loader's len() just before this call
+        # and ends every epoch there; variable-length epochs can be longer (the rest is not trained) or
+        # shorter, so an epoch is over after min(that, its own length) windows
+        lightning_epoch = len(self)
+        self.windows.set_epoch(epoch)
+        if served >= min(lightning_epoch, len(self)):  # saved after the epoch's last batch: start the next
+            self.windows.set_epoch(epoch + 1)
+            served = 0
+        self._resume_at = self.served = served

@@ -12,13 +12,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
-from charlm.callbacks import LastCheckpoint, PrintSample, TrackBestPath
+from charlm.callbacks import LastCheckpoint, PrintSample, RunCSVLogger, StopOnInterrupt, TrackBestPath
 from charlm.checkpoint import AtomicCheckpointIO
 from charlm.config import Config, dump_yaml
-from charlm.datamodule import CharDataModule
+from charlm.datamodule import CharDataModule, eval_streams
 from charlm.errors import CharlmError
 from charlm.evaluate import evaluate_ids
 from charlm.lightning_module import CharLMModule
@@ -56,8 +56,9 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
     t = config.train
     best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
                            save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
-    callbacks: list[L.Callback] = [best, LastCheckpoint(run_dir / "last.ckpt", t.checkpoint_every_steps),
-                                   TrackBestPath(run_dir / "best.ckpt", run_dir / "last.ckpt")]
+    last = LastCheckpoint(run_dir / "last.ckpt", t.checkpoint_every_steps)
+    callbacks: list[L.Callback] = [best, last, TrackBestPath(run_dir / "best.ckpt", run_dir / "last.ckpt"),
+                                   StopOnInterrupt(last)]
     if config.sample.enabled:
         callbacks.append(PrintSample(config.sample.prime, config.sample.length, config.sample.temperature,
                                      t.seed))
@@ -67,16 +68,29 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
     val_kwargs: dict[str, object] = (
         {"val_check_interval": t.val_every_steps, "check_val_every_n_epoch": None}
         if t.val_every_steps else {"check_val_every_n_epoch": 1})
-    trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-        precision=t.precision,  # type: ignore[arg-type]
-        max_epochs=t.max_epochs, max_steps=t.max_steps,
-        max_time=None if t.max_time is None else dt.timedelta(seconds=t.max_time),
-        gradient_clip_val=config.optim.clip or None, logger=CSVLogger(run_dir, name="", version=""),
-        callbacks=callbacks, enable_progress_bar=t.progress, log_every_n_steps=t.log_every_steps,
-        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
-        enable_model_summary=False, default_root_dir=run_dir, **val_kwargs)  # type: ignore[arg-type]
+    try:
+        trainer = L.Trainer(
+            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+            precision=t.precision,  # type: ignore[arg-type]
+            max_epochs=t.max_epochs, max_steps=t.max_steps,
+            max_time=None if t.max_time is None else dt.timedelta(seconds=t.max_time),
+            gradient_clip_val=config.optim.clip or None, logger=RunCSVLogger(run_dir),
+            callbacks=callbacks, enable_progress_bar=t.progress, log_every_n_steps=t.log_every_steps,
+            use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
+            enable_model_summary=False, default_root_dir=run_dir, **val_kwargs)  # type: ignore[arg-type]
+    except (MisconfigurationException, ValueError, TypeError) as exc:  # e.g. --accelerator foo, --devices 0
+        raise CharlmError(f"invalid device settings (train.accelerator={t.accelerator!r}, devices={t.devices!r}, "
+                          f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}): "
+                          f"{' '.join(str(exc).split())[:300]}") from None
     return trainer, best
+
+
+def fast_cpu_math(threads: int = 0) -> None:
+    """Flush denormal floats to zero (a carried LSTM state drifts into denormals, which made training
+    2-3x slower on this CPU) and set the thread count when asked."""
+    torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def quiet_lightning() -> None:
@@ -84,24 +98,28 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in (".*exists and is not empty.*", ".*LeafSpec.*is deprecated.*", ".*does not have many workers.*",
-                    ".*The number of training batches.*is smaller than the logging interval.*"):
+                    ".*The number of training batches.*is smaller than the logging interval.*",
+                    ".*`training_step` returned `None`.*",  # a step skipped on purpose (train.on_nan=skip)
+                    # val/test figures are summed over the ranks by the metric itself (see _log_split)
+                    r".*self\.log\('((val|test)_\w+|ntasgd_switched)', \.\.\., sync_dist=True\).*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
 def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = None,
-          console: Console | None = None) -> TrainResult:
+          console: Console | None = None, callbacks: list[L.Callback] | None = None) -> TrainResult:
     """Train a model as ``config`` says (or continue ``resume``) and return where the best one is."""
     t = config.train
     quiet_lightning()
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    fast_cpu_math(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
     data = CharDataModule(config.data, seed=t.seed)
     run_dir = prepare_run_dir(run_dir or Path(t.out) / run_name(config))
     config_file = run_dir / "config.yaml"
     config_file.write_text(dump_yaml(config), encoding="utf-8")
     module = CharLMModule(config.to_dict(), data.vocab.chars)
-    trainer, best = build_trainer(config, run_dir)
+    trainer, best = build_trainer(config, run_dir, extra_callbacks=callbacks)
+    if resume is not None and isinstance(trainer.logger, RunCSVLogger):
+        trainer.logger.keep = True  # continue the run's metrics.csv (its writer is made when fit starts)
     if console is not None and trainer.is_global_zero:
         m, d = config.model, config.data
         console.print(f"[bold]run[/] {run_dir}  [bold]corpus[/] {data.corpus.path} "
@@ -110,6 +128,11 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
                       f"{count_parameters(module.model):,} parameters  [bold]device[/] "
                       f"{trainer.strategy.root_device}  [bold]batch[/] {d.batch_size} x {d.bptt} chars"
                       + (f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""))
+        world = trainer.world_size
+        console.print(f"[bold]effective batch[/] {d.batch_size * world} streams x {d.bptt} chars = "
+                      f"{d.batch_size * world * d.bptt:,} chars per step ({d.batch_size} per process x {world} "
+                      f"process{'es' if world > 1 else ''})  [bold]lr[/] {config.optim.lr:g} "
+                      f"({config.optim.schedule}, not scaled with the batch)  [bold]precision[/] {t.precision}")
         if resume is not None:
             console.print(f"[bold]resuming[/] from {resume}")
     start = dt.datetime.now()
@@ -117,11 +140,14 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
     seconds = (dt.datetime.now() - start).total_seconds()
     best_path = run_dir / "best.ckpt"
     # the budget can end between validations: score the final weights and keep them if they are best
-    # (every rank scores the whole split, so all of them agree and reach save_checkpoint together)
-    final = evaluate_ids(module.model, data.splits.val, batch_size=config.data.eval_batch_size,
+    # (every rank scores the whole split, so all of them agree and reach save_checkpoint together;
+    # cut into the same streams as a validation over world_size ranks, so the two figures compare)
+    streams = eval_streams(data.splits.val.numel(), config.data.eval_batch_size, trainer.world_size)
+    final = evaluate_ids(module.model, data.splits.val, batch_size=streams * trainer.world_size,
                          bptt=config.data.bptt, device=module.device)
     best_score = float(best.best_model_score) if best.best_model_score is not None else float("inf")
-    if final["loss"] < best_score or not best_path.is_file():
+    # rank 0 decides for all: on several nodes only its file system holds best.ckpt, and saving is collective
+    if trainer.strategy.broadcast(final["loss"] < best_score or not best_path.is_file(), src=0):
         trainer.save_checkpoint(best_path, weights_only=False)
         best_score = final["loss"]
     return TrainResult(run_dir, best_path, best_score, trainer.global_step, seconds,

@@ -22,8 +22,9 @@ def shakespeare_text(n_chars: int = 120_000) -> str:
     return (line * (n_chars // len(line) + 1))[:n_chars]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_thread() -> None:
+    """One thread per test process: the suite's models are tiny, and CI machines are shared."""
     torch.set_num_threads(1)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from charlm.bptt import MIN_SEQ_LEN, loss_scale, num_windows, window_schedule
+from charlm.bptt import MIN_SEQ_LEN, loss_scale, num_windows, variable_window_count, window_schedule
 
 
 def _assert_tiles(windows: list[tuple[int, int]], n_inputs: int) -> None:
@@ -29,7 +29,8 @@ def test_variable_windows_cover_stream_once(n_inputs: int, bptt: int) -> None:
         for start, seq_len in windows:
             covered[start : start + seq_len] += 1
         assert torch.equal(covered, torch.ones_like(covered))
-        assert all(seq_len >= MIN_SEQ_LEN for _, seq_len in windows[:-1])
+        assert all(seq_len >= min(MIN_SEQ_LEN, n_inputs) for _, seq_len in windows)
+        assert len(windows) == variable_window_count(n_inputs, bptt)  # the same count every epoch
 
 
 @pytest.mark.parametrize("n_inputs", [0, 1, 9, 10, 11, 100])

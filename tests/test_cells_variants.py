@@ -94,10 +94,9 @@ def gated_reference(layer: RecurrentLayer, x: Tensor, state: tuple[Tensor, ...],
             return v + P[n] * cell if n in P else v
 
         i = sig(a("i", c)) if has_i else torch.ones_like(c)
+        f = sig(a("f", c)) if has_f and not coupled else torch.ones_like(c)
         if coupled:
             f = 1.0 - i
-        else:
-            f = sig(a("f", c)) if has_f else torch.ones_like(c)
         g = tanh(a("g", c)) if g_tanh else a("g", c)
         c = f * c + i * g
         o = sig(a("o", c)) if has_o else torch.ones_like(c)

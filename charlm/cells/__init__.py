@@ -6,6 +6,7 @@ error for unknown ones). The order of ``CELLS`` is the listing order of ``charlm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 from charlm.cells.base import Cell, CellSpec
@@ -29,10 +30,10 @@ def _gated(**kw: bool) -> partial[Cell]:
 
 
 def _spec(
-    name: str, summary: str, paper: str, num_states: int, build: object, native: str | None = None,
-    forget_bias: float | None = None,
+    name: str, summary: str, paper: str, num_states: int, build: Callable[[int, int], Cell],
+    native: str | None = None, forget_bias: float | None = None,
 ) -> CellSpec:
-    return CellSpec(name, summary, paper, num_states, build, native, forget_bias)  # type: ignore[arg-type]
+    return CellSpec(name, summary, paper, num_states, build, native, forget_bias)
 
 
 _SPECS = [

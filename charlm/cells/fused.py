@@ -2,9 +2,10 @@
 
 Autograd through a Python time loop pays for a graph node per small op per step and for T small
 weight-gradient matmuls. Here the forward loop runs without autograd into preallocated buffers
-(8 small ops and one in-place ``addmm`` per step), and the backward loop needs 4-6 small ops and
-one ``addmm`` per step, with every derivative factor precomputed for all steps at once and the
-recurrent weight gradient done as one big matmul at the end.
+(one ``addmm`` and eight small in-place / ``out=`` ops per step for the LSTM), and the backward
+loop needs one ``addmm`` and four small ops per step (a few more with peepholes), with every
+derivative factor precomputed for all steps at once (fused ``sigmoid_backward`` /
+``tanh_backward`` kernels) and the recurrent weight gradient done as one big matmul at the end.
 
 Two tricks keep the per-step op count down: tanh(a) = 2 s(2 a) - 1, so the candidate g shares one
 sigmoid call with the gates (its pre-activation rows are scaled by 2 once per call); and because
@@ -59,8 +60,7 @@ class FusedGatedLSTM(torch.autograd.Function):
             wt = w2.t()
         Cs = xw.new_empty(T + 1, B, H)
         Cs[0].copy_(c0)
-        Hs = xw.new_empty(T + 1, B, H)  # Hs[0] = h0, so Hs[:-1] is every step's previous output
-        Hs[0].copy_(h0)
+        Hs = xw.new_empty(T, B, H)
         TC = xw.new_empty(T, B, H) if cfg.out_tanh else None
 
         p_pre = peep[: npre * H].view(npre, H) if npre else None
@@ -81,7 +81,7 @@ class FusedGatedLSTM(torch.autograd.Function):
         o_blk = steps(G[:, :, (gi + 1) * H :]) if has_o else None
         c_list, h_list = steps(Cs), steps(Hs)
         tc_list = steps(TC) if TC is not None else None
-        h = h_list[0]
+        h = h0
         for t in range(T):
             torch.addmm(x_all[t], h, wt, out=g_all[t])
             g = g_blk[t]
@@ -114,14 +114,14 @@ class FusedGatedLSTM(torch.autograd.Function):
             if o_blk is not None and p_o is not None:
                 o_blk[t].addcmul_(p_o, cn).sigmoid_()
             a = torch.tanh(cn, out=tc_list[t]) if tc_list is not None else cn
-            h = torch.mul(o_blk[t], a, out=h_list[t + 1]) if o_blk is not None else h_list[t + 1].copy_(a)
+            h = torch.mul(o_blk[t], a, out=h_list[t]) if o_blk is not None else h_list[t].copy_(a)
         ctx.cfg = cfg
-        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, w_hh, peep)
-        return Hs[1:], Hs[T].clone(), Cs[T].clone()
+        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep)
+        return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_c: Tensor) -> tuple[Tensor | None, ...]:
-        G, Cs, TC, Hs, w_hh, peep = ctx.saved_tensors
+        G, Cs, TC, Hs, h0, w_hh, peep = ctx.saved_tensors
         cfg = ctx.cfg
         T, B, K = G.shape
         H = Hs.shape[2]
@@ -197,7 +197,10 @@ class FusedGatedLSTM(torch.autograd.Function):
             dh = torch.addmm(gh_list[t - 1], dg_all[t], w_hh) if t > 0 else dg_all[t] @ w_hh
         d_w = None
         if ctx.needs_input_grad[3]:
-            d_w = dG.reshape(T * B, K).t() @ Hs[:-1].reshape(T * B, H)
+            # sum over steps of dG_t^T h_{t-1}: one big matmul (plus h0's step, to avoid a copy)
+            d_w = dG[0].t() @ h0
+            if T > 1:
+                d_w = d_w.addmm_(dG[1:].reshape((T - 1) * B, K).t(), Hs[:-1].reshape((T - 1) * B, H))
         d_peep = None
         if cfg.peephole and ctx.needs_input_grad[4]:
             parts = [(dG[:, :, k * H : (k + 1) * H] * c_prev).sum((0, 1)) for k in range(npre)]

@@ -39,11 +39,10 @@ class GRUCell(Cell):
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
         h = self.hidden_size
         b_hh = q["bias_hh"]
-        if self.reset_inside:  # every bias sits outside r
-            bias = q["bias_ih"] + b_hh
-        else:  # b_hn is multiplied by r, so only b_hr and b_hz fold into the projection
-            bias = q["bias_ih"] + torch.cat([b_hh[: 2 * h], b_hh.new_zeros(h)])
-        return F.linear(x, q["weight_ih"], bias)
+        # Cho's form has every bias outside r; in nn.GRU's, b_hn is multiplied by r, so only b_hr
+        # and b_hz fold into the projection
+        folded = b_hh if self.reset_inside else torch.cat([b_hh[: 2 * h], b_hh.new_zeros(h)])
+        return F.linear(x, q["weight_ih"], q["bias_ih"] + folded)
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         h = state[0]

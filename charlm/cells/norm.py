@@ -121,28 +121,55 @@ class BatchNormLSTMCell(Cell):
                 out[name] = torch.cat([buf, extra], 0)
         return out
 
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        # batch statistics of a running sequence, applied to the buffers once at its end
+        self._pending: list[tuple[str, int, Tensor, Tensor]] | None = None
+
     def _norm(self, v: Tensor, key: str, q: Params, t: int) -> Tensor:
-        """Normalise v (..., B, F) with step-t statistics; v may hold several steps along dim 0."""
-        mean_buf, var_buf = q[f"bn_{key}_mean"], q[f"bn_{key}_var"]
-        steps = v.shape[0] if v.dim() == 3 else 1
+        """Normalise v (B, F), or (S, B, F) for S steps from t, with per-step statistics."""
         if self.training:
-            mean = v.mean(-2, keepdim=True)
-            var = v.var(-2, unbiased=False, keepdim=True)
-            with torch.no_grad():
-                n = v.shape[-2]
-                unbiased = var * (n / (n - 1)) if n > 1 else var
-                rows = slice(t, t + steps)
-                mean_buf[rows].lerp_(mean.reshape(steps, -1), self.momentum)
-                var_buf[rows].lerp_(unbiased.reshape(steps, -1), self.momentum)
+            var, mean = torch.var_mean(v, dim=-2, keepdim=True, correction=0)
+            if self._pending is not None and v.dim() == 2:
+                self._pending.append((key, t, mean, var))
+            else:
+                self._update(q, key, t, mean.reshape(-1, mean.shape[-1]), var.reshape(-1, var.shape[-1]), v.shape[-2])
         else:
-            length = mean_buf.shape[0]
-            if length == 0:
+            mean_buf, var_buf = q[f"bn_{key}_mean"], q[f"bn_{key}_var"]
+            last = mean_buf.shape[0] - 1
+            if last < 0:  # never trained: mean 0, variance 1
                 return v * (1.0 / (1.0 + EPS) ** 0.5)
-            idx = torch.arange(t, t + steps, device=v.device).clamp_(max=length - 1)
-            shape = (steps, 1, -1) if v.dim() == 3 else (1, -1)
-            mean = mean_buf[idx].reshape(shape)
-            var = var_buf[idx].reshape(shape)
+            if v.dim() == 2:
+                mean, var = mean_buf[min(t, last)], var_buf[min(t, last)]
+            else:
+                idx = torch.arange(t, t + v.shape[0], device=v.device).clamp_(max=last)
+                mean, var = mean_buf[idx].unsqueeze(1), var_buf[idx].unsqueeze(1)
         return (v - mean) * torch.rsqrt(var + EPS)
+
+    def _update(self, q: Params, key: str, t: int, mean: Tensor, var: Tensor, n: int) -> None:
+        """Running statistics of steps t.. (rows of mean / var) with momentum; unbiased variance."""
+        with torch.no_grad():
+            rows = slice(t, t + mean.shape[0])
+            q[f"bn_{key}_mean"][rows].lerp_(mean.detach(), self.momentum)
+            unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
+            q[f"bn_{key}_var"][rows].lerp_(unbiased, self.momentum)
+
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if not self.training:
+            return super().sequence(xw, state, q)
+        self._pending = []
+        try:
+            result = super().sequence(xw, state, q)
+            pending = self._pending
+        finally:
+            self._pending = None
+        for key in ("hh", "c"):
+            entries = [e for e in pending if e[0] == key]
+            if entries:
+                mean = torch.cat([e[2] for e in entries])
+                var = torch.cat([e[3] for e in entries])
+                self._update(q, key, entries[0][1], mean, var, xw.shape[1])
+        return result
 
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
         v = self._norm(F.linear(x, q["weight_ih"]), "ih", q, t0)

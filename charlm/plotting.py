@@ -1,0 +1,80 @@
+"""Figures for ``charlm compare``: validation bits per character against step and against wall time.
+
+matplotlib is an optional extra (``pip install "charlm[plot]"``). Without it :func:`plot_curves` raises
+:class:`PlottingUnavailable`, which says how to install it; callers write everything else and print
+that note. Only the object-oriented API is used (``Figure`` + the Agg canvas), so plotting never
+touches pyplot's global state or the user's interactive backend.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+INSTALL_HINT = 'pip install "charlm[plot]"  (or: pip install matplotlib)'
+
+
+class PlottingUnavailable(RuntimeError):
+    """matplotlib cannot be imported; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One training run's validation points. Runs with the same ``label`` share a colour and a legend entry."""
+
+    label: str
+    steps: Sequence[float]
+    seconds: Sequence[float]
+    bpc: Sequence[float]
+
+
+def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None) -> Path:
+    """Write a two-panel PNG (val bpc vs. optimizer step, vs. wall time) to ``path``, atomically."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise PlottingUnavailable(f"matplotlib is not installed ({exc}); {INSTALL_HINT}") from None
+
+    labels = list(dict.fromkeys(c.label for c in curves))  # first-seen order = table order
+    palette = [f"C{i}" for i in range(10)]
+    styles = ["-", "--", ":", "-."]
+    fig = Figure(figsize=(12.0, 5.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    by_step, by_time = fig.subplots(1, 2, sharey=True)
+    for curve in curves:
+        i = labels.index(curve.label)
+        style = {"color": palette[i % len(palette)], "linestyle": styles[(i // len(palette)) % len(styles)],
+                 "marker": "o", "markersize": 3, "linewidth": 1.6, "alpha": 0.9}
+        first = next(c for c in curves if c.label == curve.label) is curve
+        by_step.plot(curve.steps, curve.bpc, label=curve.label if first else "_nolegend_", **style)
+        by_time.plot(curve.seconds, curve.bpc, label="_nolegend_", **style)
+    by_step.set_xlabel("optimizer step")
+    by_time.set_xlabel("training wall time (s)")
+    by_step.set_ylabel("validation bits per character")
+    by_step.set_title("against steps")
+    by_time.set_title("against wall time")
+    for ax in (by_step, by_time):
+        ax.grid(True, alpha=0.3)
+        ax.set_xlim(left=0)
+    if labels:
+        fig.legend(loc="outside right upper", title="cell", fontsize="small")
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

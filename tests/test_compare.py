@@ -1,0 +1,316 @@
+"""``charlm compare``: the files and their rows, resuming, seeds, errors, and the no-matplotlib path.
+
+One two-cell comparison (smoke config, 6 steps, validation every 3) is trained once per module; the
+tests that change a comparison work on a copy of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import charlm.compare as compare_module
+from charlm.cells import cell_names
+from charlm.cli import app
+from charlm.compare import (
+    PRESET_OVERRIDES,
+    PRESETS,
+    RESULT_COLUMNS,
+    RUN_COLUMNS,
+    RUN_RECORD,
+    budget_overrides,
+    match_hidden_size,
+    matched_hidden_sizes,
+    parameter_count,
+    resolve_entries,
+)
+from charlm.config import ModelConfig, load_config
+from charlm.errors import CharlmError
+from charlm.train import train as real_train
+
+runner = CliRunner()
+LN2 = math.log(2.0)
+
+
+def compare_args(corpus: Path, out: Path, cells: str = "lstm,gru", *extra: str) -> list[str]:
+    return ["compare", "--cells", cells, "--config", "smoke", "--data", str(corpus), "--out", str(out),
+            "--max-steps", "6", "--set", "model.hidden_size=32", "--set", "train.val_every_steps=3",
+            "--set", "train.checkpoint_every_steps=3", *extra]
+
+
+def invoke(args: list[str]) -> tuple[int, str]:
+    """Exit code and output, with line breaks and runs of spaces folded to one space."""
+    result = runner.invoke(app, args)
+    return result.exit_code, " ".join(result.output.split())
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def counting_train(monkeypatch: pytest.MonkeyPatch,
+                   before: Callable[[Any, Path], Any] | None = None) -> list[tuple[str, Path | None]]:
+    """Replace compare's ``train`` with one that records (run folder name, resume checkpoint) per call."""
+    calls: list[tuple[str, Path | None]] = []
+
+    def wrapped(config: Any, *, resume: Path | None = None, run_dir: Path, console: Any = None) -> Any:
+        calls.append((run_dir.name, resume))
+        if before is not None:
+            return before(config, run_dir) or real_train(config, resume=resume, run_dir=run_dir, console=console)
+        return real_train(config, resume=resume, run_dir=run_dir, console=console)
+
+    monkeypatch.setattr(compare_module, "run_training", wrapped)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the autouse one-thread fixture
+    try:
+        code, output = invoke(compare_args(corpus_file, out))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, output
+    return out, output
+
+
+@pytest.fixture
+def copy_of(finished: tuple[Path, str], tmp_path: Path) -> Path:
+    target = tmp_path / "cmp"
+    shutil.copytree(finished[0], target)  # copy2: modification times are kept
+    return target
+
+
+def test_two_cells_write_all_files(finished: tuple[Path, str]) -> None:
+    out, output = finished
+    for name in ("results.csv", "runs.csv", "results.json", "results.md", "curves.png"):
+        assert (out / name).is_file(), name
+    for run in ("lstm-seed1234", "gru-seed1234"):
+        for name in ("best.ckpt", "last.ckpt", "metrics.csv", RUN_RECORD):
+            assert (out / run / name).is_file(), f"{run}/{name}"
+
+    columns, rows = read_csv(out / "results.csv")
+    assert columns == RESULT_COLUMNS
+    assert [r["cell"] for r in rows] == ["lstm", "gru"]
+    for r in rows:
+        assert r["runs"] == "1" and r["seeds"] == "1234" and r["steps"] == "6" and r["hidden_size"] == "32"
+        assert r["best_step"] in ("3", "6")
+        assert float(r["val_bpc"]) == pytest.approx(float(r["val_loss"]) / LN2, rel=1e-5)
+        assert float(r["test_bpc"]) == pytest.approx(float(r["test_loss"]) / LN2, rel=1e-5)
+        assert float(r["test_ppl"]) == pytest.approx(math.exp(float(r["test_loss"])), rel=1e-5)
+        assert 0 < float(r["val_bpc"]) < math.log2(65) + 0.5  # learned something, from ~log2(vocab)
+        assert float(r["train_seconds"]) > 0 and float(r["train_chars_per_s"]) > 0
+        assert r["val_bpc_std"] == ""  # one seed: no spread
+    assert int(rows[0]["parameters"]) > int(rows[1]["parameters"])  # four gate blocks against three
+    best = [r for r in rows if r["best"] == "True"]
+    assert len(best) == 1 and best[0]["val_bpc"] == min((r["val_bpc"] for r in rows), key=float)
+
+    run_columns, run_rows = read_csv(out / "runs.csv")
+    assert run_columns == RUN_COLUMNS and [r["run_dir"] for r in run_rows] == ["lstm-seed1234", "gru-seed1234"]
+
+    document = json.loads((out / "results.json").read_text())
+    assert document["complete"] is True and document["curves"] == "curves.png"
+    assert document["best"] == best[0]["cell"]
+    assert [c["cell"] for c in document["cells"]] == ["lstm", "gru"]
+    for run in document["runs"]:
+        steps = [p["step"] for p in run["curve"]]
+        assert steps == [3, 6], steps  # validation fired at 3 and 6
+        assert run["curve"][-1]["seconds"] == pytest.approx(run["train_seconds"])
+
+    md = (out / "results.md").read_text()
+    assert "| cell | parameters | val loss | val bpc | test bpc | test ppl | training time |" in md
+    assert f"★ **{best[0]['cell']}**" in md and "![validation bits per character" in md
+
+    png = (out / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "val bpc" in output and "★" in output and "2 run(s) trained, 0 already finished" in output
+
+
+def test_resume_skips_finished_cells_and_resumes_the_unfinished_one(
+        copy_of: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = copy_of
+    shutil.rmtree(out / "gru-seed1234")  # as if the comparison had not reached gru yet
+    lstm_best = out / "lstm-seed1234" / "best.ckpt"
+    lstm_mtime = lstm_best.stat().st_mtime_ns
+
+    def interrupt_gru(config: Any, run_dir: Path) -> None:
+        short = copy.deepcopy(config)
+        short.train.max_steps = 3  # train half the budget, then "Ctrl-C"
+        real_train(short, run_dir=run_dir)
+        raise KeyboardInterrupt
+
+    calls = counting_train(monkeypatch, interrupt_gru)
+    code, _ = invoke(compare_args(corpus_file, out))
+    assert code != 0
+    assert calls == [("gru-seed1234", None)]  # lstm was finished: not retrained
+    record = json.loads((out / "gru-seed1234" / RUN_RECORD).read_text())
+    assert record["result"] is None and (out / "gru-seed1234" / "last.ckpt").is_file()
+
+    calls = counting_train(monkeypatch)
+    code, output = invoke(compare_args(corpus_file, out))
+    assert code == 0, output
+    assert calls == [("gru-seed1234", out / "gru-seed1234" / "last.ckpt")]  # resumed, from its last.ckpt
+    assert lstm_best.stat().st_mtime_ns == lstm_mtime
+    assert "1 run(s) already finished, 1 to train" in output
+    record = json.loads((out / "gru-seed1234" / RUN_RECORD).read_text())
+    assert [s["resume_step"] for s in record["segments"]] == [None, 3]
+    assert record["segments"][0]["interrupted"] is True
+    result = record["result"]
+    assert result["steps"] == 6
+    assert [p["step"] for p in result["curve"]] == [3, 6]  # stitched over the two segments
+    _, rows = read_csv(out / "results.csv")
+    assert [r["cell"] for r in rows] == ["lstm", "gru"]
+
+    calls = counting_train(monkeypatch)
+    code, output = invoke(compare_args(corpus_file, out))
+    assert code == 0 and calls == [] and "2 run(s) already finished, 0 to train" in output
+
+
+def test_changed_settings_are_refused_not_mixed(copy_of: Path, corpus_file: Path) -> None:
+    args = compare_args(corpus_file, copy_of)
+    args[args.index("--max-steps") + 1] = "7"
+    code, output = invoke(args)
+    assert code == 2 and "was trained with other settings (train.max_steps: 6 -> 7)" in output
+
+
+def test_seeds_report_mean_and_spread(copy_of: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = counting_train(monkeypatch)
+    code, output = invoke(compare_args(corpus_file, copy_of, "gru", "--seeds", "1234,7"))
+    assert code == 0, output
+    assert calls == [("gru-seed7", None)]  # seed 1234 was already trained
+    _, runs = read_csv(copy_of / "runs.csv")
+    assert [(r["cell"], r["seed"]) for r in runs] == [("gru", "1234"), ("gru", "7")]
+    val = [float(r["val_bpc"]) for r in runs]
+    assert val[0] != val[1]  # another seed, another model
+    _, rows = read_csv(copy_of / "results.csv")
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["runs"] == "2" and row["seeds"] == "1234 7"
+    assert float(row["val_bpc"]) == pytest.approx(statistics.fmean(val), abs=1e-6)
+    assert float(row["val_bpc_std"]) == pytest.approx(statistics.stdev(val), abs=1e-6)
+    assert float(row["val_bpc_min"]) == pytest.approx(min(val), abs=1e-6)
+    assert float(row["val_bpc_max"]) == pytest.approx(max(val), abs=1e-6)
+    assert row["test_bpc_std"] != ""
+    assert "±" in output and "val bpc range" in output and "2/2" in output
+    md = (copy_of / "results.md").read_text()
+    assert "val bpc min–max" in md and "seeds done" in md and "mean ± sample std over seeds" in md
+
+
+def test_without_matplotlib_everything_else_is_written(
+        copy_of: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib...` now raises ImportError
+    for name in ("curves.png", "results.csv", "results.json", "results.md"):
+        (copy_of / name).unlink()
+    calls = counting_train(monkeypatch)
+    code, output = invoke(compare_args(corpus_file, copy_of))
+    assert code == 0, output
+    assert calls == []
+    assert "curves.png not written: matplotlib is not installed" in output and "charlm[plot]" in output
+    assert not (copy_of / "curves.png").exists()
+    for name in ("results.csv", "results.json", "results.md"):
+        assert (copy_of / name).is_file(), name
+    assert json.loads((copy_of / "results.json").read_text())["curves"] is None
+    assert "![" not in (copy_of / "results.md").read_text()
+
+
+def test_unknown_cells_and_presets_list_the_valid_ones() -> None:
+    code, output = invoke(["compare", "--cells", "lstm,lstmx,foo"])
+    assert code == 2 and "Traceback" not in output
+    assert "unknown cells 'lstmx', 'foo' in --cells; valid cells:" in output
+    for name in cell_names():
+        assert name in output
+    code, output = invoke(["compare", "--preset", "odyssey"])
+    assert code == 2 and "unknown preset 'odyssey'; presets: jozefowicz" in output and "greff" in output
+    code, output = invoke(["compare"])
+    assert code == 2 and "say which cells to compare" in output
+    code, output = invoke(["compare", "--cells", "lstm", "--preset", "greff"])
+    assert code == 2 and "not both" in output
+
+
+def test_presets_use_the_papers_row_names() -> None:
+    joz = resolve_entries(None, "jozefowicz")
+    assert [e.name for e in joz] == ["Tanh", "LSTM", "LSTM-f", "LSTM-i", "LSTM-o", "LSTM-b", "GRU",
+                                     "MUT1", "MUT2", "MUT3"]
+    greff = resolve_entries(None, "Greff")
+    assert [(e.cell, e.name) for e in greff][:2] == [("peephole", "V"), ("nig", "NIG")]
+    assert [e.name for e in greff][2:] == ["NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR"]
+    assert all(cell in cell_names() for preset in PRESETS.values() for cell in preset)
+    assert [e.cell for e in resolve_entries(" LSTM, gru,lstm ", None)] == ["lstm", "gru"]
+
+
+def test_budget_flags_give_every_cell_the_same_budget() -> None:
+    assert budget_overrides(100, None) == ["train.max_steps=100", "train.max_time=null", "train.max_epochs=-1"]
+    assert budget_overrides(None, 60.0) == ["train.max_time=60.0", "train.max_steps=-1", "train.max_epochs=-1"]
+    assert budget_overrides(100, 60.0) == ["train.max_steps=100", "train.max_time=60.0"]
+    assert budget_overrides(None, None) == []
+    cfg = load_config("default", budget_overrides(50, None))
+    assert cfg.train.max_steps == 50 and cfg.train.max_time is None
+    with pytest.raises(CharlmError, match="--max-steps must be at least 1"):
+        budget_overrides(0, None)
+
+
+def test_match_hidden_size_finds_the_nearest_count() -> None:
+    cfg = load_config("smoke")
+
+    def quadratic(model: Any, vocab: int) -> int:
+        return 3 * model.hidden_size ** 2 + 10
+
+    assert match_hidden_size(cfg.model, 65, 3 * 40 ** 2 + 10, quadratic) == 40
+    assert match_hidden_size(cfg.model, 65, 3 * 40 ** 2 + 10 + 100, quadratic) == 40  # 40 is nearer than 41
+    assert match_hidden_size(cfg.model, 65, 3 * 41 ** 2 + 10 - 100, quadratic) == 41
+    assert match_hidden_size(cfg.model, 65, 10**6, lambda m, v: 7) is None  # the size changes nothing
+
+    entries = resolve_entries("lstm,gru,rnn,fgr", None)
+    sizes = matched_hidden_sizes(cfg, entries, 65)
+    assert sizes["lstm"] == cfg.model.hidden_size
+    assert sizes["rnn"] > sizes["gru"] > sizes["lstm"] > sizes["fgr"]
+    target = parameter_count(cfg.model, 65)
+    for entry in entries[1:]:
+        gap = abs(parameter_count(_with(cfg.model, entry.cell, sizes[entry.cell]), 65) - target)
+        assert gap < 0.02 * target
+        for neighbour in (sizes[entry.cell] - 1, sizes[entry.cell] + 1):
+            assert gap <= abs(parameter_count(_with(cfg.model, entry.cell, neighbour), 65) - target)
+
+
+def _with(model: ModelConfig, cell: str, hidden: int) -> ModelConfig:
+    return dataclasses.replace(model, cell=cell, hidden_size=hidden)
+
+
+def test_jozefowicz_preset_separates_lstm_from_lstm_b() -> None:
+    from charlm.model import CharLM
+
+    cfg = load_config("smoke", PRESET_OVERRIDES["jozefowicz"])
+    h = cfg.model.hidden_size
+    forget = {}
+    for cell in ("lstm", "lstm-b"):
+        layer = CharLM(65, _with(cfg.model, cell, h)).layers[0]
+        forget[cell] = dict(layer.named_parameters())["bias_ih_l0"][h:2 * h]  # gate order i, f, g, o
+    assert bool((forget["lstm"] == 0).all()) and bool((forget["lstm-b"] == 1).all())
+
+
+def test_result_files_are_readable_by_others(finished: tuple[Path, str]) -> None:
+    out = finished[0]
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("results.csv", "runs.csv", "results.json", "results.md", "curves.png"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

@@ -1,0 +1,293 @@
+"""``charlm train --resume``: a killed run continues exactly where its last checkpoint left it.
+
+A smoke-sized run over a short corpus (22 windows per epoch, so the 40 steps cross an epoch boundary)
+with dropout on, one thread, on the CPU is deterministic: a run killed after step 33 (last checkpoint
+at step 30, window 8 of epoch 1) and resumed must end with the very same weights and the same logged
+training losses as a run that never stopped. That only holds if the optimizer state, the schedule,
+the step count, the stream position, the carried hidden state and the random state (dropout masks)
+all come back; the negative controls below take one of them out of the checkpoint and show the test
+notices.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from conftest import shakespeare_text
+from typer.testing import CliRunner
+
+from charlm.cli import app
+from charlm.config import load_config
+from charlm.resume import resolve_resume
+from charlm.train import train
+
+runner = CliRunner()
+WINDOWS_PER_EPOCH = 22  # 6,000 chars: 5,400 train chars / 8 streams = 674 columns / bptt 32 -> 22 windows
+
+KILLER = textwrap.dedent('''
+    """The charlm CLI, SIGKILL-ing itself right after training step $KILL_AT (a crash, nothing cleaned up)."""
+    import os
+    import signal
+    import sys
+
+    import lightning as L
+
+    from charlm import train as train_module
+
+
+    class KillAt(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+    original = train_module.build_trainer
+
+
+    def build_trainer(config, run_dir, *, extra_callbacks=None):
+        return original(config, run_dir, extra_callbacks=[*(extra_callbacks or []), KillAt()])
+
+
+    train_module.build_trainer = build_trainer
+    from charlm.cli import app
+
+    app(sys.argv[1:], prog_name="charlm")
+''')
+
+
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("short") / "short.txt"
+    path.write_text(shakespeare_text(6000), encoding="utf-8")
+    return path
+
+
+BASE = ["train.threads=1", "model.dropout=0.2", "model.dropouth=0.2", "sample.enabled=false"]
+NTASGD = ["optim.optimizer=ntasgd", "optim.lr=16", "optim.nonmono=1", "train.val_every_steps=4",
+          "train.checkpoint_every_steps=11"]
+
+
+def run_args(corpus: Path, out: Path, name: str, *overrides: str) -> list[str]:
+    sets = [arg for key in [*BASE, *overrides] for arg in ("--set", key)]
+    return ["train", "--config", "smoke", "--data", str(corpus), "--out", str(out), "--name", name, *sets]
+
+
+def invoke(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    rows = csv.DictReader((run / "metrics.csv").open())
+    return {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+
+
+def largest_difference(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory, short_corpus: Path) -> dict[str, Path]:
+    """A reference run, and a copy of the same run SIGKILLed after step 33 (its last.ckpt is step 30's)."""
+    out = tmp_path_factory.mktemp("killed")
+    invoke(run_args(short_corpus, out, "reference"))
+    script = out / "killer.py"
+    script.write_text(KILLER, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script), *run_args(short_corpus, out, "cut")],
+                          env={**os.environ, "KILL_AT": "33"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    pristine = out / "cut-at-kill"
+    shutil.copytree(out / "cut", pristine)
+    return {"reference": out / "reference", "cut": pristine, "out": out}
+
+
+def resumed_copy(killed: dict[str, Path], name: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """A fresh copy of the killed run, its last.ckpt optionally edited, resumed to the end."""
+    run = killed["out"] / name
+    shutil.copytree(killed["cut"], run)
+    if edit is not None:
+        ckpt = torch.load(run / "last.ckpt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, run / "last.ckpt")
+    output = invoke(["train", "--resume", str(run / "last.ckpt")])
+    assert f"resuming from {run / 'last.ckpt'}" in output.replace("\n", "")
+    return run
+
+
+def test_killed_run_checkpoint_is_mid_epoch(killed: dict[str, Path]) -> None:
+    ckpt = torch.load(killed["cut"] / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 30 and ckpt["epoch"] == 1
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "served": 30 - 22}]
+    state = ckpt["resume_state"]
+    assert state["world_size"] == 1 and state["train_states"] is not None
+    assert state["rng"]["torch"].shape[0] == 1
+
+
+def test_resumed_run_matches_an_uninterrupted_one(killed: dict[str, Path]) -> None:
+    run = resumed_copy(killed, "resumed")
+    reference = killed["reference"]
+    final = torch.load(run / "last.ckpt", weights_only=True)
+    assert final["global_step"] == 40
+    assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
+    ref_opt = torch.load(reference / "last.ckpt", weights_only=True)["optimizer_states"][0]["state"]
+    for key, state in final["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(state["exp_avg_sq"], ref_opt[key]["exp_avg_sq"], rtol=0, atol=1e-9)
+    # the history before the kill is kept and every logged step's training loss is the same
+    expected, got = train_losses(reference), train_losses(run)
+    assert sorted(got) == sorted(expected) == [4, 9, 14, 19, 24, 29, 34, 39]
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, abs=1e-6), step
+
+
+def _forget_stream_position(ckpt: dict[str, Any]) -> None:
+    del ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+
+
+def _forget_hidden_state(ckpt: dict[str, Any]) -> None:
+    ckpt["resume_state"]["train_states"] = None
+
+
+def _forget_random_state(ckpt: dict[str, Any]) -> None:
+    ckpt["resume_state"]["rng"]["torch"] = torch.Generator().manual_seed(99).get_state().unsqueeze(0)
+
+
+@pytest.mark.parametrize("forget", [_forget_stream_position, _forget_hidden_state, _forget_random_state],
+                         ids=["stream-position", "hidden-state", "random-state"])
+def test_the_comparison_notices_a_missing_piece(killed: dict[str, Path],
+                                                forget: Callable[[dict[str, Any]], None]) -> None:
+    run = resumed_copy(killed, f"without-{forget.__name__}", forget)
+    assert largest_difference(run / "last.ckpt", killed["reference"] / "last.ckpt") > 1e-4
+
+
+class CrashAt(L.Callback):
+    """Stands in for a crash: raises after training step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_ntasgd_resumes_from_an_epoch_end_checkpoint(tmp_path: Path, short_corpus: Path) -> None:
+    """NT-ASGD switched to averaged SGD before the checkpoint, which was written at the end of epoch 0
+    (checkpoints every 11 steps: step 22 is the epoch's last batch); `--resume` alone finds it."""
+    out = tmp_path / "runs"
+    invoke(run_args(short_corpus, out, "reference", *NTASGD))
+    config = load_config("smoke", [f"data.path={short_corpus}", *BASE, *NTASGD])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config, run_dir=out / "cut", callbacks=[CrashAt(WINDOWS_PER_EPOCH + 3)])
+    ckpt = torch.load(out / "cut" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == WINDOWS_PER_EPOCH
+    assert ckpt["ntasgd"]["switched_at"] >= 0  # averaged SGD already: its state is in the checkpoint
+    assert "ax" in next(iter(ckpt["optimizer_states"][0]["state"].values()))
+    invoke(["train", "--resume", "--out", str(out)])
+    assert largest_difference(out / "cut" / "last.ckpt", out / "reference" / "last.ckpt") < 1e-6
+    assert torch.load(out / "cut" / "last.ckpt", weights_only=True)["ntasgd"] == \
+        torch.load(out / "reference" / "last.ckpt", weights_only=True)["ntasgd"]
+
+
+class TimerProbe(L.Callback):
+    """Records the Timer's elapsed training time and the module's budget progress at the first batch,
+    then stops the run."""
+
+    def __init__(self) -> None:
+        self.seen: tuple[float, float] | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.seen is None:
+            timer = next(c for c in trainer.callbacks if isinstance(c, L.pytorch.callbacks.Timer))
+            self.seen = (timer.time_elapsed("train"), pl_module.progress())  # type: ignore[operator]
+            trainer.should_stop = True
+
+
+def test_time_budget_resumes_from_the_elapsed_time(tmp_path: Path, short_corpus: Path) -> None:
+    """The cosine schedule follows the Timer; a resumed run goes on from the time already spent."""
+    overrides = [f"data.path={short_corpus}", "train.max_time=60", "train.max_steps=8", "sample.enabled=false"]
+    config = load_config("smoke", overrides)
+    train(config, run_dir=tmp_path / "run")
+    ckpt_path = tmp_path / "run" / "last.ckpt"
+    spent = torch.load(ckpt_path, weights_only=True)["callbacks"]["Timer"]["time_elapsed"]["train"]
+    assert spent > 0
+    budget = 4 * spent  # a quarter of it spent: time, not steps (8 / 1000), leads the schedule now
+    config, path, run_dir = resolve_resume(str(ckpt_path), load_config("smoke"),
+                                           [f"train.max_time={budget}", "train.max_steps=1000"])
+    assert config.train.max_time == budget and config.train.max_steps == 1000 and run_dir == tmp_path / "run"
+    probe = TimerProbe()
+    train(config, resume=path, run_dir=run_dir, callbacks=[probe])
+    assert probe.seen is not None
+    elapsed, progress = probe.seen
+    assert elapsed >= spent  # the clock goes on from the checkpoint, it does not start again at zero
+    assert progress == pytest.approx(elapsed / budget, abs=0.02)
+    assert progress >= 0.25
+
+
+def test_each_ddp_process_gets_its_own_streams_and_random_state() -> None:
+    """What a 2-process checkpoint holds per process, restored into process 1 (a row of the stacked
+    states: a view at an offset, which torch.set_rng_state once read wrongly and crashed on)."""
+    from types import SimpleNamespace
+
+    from charlm.lightning_module import CharLMModule
+
+    module = CharLMModule(load_config("smoke").to_dict(), "abcdefgh")
+    rngs = [torch.Generator().manual_seed(seed).get_state() for seed in (10, 11)]
+    hidden = torch.stack([torch.full((8, 64), 1.0), torch.full((8, 64), 2.0)])
+    python = [torch.tensor(random.Random(seed).getstate()[1], dtype=torch.int64) for seed in (10, 11)]
+    state = {"world_size": 2, "python_rng_version": 3,
+             "rng": {"torch": torch.stack(rngs), "python": torch.stack(python)},
+             "train_states": [[hidden, hidden + 10]]}
+    module._trainer = SimpleNamespace(world_size=2, global_rank=1)  # type: ignore[assignment]
+    module._restore_resume_state(state)
+    assert torch.equal(torch.rand(4), torch.rand(4, generator=torch.Generator().manual_seed(11)))
+    assert random.random() == random.Random(11).random()
+    assert module._train_states is not None
+    assert torch.equal(module._train_states[0][0], torch.full((8, 64), 2.0))
+    assert torch.equal(module._train_states[0][1], torch.full((8, 64), 12.0))
+
+    module._train_states = None  # a different number of processes: the streams start from zero
+    module._trainer = SimpleNamespace(world_size=1, global_rank=0, is_global_zero=True,  # type: ignore[assignment]
+                                      progress_bar_callback=None)
+    module._restore_resume_state(state)
+    assert module._train_states is None
+
+
+def test_resume_state_round_trips_in_one_process() -> None:
+    from charlm.lightning_module import CharLMModule
+
+    module = CharLMModule(load_config("smoke").to_dict(), "abcdefgh")
+    module._train_states = [(torch.randn(8, 64), torch.randn(8, 64)) for _ in range(2)]
+    saved = module._resume_state()
+    ahead = torch.rand(3)
+    carried = module._train_states
+    module._train_states = None
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(world_size=1, global_rank=0)  # type: ignore[assignment]
+    module._restore_resume_state(saved)
+    assert torch.equal(torch.rand(3), ahead)  # the random stream continues from the save point
+    for restored, original in zip(module._train_states, carried, strict=True):
+        for a, b in zip(restored, original, strict=True):
+            assert torch.equal(a, b)
