@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as `charlm train` does, for every row alike
     torch.manual_seed(0)
 
     if args.cells == "all":

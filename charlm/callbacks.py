@@ -16,6 +16,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from rich.markup import escape
 
 from charlm.errors import TrainingInterrupted
 from charlm.sampling import generate
@@ -195,6 +196,6 @@ class PrintSample(Callback):
         bar = trainer.progress_bar_callback
         message = f"--- sample at {head} ---\n{text}\n---"
         if bar is not None and hasattr(bar, "print"):
-            bar.print(message)
+            bar.print(escape(message))  # rich would read "[...]" in the text as markup
         else:
             print(message)

@@ -193,17 +193,10 @@ def sample(
 ) -> None:
     """Generate text, streamed as it comes; the output starts with the prime."""
     from charlm.checkpoint import load_model
-    from charlm.sampling import generate
+    from charlm.sampling import check_options, generate
     from charlm.train import fast_cpu_math
 
-    if length < 0:
-        raise CharlmError(f"--length must be >= 0, got {length}")
-    if temperature < 0:
-        raise CharlmError(f"--temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise CharlmError(f"--top-k must be at least 1, got {top_k}")
-    if num_samples < 1:
-        raise CharlmError(f"--num-samples must be at least 1, got {num_samples}")
+    check_options(length, temperature, top_k, num_samples, prefix="--")  # before the slow model load
     model, vocab, _, _ = load_model(_checkpoint(checkpoint))
     vocab.check(prime, what="--prime")
     fast_cpu_math()

@@ -13,8 +13,9 @@ the whole validation and test splits, and the figures land in ``<out>/``:
 Resuming: ``<out>/<run>/compare-run.json`` records the run's settings, its training segments and,
 once it is finished, its scores. Re-running the same command with the same ``--out`` skips every run
 that has scores, resumes an unfinished one from its ``last.ckpt``, and refuses (naming the keys) a
-run whose settings differ. Lightning rewrites ``metrics.csv`` when a run resumes, so the earlier
-segment's file is kept as ``metrics.seg<k>.csv`` and the curves are stitched at the resume step.
+run whose settings differ. Before a resume the earlier segment's ``metrics.csv`` is set aside as
+``metrics.seg<k>.csv``, and the curves are stitched at the resume step (so validation points logged
+after the last checkpoint of an interrupted segment are dropped, not doubled).
 
 Matched parameters (``--match-params``): the first cell is the reference at the configured
 ``model.hidden_size``; every other cell gets the hidden size whose total parameter count (embedding,

@@ -24,17 +24,25 @@ def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def check_options(length: int, temperature: float, top_k: int | None, num_samples: int = 1,
+                  prefix: str = "") -> None:
+    """One clear error for each sampling option out of range (``prefix="--"`` names the CLI flags)."""
+    if length < 0:
+        raise CharlmError(f"{prefix}length must be >= 0, got {length}")
+    if temperature < 0:
+        raise CharlmError(f"{prefix}temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise CharlmError(f"{prefix}top-k must be at least 1, got {top_k}")
+    if num_samples < 1:
+        raise CharlmError(f"{prefix}num-samples must be at least 1, got {num_samples}")
+
+
 @torch.no_grad()
 def generate_ids(model: CharLM, prime_ids: Tensor, length: int, *, temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = None,
                  num_samples: int = 1) -> Iterator[Tensor]:
     """Yield (num_samples,) ids, one step at a time, after reading the prime through the cells."""
-    if temperature < 0:
-        raise CharlmError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise CharlmError(f"top-k must be at least 1, got {top_k}")
-    if length < 0:
-        raise CharlmError(f"length must be >= 0, got {length}")
+    check_options(length, temperature, top_k, num_samples)
     if prime_ids.numel() == 0:
         raise CharlmError("the prime must have at least one character")
     model.eval()

@@ -177,12 +177,10 @@ class ResumableLoader(DataLoader[Batch]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         epoch, served = int(state["epoch"]), int(state["served"])
-        # Lightning took its batches-per-epoch from this (new, epoch-0) loader's len() just before this call
-        # and ends every epoch there; variable-length epochs can be longer (the rest is not trained) or
-        # shorter, so an epoch is over after min(that, its own length) windows
-        lightning_epoch = len(self)
+        # every epoch has the same number of windows (variable-length cuts included, see
+        # charlm.bptt.variable_window_count), the number Lightning took from len() before this call
         self.windows.set_epoch(epoch)
-        if served >= min(lightning_epoch, len(self)):  # saved after the epoch's last batch: start the next
+        if served >= len(self):  # saved after the epoch's last batch: start the next
             self.windows.set_epoch(epoch + 1)
             served = 0
         self._resume_at = self.served = served

@@ -23,6 +23,7 @@ from charlm.errors import CharlmError
 from charlm.evaluate import evaluate_ids
 from charlm.lightning_module import CharLMModule
 from charlm.model import count_parameters
+from charlm.ntasgd import restore_raw_weights, swap_in_averages
 
 
 @dataclass
@@ -125,9 +126,7 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
         console.print(f"[bold]run[/] {run_dir}  [bold]corpus[/] {data.corpus.path} "
                       f"({data.splits.train.numel():,} train chars, vocabulary {len(data.vocab)})")
         console.print(f"[bold]model[/] {m.cell} {m.num_layers}x{m.hidden_size}, embedding {m.embedding_size}, "
-                      f"{count_parameters(module.model):,} parameters  [bold]device[/] "
-                      f"{trainer.strategy.root_device}  [bold]batch[/] {d.batch_size} x {d.bptt} chars"
-                      + (f" x {trainer.world_size} processes" if trainer.world_size > 1 else ""))
+                      f"{count_parameters(module.model):,} parameters  [bold]device[/] {trainer.strategy.root_device}")
         world = trainer.world_size
         console.print(f"[bold]effective batch[/] {d.batch_size * world} streams x {d.bptt} chars = "
                       f"{d.batch_size * world * d.bptt:,} chars per step ({d.batch_size} per process x {world} "
@@ -142,14 +141,20 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
     # the budget can end between validations: score the final weights and keep them if they are best
     # (every rank scores the whole split, so all of them agree and reach save_checkpoint together;
     # cut into the same streams as a validation over world_size ranks, so the two figures compare)
+    # (after the NT-ASGD switch the averaged weights are the ones scored and kept, as at every validation)
     streams = eval_streams(data.splits.val.numel(), config.data.eval_batch_size, trainer.world_size)
-    final = evaluate_ids(module.model, data.splits.val, batch_size=streams * trainer.world_size,
-                         bptt=config.data.bptt, device=module.device)
-    best_score = float(best.best_model_score) if best.best_model_score is not None else float("inf")
-    # rank 0 decides for all: on several nodes only its file system holds best.ckpt, and saving is collective
-    if trainer.strategy.broadcast(final["loss"] < best_score or not best_path.is_file(), src=0):
-        trainer.save_checkpoint(best_path, weights_only=False)
-        best_score = final["loss"]
+    module._raw_backup = swap_in_averages(trainer.optimizers[0]) if module.ntasgd.switched else []
+    try:
+        final = evaluate_ids(module.model, data.splits.val, batch_size=streams * trainer.world_size,
+                             bptt=config.data.bptt, device=module.device)
+        best_score = float(best.best_model_score) if best.best_model_score is not None else float("inf")
+        # rank 0 decides for all: on several nodes only its file system holds best.ckpt; saving is collective
+        if trainer.strategy.broadcast(final["loss"] < best_score or not best_path.is_file(), src=0):
+            trainer.save_checkpoint(best_path, weights_only=False)
+            best_score = final["loss"]
+    finally:
+        restore_raw_weights(module._raw_backup)
+        module._raw_backup = []
     return TrainResult(run_dir, best_path, best_score, trainer.global_step, seconds,
                        count_parameters(module.model))
 
