@@ -235,6 +235,8 @@ def data_(
     vocab = Vocab.from_text(corpus.text)
     splits = split_ids(vocab.encode(corpus.text), cfg.data.val_fraction, cfg.data.test_fraction)
     table = Table(show_header=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a narrow terminal folds the hash, never cuts it
     table.add_row("path", str(corpus.path))
     table.add_row("sha256", corpus.sha256)
     table.add_row("characters", f"{len(corpus.text):,}")
