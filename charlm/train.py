@@ -155,6 +155,11 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
     finally:
         restore_raw_weights(module._raw_backup)
         module._raw_backup = []
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leave together and close the process group: a process exiting while gloo's threads still run
+        # can abort ("terminate called without an active exception")
+        trainer.strategy.barrier("charlm-train-end")
+        torch.distributed.destroy_process_group()
     return TrainResult(run_dir, best_path, best_score, trainer.global_step, seconds,
                        count_parameters(module.model))
 
