@@ -52,12 +52,18 @@ class FusedGatedLSTM(torch.autograd.Function):
         npre = gi if cfg.peephole else 0  # peepholes on the gates before g
         gsl = slice(gi * H, (gi + 1) * H)
 
-        G = torch.empty_like(xw, memory_format=torch.contiguous_format)
+        # G starts as a contiguous copy of xw, so each step adds U h into it in place (no per-step copy
+        # of the input rows), and ends holding the activations the backward pass reads.
+        G = xw.clone(memory_format=torch.contiguous_format)
         wt = w_hh.t()
-        if cfg.g_tanh:  # tanh(a) = 2 s(2a) - 1: the g rows of U count twice, xw_g is added once more
+        if cfg.g_tanh:  # tanh(a) = 2 s(2a) - 1: the g block is fed to the sigmoid at twice its pre-activation
+            G[:, :, gsl].mul_(2.0)
             w2 = w_hh.clone()
             w2[gsl].mul_(2.0)
             wt = w2.t()
+        # Outside CIFG the g block keeps s = s(2 a_g) through the loop (c' takes 2 i s - i) and becomes
+        # tanh(a_g) = 2 s - 1 for all steps at once afterwards; CIFG's c + i (g - c) converts per step.
+        late_g = cfg.g_tanh and not cfg.coupled
         Cs = xw.new_empty(T + 1, B, H)
         Cs[0].copy_(c0)
         Hs = xw.new_empty(T, B, H)
@@ -72,8 +78,8 @@ class FusedGatedLSTM(torch.autograd.Function):
         def steps(t: Tensor) -> tuple[Tensor, ...]:
             return t.unbind(0)
 
-        g_all, x_all = steps(G), steps(xw)
-        g_blk, xg_blk = steps(G[:, :, gsl]), steps(xw[:, :, gsl])
+        g_all = steps(G)
+        g_blk = steps(G[:, :, gsl])
         sig_blk = steps(G[:, :, :sig_to]) if sig_to else None
         pre_blk = steps(G[:, :, : npre * H].unflatten(2, (npre, H))) if npre else None
         i_blk = steps(G[:, :, :H]) if has_i else None
@@ -83,38 +89,46 @@ class FusedGatedLSTM(torch.autograd.Function):
         tc_list = steps(TC) if TC is not None else None
         h = h0
         for t in range(T):
-            torch.addmm(x_all[t], h, wt, out=g_all[t])
+            g_all[t].addmm_(h, wt)  # (B, K) += (B, H) @ (H, K)
             g = g_blk[t]
             c = c_list[t]
-            if cfg.g_tanh:
-                g.add_(xg_blk[t])
             if pre_blk is not None:
                 pre_blk[t].addcmul_(p_pre, c.unsqueeze(1))
             if sig_blk is not None:
                 sig_blk[t].sigmoid_()
             if o_blk is not None and not whole_row and p_o is None:
                 o_blk[t].sigmoid_()
-            if cfg.g_tanh:
-                g.mul_(2.0).sub_(1.0)
             cn = c_list[t + 1]
             if cfg.coupled:  # c' = c + i (g - c)
                 assert i_blk is not None
+                if cfg.g_tanh:
+                    g.mul_(2.0).sub_(1.0)
                 torch.sub(g, c, out=cn)
                 cn.mul_(i_blk[t]).add_(c)
-            elif f_blk is not None:
-                torch.mul(f_blk[t], c, out=cn)
-                if i_blk is not None:
-                    cn.addcmul_(i_blk[t], g)
-                else:
-                    cn.add_(g)
-            elif i_blk is not None:
-                torch.addcmul(c, i_blk[t], g, out=cn)
             else:
-                torch.add(c, g, out=cn)
+                i = i_blk[t] if i_blk is not None else None
+                scale = 2.0 if late_g else 1.0
+                if f_blk is not None:
+                    torch.mul(f_blk[t], c, out=cn)
+                    if i is not None:
+                        cn.addcmul_(i, g, value=scale)
+                    else:
+                        cn.add_(g, alpha=scale)
+                elif i is not None:
+                    torch.addcmul(c, i, g, value=scale, out=cn)
+                else:
+                    torch.add(c, g, alpha=scale, out=cn)
+                if late_g:  # the "- i" of 2 i s - i (or the "- 1" with no input gate)
+                    if i is not None:
+                        cn.sub_(i)
+                    else:
+                        cn.sub_(1.0)
             if o_blk is not None and p_o is not None:
                 o_blk[t].addcmul_(p_o, cn).sigmoid_()
             a = torch.tanh(cn, out=tc_list[t]) if tc_list is not None else cn
             h = torch.mul(o_blk[t], a, out=h_list[t]) if o_blk is not None else h_list[t].copy_(a)
+        if late_g:
+            G[:, :, gsl].mul_(2.0).sub_(1.0)
         ctx.cfg = cfg
         ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
@@ -143,58 +157,58 @@ class FusedGatedLSTM(torch.autograd.Function):
         # Derivative factors for every step at once. dh drives d a_o = dh * a_o and dc' += dh * b_c;
         # dc' drives (d a_i, d a_f, d a_g) = dc' * k_fac.
         o = act("o") if has_o else None
-        a_o = sig_bw(a, o) if o is not None else None
         if tanh_c is not None:
             b_c: Tensor | None = tanh_bw(o, tanh_c) if o is not None else 1.0 - tanh_c * tanh_c
         else:
             b_c = o
         g = act("g")
         i = act("i") if has_i else None
-        k_fac = G.new_empty(T, B, gi + 1, H)
+        # dG is filled with the factors first; the loop then scales them in place by dc and dh.
+        dG = torch.empty_like(G)
+        k_fac = dG[:, :, : (gi + 1) * H].unflatten(2, (gi + 1, H))  # (T, B, gi+1, H): i, f, g blocks
         j = 0
         if i is not None:
-            sig_bw.grad_input((g - c_prev) if cfg.coupled else g, i, grad_input=k_fac[:, :, j])
+            k_fac[:, :, j] = sig_bw((g - c_prev) if cfg.coupled else g, i)
             j += 1
         if has_f:
-            sig_bw.grad_input(c_prev, act("f"), grad_input=k_fac[:, :, j])
+            k_fac[:, :, j] = sig_bw(c_prev, act("f"))
             j += 1
         if cfg.g_tanh:
-            if i is not None:
-                tanh_bw.grad_input(i, g, grad_input=k_fac[:, :, j])
-            else:
-                torch.mul(g, g, out=k_fac[:, :, j]).neg_().add_(1.0)
+            k_fac[:, :, j] = tanh_bw(i, g) if i is not None else 1.0 - g * g
         else:
             k_fac[:, :, j] = i if i is not None else 1.0
+        if o is not None:
+            dG[:, :, (gi + 1) * H :] = sig_bw(a, o)
         keep = act("f") if has_f else (1.0 - i if cfg.coupled and i is not None else None)
         p_pre = [peep[k * H : (k + 1) * H] for k in range(npre)]
 
         def steps(t: Tensor | None) -> tuple[Tensor, ...]:
             return t.unbind(0) if t is not None else ()
 
-        dG = torch.empty_like(G)
         dg_all = steps(dG)
-        d_ifg = steps(dG[:, :, : (gi + 1) * H].unflatten(2, (gi + 1, H)))
+        d_ifg = steps(k_fac)
         d_o_blk = steps(dG[:, :, (gi + 1) * H :]) if has_o else ()
         d_pre = [steps(dG[:, :, k * H : (k + 1) * H]) for k in range(npre)]
-        k_list, a_o_list, b_c_list, keep_list = steps(k_fac), steps(a_o), steps(b_c), steps(keep)
-        gh_list = steps(g_hs)
-        dh = gh_list[T - 1] + g_h
+        b_c_list, keep_list = steps(b_c), steps(keep)
+        # dh of step t is g_hs[t] plus what flows back from step t+1: accumulated in place in a copy
+        dh_list = steps(g_hs.clone(memory_format=torch.contiguous_format))
+        dh = dh_list[T - 1].add_(g_h)
         dc = g_c.clone()
         for t in range(T - 1, -1, -1):
             if b_c_list:
                 dc.addcmul_(dh, b_c_list[t])
             else:
                 dc.add_(dh)
-            if a_o_list:
-                d_o = torch.mul(dh, a_o_list[t], out=d_o_blk[t])
+            if d_o_blk:
+                d_o = d_o_blk[t].mul_(dh)
                 if p_o is not None:
                     dc.addcmul_(d_o, p_o)
-            torch.mul(dc.unsqueeze(1), k_list[t], out=d_ifg[t])
+            d_ifg[t].mul_(dc.unsqueeze(1))
             if keep_list:
                 dc.mul_(keep_list[t])
             for k in range(npre):
                 dc.addcmul_(d_pre[k][t], p_pre[k])
-            dh = torch.addmm(gh_list[t - 1], dg_all[t], w_hh) if t > 0 else dg_all[t] @ w_hh
+            dh = dh_list[t - 1].addmm_(dg_all[t], w_hh) if t > 0 else dg_all[t] @ w_hh  # (B, H)
         d_w = None
         if ctx.needs_input_grad[3]:
             # sum over steps of dG_t^T h_{t-1}: one big matmul (plus h0's step, to avoid a copy)
