@@ -12,8 +12,9 @@ instead, the better estimate when other jobs share the CPU).
 Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 ``lstm[naive]`` (autograd; per step: ``x[:, t]``, its own input matmul, chunk, five activations),
 ``lstm[autograd]`` (the engine's generic loop: one input projection for all steps, ``unbind``,
-``addmm``), ``lstm[custom]`` (the hand-written forward/backward-through-time kernel).
-``nn.LSTM`` is the reference.
+``addmm``), ``lstm[compile]`` (that loop with the step through ``torch.compile``, as
+``model.compile=true`` runs it; the first warm-up step pays the compilation), ``lstm[custom]`` (the
+hand-written forward/backward-through-time kernel). ``nn.LSTM`` is the reference.
 """
 
 from __future__ import annotations
@@ -79,12 +80,12 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     if row == "lstm[naive]":
         return CharLM(NaiveLSTM(h, layers), args.vocab, h), "naive"
     cell, _, variant = row.partition("[")
-    stack = RecurrentStack(cell, h, h, layers, native=not variant)
+    stack = RecurrentStack(cell, h, h, layers, native=not variant, compile=variant == "compile]")
     for layer in stack.layers:
-        layer.cell.fused = variant != "autograd]"
+        layer.cell.fused = variant not in ("autograd]", "compile]")
     first = stack.layers[0]
-    fused = first.cell.has_fused and first.cell.fused
-    path = "native" if first.native else "fused" if fused else "autograd"
+    fused = first.cell.has_fused and first.cell.fused and first.cell.step_fn is None
+    path = "native" if first.native else "fused" if fused else "compiled" if first.cell.step_fn else "autograd"
     return CharLM(stack, args.vocab, h), path
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     if args.cells == "all":
-        rows = ["lstm[naive]", "lstm[autograd]", "lstm[custom]", *CELLS]
+        rows = ["lstm[naive]", "lstm[autograd]", "lstm[compile]", "lstm[custom]", *CELLS]
     else:
         rows = [c.strip() for c in args.cells.split(",") if c.strip()]
     rows = [REFERENCE, *[r for r in rows if r != REFERENCE]]

@@ -114,7 +114,7 @@ def test_gated_variants_follow_their_equations(cell: str, fused: bool) -> None:
     check(layer, gated_reference(layer, x, state, GATED[cell]), x, state)
 
 
-@pytest.mark.parametrize("cell", list(GATED))
+@pytest.mark.parametrize("cell", [*GATED, "fgr", "lstm-ln", "lstm-bn"])
 def test_fused_kernel_gradients_match_autograd(cell: str) -> None:
     """The hand-written backward through time equals autograd through the step, for every input."""
     layer = make(cell)
@@ -125,9 +125,11 @@ def test_fused_kernel_gradients_match_autograd(cell: str) -> None:
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         st = tuple(s.clone().requires_grad_() for s in state)
-        out, (h, c) = layer(xi, st)
+        out, final = layer(xi, st)
         g = torch.Generator().manual_seed(5)
-        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + 1.7 * h.sum() - 0.6 * c.sum()
+        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+        for weight, last in zip((1.7, -0.6, 0.4), final, strict=False):  # h, c and fgr's gates
+            loss = loss + weight * (last * torch.randn(last.shape, generator=g, dtype=last.dtype)).sum()
         loss.backward()
         results.append([xi.grad, *(s.grad for s in st), *(p.grad for p in layer.parameters())])
     for a, b in zip(*results, strict=True):
@@ -194,8 +196,10 @@ def blocks_h(v: Tensor, h: int) -> list[Tensor]:
     return list(v.reshape(-1, h, v.shape[1]).unbind(0))
 
 
-def test_fgr_gate_recurrence() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+def test_fgr_gate_recurrence(fused: bool) -> None:
     layer = make("fgr")
+    layer.cell.fused = fused
     assert layer.num_states == 3 and layer.weight_gg_l0.shape == (3 * H, 3 * H)
     x, state = rand_inputs(layer)
     W = blocks(layer.weight_ih_l0, 4)
@@ -353,8 +357,10 @@ def lstm_gates(a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return sig(ao), c
 
 
-def test_layer_norm_lstm() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+def test_layer_norm_lstm(fused: bool) -> None:
     layer = make("lstm-ln")
+    layer.cell.fused = fused
     x, state = rand_inputs(layer)
     h, c = state[0][0], state[1][0]
     b = layer.bias_ih_l0 + layer.bias_hh_l0
@@ -393,12 +399,14 @@ def bn_reference(layer: RecurrentLayer, x: Tensor, state: tuple[Tensor, ...], st
     return torch.stack(outs, 1)
 
 
-def test_batch_norm_lstm_training_eval_and_beyond_length() -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+def test_batch_norm_lstm_training_eval_and_beyond_length(fused: bool) -> None:
     fresh = RecurrentLayer("lstm-bn", IN, H)
     assert torch.all(fresh.bn_ih_weight_l0 == 0.1) and torch.all(fresh.bn_c_weight_l0 == 0.1)
     assert fresh.bn_ih_mean_l0.shape == (0, 4 * H)
 
     layer = make("lstm-bn")
+    layer.cell.fused = fused
     x, state = rand_inputs(layer)
     layer.train()
     check(layer, bn_reference(layer, x, state, None), x, state)  # batch statistics at every step
@@ -420,6 +428,22 @@ def test_batch_norm_lstm_training_eval_and_beyond_length() -> None:
     other = RecurrentLayer("lstm-bn", IN, H).double().eval()
     other.load_state_dict(layer.state_dict())
     torch.testing.assert_close(other(x_long, state_long)[0], layer(x_long, state_long)[0], atol=TOL, rtol=0)
+
+
+def test_batch_norm_fused_kernel_moves_the_running_statistics_like_the_step_loop() -> None:
+    """Every per-step statistic (of W x, U h and c') after two training calls, fused against autograd."""
+    x, state = rand_inputs(make("lstm-bn"))
+    buffers = []
+    for fused in (True, False):
+        layer = make("lstm-bn")
+        layer.cell.fused = fused
+        layer(x, state)
+        layer(x.flip(1), state)
+        buffers.append(dict(layer.named_buffers()))
+    assert sorted(buffers[0]) == sorted(f"bn_{k}_{s}_l0" for k in ("ih", "hh", "c") for s in ("mean", "var"))
+    for name, value in buffers[0].items():
+        assert value.shape[0] == T and value.abs().sum() > 0
+        torch.testing.assert_close(value, buffers[1][name], atol=TOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,18 +2,21 @@
 
 Autograd through a Python time loop pays for a graph node per small op per step and for T small
 weight-gradient matmuls. Here the forward loop runs without autograd into preallocated buffers
-(one ``addmm`` and eight small in-place / ``out=`` ops per step for the LSTM), and the backward
-loop needs one ``addmm`` and four small ops per step (a few more with peepholes), with every
-derivative factor precomputed for all steps at once (fused ``sigmoid_backward`` /
-``tanh_backward`` kernels) and the recurrent weight gradient done as one big matmul at the end.
+(for the LSTM: one in-place ``addmm`` into a copy of the projected input and six small in-place /
+``out=`` ops per step), and the backward loop needs one ``addmm`` and four small in-place ops per
+step (a few more with peepholes): every derivative factor is precomputed for all steps at once
+(fused ``sigmoid_backward`` / ``tanh_backward`` kernels) straight into the gradient buffer, which the
+loop then scales by dc and dh; the recurrent weight gradient is one big matmul at the end.
 
 Two tricks keep the per-step op count down: tanh(a) = 2 s(2 a) - 1, so the candidate g shares one
-sigmoid call with the gates (its pre-activation rows are scaled by 2 once per call); and because
-the blocks are ordered i, f, g, o, everything driven by the cell gradient (i, f, g) is one
-contiguous slice, written by one broadcast multiply.
+sigmoid call with the gates (its pre-activation rows are scaled by 2 once per call, the loop uses
+c' = f c + 2 i s - i, and the g block becomes tanh(a_g) for all steps at once afterwards); and
+because the blocks are ordered i, f, g, o, everything driven by the cell gradient (i, f, g) is one
+contiguous slice, scaled by one broadcast multiply.
 
-The math is that of :class:`charlm.cells.lstm.GatedLSTMCell`; the tests check the two agree in
-value and gradient for every variant.
+The math is that of :class:`charlm.cells.lstm.GatedLSTMCell` (and of FGR's
+:class:`charlm.cells.lstm.GateRecurrentLSTMCell`); the tests check the two agree in value and
+gradient for every variant. The normalised LSTMs have their own kernel in :mod:`charlm.cells.fused_norm`.
 """
 
 from __future__ import annotations
@@ -38,12 +41,20 @@ def _sigd(s: Tensor) -> Tensor:
 
 
 class FusedGatedLSTM(torch.autograd.Function):
-    """(xw (T,B,K) with biases, h0, c0 (B,H), weight_hh [K,H], peephole [P*H], config) -> (hs, h, c)."""
+    """(xw (T,B,K) with biases, h0, c0 (B,H), weight_hh [K,H], peephole [P*H], config, gates0, weight_gg)
+    -> (hs, h, c), or (hs, h, c, gates) for FGR.
+
+    FGR (full gate recurrence, ``gates0`` (B, 3H) and ``weight_gg`` [3H, 3H] given, peephole LSTM
+    only) adds ``weight_gg`` times the previous step's (i, f, o) activations to those gates'
+    pre-activations; going back, that gradient reaches the previous step's gates through their
+    sigmoid derivatives, kept for all steps.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, peep: Tensor, cfg: GateConfig
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx: Any, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, peep: Tensor, cfg: GateConfig,
+        gates0: Tensor | None, w_gg: Tensor | None,
+    ) -> tuple[Tensor, ...]:
         T, B, K = xw.shape
         H = h0.shape[1]
         blocks = cfg.blocks
@@ -79,6 +90,11 @@ class FusedGatedLSTM(torch.autograd.Function):
             return t.unbind(0)
 
         g_all = steps(G)
+        fgr = w_gg is not None and gates0 is not None
+        if fgr:  # rec = [i, f, o]_prev W_gg^T, in two matmuls because g sits between f and o in G
+            w_from_if, w_from_o = w_gg[:, : 2 * H].t(), w_gg[:, 2 * H :].t()  # (2H, 3H), (H, 3H)
+            rec = xw.new_empty(B, 3 * H)
+            if_all, o_all = steps(G[:, :, : 2 * H]), steps(G[:, :, 3 * H :])
         g_blk = steps(G[:, :, gsl])
         sig_blk = steps(G[:, :, :sig_to]) if sig_to else None
         pre_blk = steps(G[:, :, : npre * H].unflatten(2, (npre, H))) if npre else None
@@ -90,6 +106,11 @@ class FusedGatedLSTM(torch.autograd.Function):
         h = h0
         for t in range(T):
             g_all[t].addmm_(h, wt)  # (B, K) += (B, H) @ (H, K)
+            if fgr:
+                p_if, p_o3 = (gates0[:, : 2 * H], gates0[:, 2 * H :]) if t == 0 else (if_all[t - 1], o_all[t - 1])
+                torch.mm(p_if, w_from_if, out=rec).addmm_(p_o3, w_from_o)  # (B, 3H)
+                if_all[t].add_(rec[:, : 2 * H])
+                o_all[t].add_(rec[:, 2 * H :])
             g = g_blk[t]
             c = c_list[t]
             if pre_blk is not None:
@@ -130,13 +151,16 @@ class FusedGatedLSTM(torch.autograd.Function):
         if late_g:
             G[:, :, gsl].mul_(2.0).sub_(1.0)
         ctx.cfg = cfg
-        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep)
+        ctx.fgr = fgr
+        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep, gates0, w_gg)
+        if fgr:
+            return Hs, Hs[T - 1].clone(), Cs[T].clone(), torch.cat([G[T - 1, :, : 2 * H], G[T - 1, :, 3 * H :]], 1)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
-    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_c: Tensor) -> tuple[Tensor | None, ...]:
-        G, Cs, TC, Hs, h0, w_hh, peep = ctx.saved_tensors
-        cfg = ctx.cfg
+    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_c: Tensor, *g_gates: Tensor) -> tuple[Tensor | None, ...]:
+        G, Cs, TC, Hs, h0, w_hh, peep, gates0, w_gg = ctx.saved_tensors
+        cfg, fgr = ctx.cfg, ctx.fgr
         T, B, K = G.shape
         H = Hs.shape[2]
         blocks = cfg.blocks
@@ -186,6 +210,10 @@ class FusedGatedLSTM(torch.autograd.Function):
             return t.unbind(0) if t is not None else ()
 
         dg_all = steps(dG)
+        if fgr:  # the previous gates' gradient enters (i, f, o) through s' = s (1 - s)
+            d_prev = g_gates[0].clone()  # (B, 3H): dL/d [i, f, o] of the current step, from the step after
+            sd_if, sd_o = steps(_sigd(G[:, :, : 2 * H])), steps(_sigd(G[:, :, 3 * H :]))
+            d_if_all = steps(dG[:, :, : 2 * H])
         d_ifg = steps(k_fac)
         d_o_blk = steps(dG[:, :, (gi + 1) * H :]) if has_o else ()
         d_pre = [steps(dG[:, :, k * H : (k + 1) * H]) for k in range(npre)]
@@ -201,9 +229,14 @@ class FusedGatedLSTM(torch.autograd.Function):
                 dc.add_(dh)
             if d_o_blk:
                 d_o = d_o_blk[t].mul_(dh)
+                if fgr:
+                    d_o.addcmul_(d_prev[:, 2 * H :], sd_o[t])
                 if p_o is not None:
                     dc.addcmul_(d_o, p_o)
             d_ifg[t].mul_(dc.unsqueeze(1))
+            if fgr:
+                d_if_all[t].addcmul_(d_prev[:, : 2 * H], sd_if[t])
+                d_prev = torch.mm(d_if_all[t], w_gg[: 2 * H]).addmm_(d_o_blk[t], w_gg[2 * H :])  # (B, 3H)
             if keep_list:
                 dc.mul_(keep_list[t])
             for k in range(npre):
@@ -221,4 +254,11 @@ class FusedGatedLSTM(torch.autograd.Function):
             if has_o:
                 parts.append((dG[:, :, (gi + 1) * H :] * c_new).sum((0, 1)))
             d_peep = torch.cat(parts)
-        return dG, dh, dc, d_w, d_peep, None
+        d_gates0 = d_wgg = None
+        if fgr:
+            d_gates0 = d_prev
+            if ctx.needs_input_grad[7]:  # sum over steps of d[a_i, a_f, a_o]_t^T [i, f, o]_{t-1}
+                d_rec = torch.cat([dG[:, :, : 2 * H], dG[:, :, 3 * H :]], 2).reshape(T * B, 3 * H)
+                prev = torch.cat([gates0.unsqueeze(0), torch.cat([G[:-1, :, : 2 * H], G[:-1, :, 3 * H :]], 2)])
+                d_wgg = d_rec.t() @ prev.reshape(T * B, 3 * H)
+        return dG, dh, dc, d_w, d_peep, None, d_gates0, d_wgg

@@ -137,7 +137,7 @@ class GatedLSTMCell(Cell):
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if self.fused and self.step_fn is None and fused_available(xw):
             peep = q.get("peephole", xw.new_empty(0))
-            hs, h, c = FusedGatedLSTM.apply(xw, state[0], state[1], q["weight_hh"], peep, self.config)
+            hs, h, c = FusedGatedLSTM.apply(xw, state[0], state[1], q["weight_hh"], peep, self.config, None, None)
             return hs, (h, c)
         return super().sequence(xw, state, q)
 
@@ -153,7 +153,6 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
     """
 
     num_states = 3
-    has_fused = False
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__(input_size, hidden_size, GateConfig(peephole=True))
@@ -190,4 +189,9 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
         return h_new, c_new, torch.cat([i, f, o], 1)
 
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if self.fused and self.step_fn is None and fused_available(xw):
+            hs, h, c, gates = FusedGatedLSTM.apply(
+                xw, state[0], state[1], q["weight_hh"], q["peephole"], self.config, state[2], q["weight_gg"]
+            )
+            return hs, (h, c, gates)
         return Cell.sequence(self, xw, state, q)

@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.fused import fused_available
+from charlm.cells.fused_norm import FusedNormLSTM, StepNorm
 
 EPS = 1e-5
 
@@ -33,10 +35,12 @@ class LayerNormLSTMCell(Cell):
     LN normalises over the whole 4H pre-activation vector (as the paper writes it), with gains
     ``ln_ih_weight``, ``ln_hh_weight`` [4H] (init 1) and no shift of its own (b = ``bias_ih`` +
     ``bias_hh`` is the shift); the cell norm has ``ln_c_weight`` (1) and ``ln_c_bias`` (0) [H].
-    The unnormalised c' is carried to the next step.
+    The unnormalised c' is carried to the next step. On float32/float64 without autocast the whole
+    sequence runs in the hand-written kernel of :mod:`charlm.cells.fused_norm`.
     """
 
     num_states = 2
+    has_fused = True
 
     @property
     def _gates(self) -> tuple[int]:
@@ -70,6 +74,15 @@ class LayerNormLSTMCell(Cell):
         h_new = o * torch.tanh(F.layer_norm(c_new, (hs,), q["ln_c_weight"], q["ln_c_bias"], EPS))
         return h_new, c_new
 
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if self.fused and self.step_fn is None and fused_available(xw):
+            hs, h, c = FusedNormLSTM.apply(
+                xw, state[0], state[1], q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"],
+                StepNorm("layer", EPS),
+            )
+            return hs, (h, c)
+        return super().sequence(xw, state, q)
+
 
 class BatchNormLSTMCell(Cell):
     """LSTM with recurrent batch normalisation (Cooijmans et al. 2016, "Recurrent Batch Normalization"):
@@ -87,9 +100,11 @@ class BatchNormLSTMCell(Cell):
     resize on ``load_state_dict``). In eval, step t >= L uses the statistics of step L - 1; with no
     training yet (L = 0) they are mean 0, variance 1. ``RecurrentLayer.step`` continues the time
     index of the previous ``forward``/``step`` call and restarts it at 0 when given no state.
+    Training on float32/float64 (batch > 1, no autocast) runs in the kernel of :mod:`charlm.cells.fused_norm`.
     """
 
     num_states = 2
+    has_fused = True
     momentum = 0.1
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -157,6 +172,13 @@ class BatchNormLSTMCell(Cell):
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if not self.training:
             return super().sequence(xw, state, q)
+        if self.fused and self.step_fn is None and fused_available(xw) and xw.shape[1] > 1:
+            running = (q["bn_hh_mean"], q["bn_hh_var"], q["bn_c_mean"], q["bn_c_var"])
+            hs, h, c = FusedNormLSTM.apply(
+                xw, state[0], state[1], q["weight_hh"], q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"],
+                StepNorm("batch", EPS, running, self.momentum),
+            )
+            return hs, (h, c)
         self._pending = []
         try:
             result = super().sequence(xw, state, q)

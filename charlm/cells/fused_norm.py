@@ -1,0 +1,154 @@
+"""Hand-written forward and backward through time for the normalised LSTMs (``lstm-ln``, ``lstm-bn``).
+
+The scheme of :mod:`charlm.cells.fused`, with the two norms of every step (of U h and of c') run as
+one ATen op each: ``native_layer_norm`` over the features for ``lstm-ln``, ``native_batch_norm``
+over the batch for ``lstm-bn`` in training (which also moves that step's running statistics, as
+:class:`charlm.cells.norm.BatchNormLSTMCell` does). Going back, ``native_layer_norm_backward`` /
+``native_batch_norm_backward`` reuse the mean and 1/std kept from the forward pass. The gains' and
+the recurrent weight's gradients are sums over all steps, done once after the loop.
+
+Per step, forward: U h, its norm, add the projected input, one sigmoid over the whole row
+(tanh(a) = 2 s(2a) - 1 for g: its input rows and its norm gain are doubled), c', the norm of c',
+tanh, h. Backward: the factors of every gate are precomputed for all steps and scaled in place by
+dh and dc; the two norm backwards and one ``addmm`` carry the gradient to the step before.
+
+The math is that of :mod:`charlm.cells.norm`; the tests check value and gradient against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_sig_bw = torch.ops.aten.sigmoid_backward
+_tanh_bw = torch.ops.aten.tanh_backward
+_MASK = (True, False, False)  # input gradient only; the gains' gradients are summed after the loop
+
+
+@dataclass(frozen=True, eq=False)
+class StepNorm:
+    """The per-step norm: over the features (layer) or over the batch with per-step running statistics.
+
+    ``running`` (batch only): the (L, F) buffers ``bn_hh_mean``, ``bn_hh_var``, ``bn_c_mean``,
+    ``bn_c_var``, with L >= the sequence length; row t is updated in place by step t.
+    """
+
+    kind: str  # "layer" or "batch"
+    eps: float
+    running: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    momentum: float = 0.1
+
+    def forward(self, v: Tensor, gain: Tensor, shift: Tensor | None, which: int, t: int) -> tuple[Tensor, ...]:
+        """Normalised v (B, F) and its (mean, 1/std); ``which`` 0 is the U h norm, 1 the c' norm."""
+        if self.kind == "layer":
+            return torch.ops.aten.native_layer_norm(v, (v.shape[1],), gain, shift, self.eps)
+        assert self.running is not None
+        mean, var = self.running[2 * which][t], self.running[2 * which + 1][t]
+        return torch.native_batch_norm(v, gain, shift, mean, var, True, self.momentum, self.eps)
+
+    def backward(self, dy: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, gain: Tensor, shift: Tensor | None) -> Tensor:
+        """Gradient with respect to v (B, F) of the normalisation above."""
+        if self.kind == "layer":
+            return torch.ops.aten.native_layer_norm_backward(dy, v, (v.shape[1],), mean, rstd, gain, shift, _MASK)[0]
+        return torch.ops.aten.native_batch_norm_backward(dy, v, gain, None, None, mean, rstd, True, self.eps, _MASK)[0]
+
+    def broadcast(self, stat: Tensor) -> Tensor:
+        """Per-step statistics stacked over T, shaped to broadcast against (T, B, F)."""
+        return stat if self.kind == "layer" else stat.unsqueeze(1)  # (T, B, 1) or (T, 1, F)
+
+
+class FusedNormLSTM(torch.autograd.Function):
+    """(xw (T,B,4H) = N(W x) + b, h0, c0 (B,H), weight_hh [4H,H], gain_hh [4H], gain_c, shift_c [H], StepNorm)
+    -> (hs (T,B,H), h, c)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor,
+        norm: StepNorm,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        T, B, K = xw.shape
+        H = h0.shape[1]
+        gsl = slice(2 * H, 3 * H)
+        G = xw.clone(memory_format=torch.contiguous_format)  # pre-activations, then activations
+        G[:, :, gsl].mul_(2.0)
+        g_hh2 = g_hh.clone()
+        g_hh2[gsl].mul_(2.0)
+        R = xw.new_empty(T, B, K)  # U h of each step: the input of the recurrent norm
+        Cs = xw.new_empty(T + 1, B, H)
+        Cs[0].copy_(c0)
+        Hs = xw.new_empty(T, B, H)
+        TC = xw.new_empty(T, B, H)  # tanh(N(c'))
+        wt = w_hh.t()
+        g_l, r_l, c_l, h_l, tc_l = G.unbind(0), R.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
+        i_l, f_l = G[:, :, :H].unbind(0), G[:, :, H : 2 * H].unbind(0)
+        s_l, o_l = G[:, :, gsl].unbind(0), G[:, :, 3 * H :].unbind(0)
+        stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        h = h0
+        for t in range(T):
+            torch.mm(h, wt, out=r_l[t])  # (B, 4H)
+            n, mean, rstd = norm.forward(r_l[t], g_hh2, None, 0, t)
+            g_l[t].add_(n).sigmoid_()
+            cn = c_l[t + 1]
+            torch.mul(f_l[t], c_l[t], out=cn)  # c' = f c + i (2 s - 1)
+            cn.addcmul_(i_l[t], s_l[t], value=2.0).sub_(i_l[t])
+            c_hat, mean_c, rstd_c = norm.forward(cn, g_c, b_c, 1, t)
+            torch.tanh(c_hat, out=tc_l[t])
+            h = torch.mul(o_l[t], tc_l[t], out=h_l[t])
+            stats.append((mean, rstd, mean_c, rstd_c))
+        G[:, :, gsl].mul_(2.0).sub_(1.0)  # the g block now holds tanh(a_g)
+        mean, rstd, mean_c, rstd_c = (torch.stack(s) for s in zip(*stats, strict=True))  # (T, ...) each
+        ctx.norm = norm
+        ctx.save_for_backward(G, R, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c, mean, rstd, mean_c, rstd_c)
+        return Hs, Hs[T - 1].clone(), Cs[T].clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
+        G, R, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c, mean, rstd, mean_c, rstd_c = ctx.saved_tensors
+        norm: StepNorm = ctx.norm
+        T, B, K = G.shape
+        H = Hs.shape[2]
+        i, f, g, o = G.split(H, dim=2)
+        c_prev = Cs[:-1]
+        # factors for all steps: d a_o = dh * tanh(c^) s'(a_o), dc^ = dh * o (1 - tanh(c^)^2),
+        # (d a_i, d a_f, d a_g) = dc' * (g s'(a_i), c s'(a_f), i (1 - g^2))
+        dG = torch.empty_like(G)
+        k_fac = dG[:, :, : 3 * H].unflatten(2, (3, H))
+        k_fac[:, :, 0] = _sig_bw(g, i)
+        k_fac[:, :, 1] = _sig_bw(c_prev, f)
+        k_fac[:, :, 2] = _tanh_bw(i, g)
+        dG[:, :, 3 * H :] = _sig_bw(TC, o)
+        b_fac = _tanh_bw(o, TC)
+        DCH = torch.empty_like(TC)  # dL/d N(c') per step, for the gains at the end
+        DR = torch.empty_like(R)  # dL/d (U h) per step, for dU at the end
+        dg_l, dr_l, dch_l = dG.unbind(0), DR.unbind(0), DCH.unbind(0)
+        d_ifg, d_o = k_fac.unbind(0), dG[:, :, 3 * H :].unbind(0)
+        b_l, f_l, c_l, r_l = b_fac.unbind(0), f.unbind(0), Cs.unbind(0), R.unbind(0)
+        m_l, rs_l, mc_l, rsc_l = mean.unbind(0), rstd.unbind(0), mean_c.unbind(0), rstd_c.unbind(0)
+        dh_l = g_hs.clone(memory_format=torch.contiguous_format).unbind(0)
+        dh = dh_l[T - 1].add_(g_h)
+        dc = g_cT.clone()
+        for t in range(T - 1, -1, -1):
+            d_o[t].mul_(dh)
+            d_chat = torch.mul(dh, b_l[t], out=dch_l[t])
+            dc.add_(norm.backward(d_chat, c_l[t + 1], mc_l[t], rsc_l[t], g_c, b_c))
+            d_ifg[t].mul_(dc.unsqueeze(1))
+            dc.mul_(f_l[t])
+            d_r = norm.backward(dg_l[t], r_l[t], m_l[t], rs_l[t], g_hh, None)
+            dr_l[t].copy_(d_r)
+            dh = dh_l[t - 1].addmm_(d_r, w_hh) if t > 0 else d_r @ w_hh  # (B, H)
+        needs = ctx.needs_input_grad
+        d_w = d_ghh = d_gc = d_bc = None
+        if needs[3]:  # sum over steps of dR_t^T h_{t-1}
+            d_w = DR[0].t() @ h0
+            if T > 1:
+                d_w = d_w.addmm_(DR[1:].reshape((T - 1) * B, K).t(), Hs[:-1].reshape((T - 1) * B, H))
+        if needs[4]:  # dL/dg_hh = sum of dA * normalised U h
+            d_ghh = (dG * ((R - norm.broadcast(mean)) * norm.broadcast(rstd))).sum((0, 1))
+        if needs[5]:
+            d_gc = (DCH * ((Cs[1:] - norm.broadcast(mean_c)) * norm.broadcast(rstd_c))).sum((0, 1))
+        if needs[6]:
+            d_bc = DCH.sum((0, 1))
+        return dG, dh, dc, d_w, d_ghh, d_gc, d_bc, None
