@@ -234,3 +234,26 @@ def test_layer_options_are_checked() -> None:
     assert not RecurrentLayer("peephole", IN, H).native
     assert RecurrentLayer("lstm-b", IN, H).native and not RecurrentLayer("lstm", IN, H, native=False).native
     assert "weight_drop=0.5" in repr(RecurrentLayer("lstm", IN, H, weight_drop=0.5))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "custom"])
+def test_weight_drop_under_torch_compile_matches_eager(native: bool) -> None:
+    """torch.compile (Dynamo + AOTAutograd, no C++ codegen) draws a fresh mask per call, as eager does."""
+    torch.manual_seed(6)
+    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, native=native).double()
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(B, T, IN, dtype=torch.float64)
+    results = []
+    for model in (layer, compiled):
+        layer.zero_grad()
+        torch.manual_seed(11)
+        out1, _ = model(x)
+        out2, _ = model(x)
+        (out1.square().sum() + out2.sum()).backward()
+        results.append((out1, out2, layer.weight_hh_l0.grad.clone(), layer.weight_ih_l0.grad.clone()))
+    eager, traced = results
+    assert not torch.allclose(traced[0], traced[1])  # the mask is not baked into the compiled graph
+    for a, b in zip(eager, traced, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=0)
+    layer.eval()
+    torch.testing.assert_close(compiled(x)[0], lstm_with(layer)(x)[0], atol=1e-12, rtol=0)
