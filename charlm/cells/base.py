@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from charlm.cells.fused import fused_available
 from charlm.errors import CharlmError
 
 Params = dict[str, Tensor]
@@ -108,6 +109,11 @@ class Cell(nn.Module):
                 p["bias_ih"][k * h : (k + 1) * h].fill_(sign * forget_bias)
 
     # -- computation --------------------------------------------------------------------------
+    def use_fused(self, xw: Tensor) -> bool:
+        """Whether sequence() runs the hand-written kernel: one exists, it is on, the step is not
+        compiled, and xw is float32/float64 outside autocast."""
+        return self.has_fused and self.fused and self.step_fn is None and fused_available(xw)
+
     def prepare(self, p: Params) -> Params:
         """Per-forward-call preparation (transposes, folded biases); ``p`` already weight-dropped."""
         return p

@@ -40,6 +40,21 @@ def _sigd(s: Tensor) -> Tensor:
     return s * (1.0 - s)
 
 
+def recurrent_weight_grad(d_pre: Tensor, h0: Tensor, hs: Tensor) -> Tensor:
+    """Sum over steps of d_pre_t^T h_{t-1}, (T, B, K) and h0 (B, H), hs (T, B, H) -> (K, H): one big
+    matmul over steps 1.. plus h0's step (which saves concatenating h0 to hs)."""
+    T, B, K = d_pre.shape
+    d_w = d_pre[0].t() @ h0
+    if T > 1:
+        d_w = d_w.addmm_(d_pre[1:].reshape((T - 1) * B, K).t(), hs[:-1].reshape((T - 1) * B, hs.shape[2]))
+    return d_w
+
+
+def _ifo(t: Tensor, h: int) -> Tensor:
+    """The (i, f, o) blocks of a (..., 4H) gate tensor, side by side: (..., 3H)."""
+    return torch.cat([t[..., : 2 * h], t[..., 3 * h :]], -1)
+
+
 class FusedGatedLSTM(torch.autograd.Function):
     """(xw (T,B,K) with biases, h0, c0 (B,H), weight_hh [K,H], peephole [P*H], config, gates0, weight_gg)
     -> (hs, h, c), or (hs, h, c, gates) for FGR.
@@ -154,14 +169,14 @@ class FusedGatedLSTM(torch.autograd.Function):
         ctx.fgr = fgr
         ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep, gates0, w_gg)
         if fgr:
-            return Hs, Hs[T - 1].clone(), Cs[T].clone(), torch.cat([G[T - 1, :, : 2 * H], G[T - 1, :, 3 * H :]], 1)
+            return Hs, Hs[T - 1].clone(), Cs[T].clone(), _ifo(G[T - 1], H)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_c: Tensor, *g_gates: Tensor) -> tuple[Tensor | None, ...]:
         G, Cs, TC, Hs, h0, w_hh, peep, gates0, w_gg = ctx.saved_tensors
         cfg, fgr = ctx.cfg, ctx.fgr
-        T, B, K = G.shape
+        T, B = G.shape[:2]
         H = Hs.shape[2]
         blocks = cfg.blocks
         gi = blocks.index("g")
@@ -242,12 +257,7 @@ class FusedGatedLSTM(torch.autograd.Function):
             for k in range(npre):
                 dc.addcmul_(d_pre[k][t], p_pre[k])
             dh = dh_list[t - 1].addmm_(dg_all[t], w_hh) if t > 0 else dg_all[t] @ w_hh  # (B, H)
-        d_w = None
-        if ctx.needs_input_grad[3]:
-            # sum over steps of dG_t^T h_{t-1}: one big matmul (plus h0's step, to avoid a copy)
-            d_w = dG[0].t() @ h0
-            if T > 1:
-                d_w = d_w.addmm_(dG[1:].reshape((T - 1) * B, K).t(), Hs[:-1].reshape((T - 1) * B, H))
+        d_w = recurrent_weight_grad(dG, h0, Hs) if ctx.needs_input_grad[3] else None
         d_peep = None
         if cfg.peephole and ctx.needs_input_grad[4]:
             parts = [(dG[:, :, k * H : (k + 1) * H] * c_prev).sum((0, 1)) for k in range(npre)]
@@ -258,7 +268,7 @@ class FusedGatedLSTM(torch.autograd.Function):
         if fgr:
             d_gates0 = d_prev
             if ctx.needs_input_grad[7]:  # sum over steps of d[a_i, a_f, a_o]_t^T [i, f, o]_{t-1}
-                d_rec = torch.cat([dG[:, :, : 2 * H], dG[:, :, 3 * H :]], 2).reshape(T * B, 3 * H)
-                prev = torch.cat([gates0.unsqueeze(0), torch.cat([G[:-1, :, : 2 * H], G[:-1, :, 3 * H :]], 2)])
-                d_wgg = d_rec.t() @ prev.reshape(T * B, 3 * H)
+                d_rec = _ifo(dG, H).reshape(T * B, 3 * H)
+                prev = torch.cat([gates0.unsqueeze(0), _ifo(G[:-1], H)]).reshape(T * B, 3 * H)
+                d_wgg = d_rec.t() @ prev
         return dG, dh, dc, d_w, d_peep, None, d_gates0, d_wgg

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from charlm.cells.fused import recurrent_weight_grad
+
 _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
 _MASK = (True, False, False)  # input gradient only; the gains' gradients are summed after the loop
@@ -108,7 +110,7 @@ class FusedNormLSTM(torch.autograd.Function):
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
         G, R, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c, mean, rstd, mean_c, rstd_c = ctx.saved_tensors
         norm: StepNorm = ctx.norm
-        T, B, K = G.shape
+        T = G.shape[0]
         H = Hs.shape[2]
         i, f, g, o = G.split(H, dim=2)
         c_prev = Cs[:-1]
@@ -141,10 +143,8 @@ class FusedNormLSTM(torch.autograd.Function):
             dh = dh_l[t - 1].addmm_(d_r, w_hh) if t > 0 else d_r @ w_hh  # (B, H)
         needs = ctx.needs_input_grad
         d_w = d_ghh = d_gc = d_bc = None
-        if needs[3]:  # sum over steps of dR_t^T h_{t-1}
-            d_w = DR[0].t() @ h0
-            if T > 1:
-                d_w = d_w.addmm_(DR[1:].reshape((T - 1) * B, K).t(), Hs[:-1].reshape((T - 1) * B, H))
+        if needs[3]:
+            d_w = recurrent_weight_grad(DR, h0, Hs)
         if needs[4]:  # dL/dg_hh = sum of dA * normalised U h
             d_ghh = (dG * ((R - norm.broadcast(mean)) * norm.broadcast(rstd))).sum((0, 1))
         if needs[5]:

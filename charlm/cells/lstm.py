@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.fused import FusedGatedLSTM, fused_available
+from charlm.cells.fused import FusedGatedLSTM
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class GatedLSTMCell(Cell):
         return h_new, c_new
 
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.fused and self.step_fn is None and fused_available(xw):
+        if self.use_fused(xw):
             peep = q.get("peephole", xw.new_empty(0))
             hs, h, c = FusedGatedLSTM.apply(xw, state[0], state[1], q["weight_hh"], peep, self.config, None, None)
             return hs, (h, c)
@@ -189,7 +189,7 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
         return h_new, c_new, torch.cat([i, f, o], 1)
 
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.fused and self.step_fn is None and fused_available(xw):
+        if self.use_fused(xw):
             hs, h, c, gates = FusedGatedLSTM.apply(
                 xw, state[0], state[1], q["weight_hh"], q["peephole"], self.config, state[2], q["weight_gg"]
             )

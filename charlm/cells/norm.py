@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.fused import fused_available
 from charlm.cells.fused_norm import FusedNormLSTM, StepNorm
 
 EPS = 1e-5
@@ -75,7 +74,7 @@ class LayerNormLSTMCell(Cell):
         return h_new, c_new
 
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.fused and self.step_fn is None and fused_available(xw):
+        if self.use_fused(xw):
             hs, h, c = FusedNormLSTM.apply(
                 xw, state[0], state[1], q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"],
                 StepNorm("layer", EPS),
@@ -172,7 +171,7 @@ class BatchNormLSTMCell(Cell):
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if not self.training:
             return super().sequence(xw, state, q)
-        if self.fused and self.step_fn is None and fused_available(xw) and xw.shape[1] > 1:
+        if self.use_fused(xw) and xw.shape[1] > 1:
             running = (q["bn_hh_mean"], q["bn_hh_var"], q["bn_c_mean"], q["bn_c_var"])
             hs, h, c = FusedNormLSTM.apply(
                 xw, state[0], state[1], q["weight_hh"], q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"],
