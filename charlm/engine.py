@@ -226,8 +226,7 @@ class RecurrentLayer(nn.Module):
         finals: list[CellState] = []
         for d in range(self.num_directions):
             q = self.cell.prepare(self._params(d))
-            xw = self.cell.project(x_tm if d == 0 else x_tm.flip(0), q)
-            hs, final = self.cell.sequence(xw, tuple(s[d] for s in state), q)
+            hs, final = self.cell.run(x_tm if d == 0 else x_tm.flip(0), tuple(s[d] for s in state), q)
             outs.append(hs if d == 0 else hs.flip(0))
             finals.append(final)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from charlm.cells.fused import fused_available
+from charlm.cells.gemm import linear
 from charlm.errors import CharlmError
 
 Params = dict[str, Tensor]
@@ -55,7 +55,7 @@ class Cell(nn.Module):
     """
 
     num_states: int = 1
-    has_fused: bool = False  # True where sequence() has a hand-written forward/backward kernel
+    has_fused: bool = False  # True where run() / sequence() have a hand-written forward/backward kernel
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -109,10 +109,10 @@ class Cell(nn.Module):
                 p["bias_ih"][k * h : (k + 1) * h].fill_(sign * forget_bias)
 
     # -- computation --------------------------------------------------------------------------
-    def use_fused(self, xw: Tensor) -> bool:
-        """Whether sequence() runs the hand-written kernel: one exists, it is on, the step is not
-        compiled, and xw is float32/float64 outside autocast."""
-        return self.has_fused and self.fused and self.step_fn is None and fused_available(xw)
+    def use_fused(self, x: Tensor) -> bool:
+        """Whether run() / sequence() use the hand-written kernel: one exists, it is on, the step is not
+        compiled, and x is float32/float64 outside autocast."""
+        return self.has_fused and self.fused and self.step_fn is None and fused_available(x)
 
     def prepare(self, p: Params) -> Params:
         """Per-forward-call preparation (transposes, folded biases); ``p`` already weight-dropped."""
@@ -122,11 +122,16 @@ class Cell(nn.Module):
         """Input projection of every time step in one matmul: (T, B, in) -> (T, B, K).
 
         ``t0`` is the time index of the first step (only batch norm's per-step statistics use it)."""
-        return F.linear(x, q["weight_ih"], q["bias_ih"] + q["bias_hh"])
+        return linear(x, q["weight_ih"], q["bias_ih"] + q["bias_hh"])
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         """One time step: projected input (B, K), state -> new state (h first)."""
         raise NotImplementedError
+
+    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        """Project x (T, B, in) and run every step: outputs (T, B, H) and the last state. A cell whose
+        hand-written kernel owns the input projection overrides this."""
+        return self.sequence(self.project(x, q), state, q)
 
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         """Run every step of ``xw`` (T, B, K); returns outputs (T, B, H) and the last state."""

@@ -1,12 +1,15 @@
 """Hand-written forward and backward through time for the LSTM family (the CPU speed path).
 
 Autograd through a Python time loop pays for a graph node per small op per step and for T small
-weight-gradient matmuls. Here the forward loop runs without autograd into preallocated buffers
-(for the LSTM: one in-place ``addmm`` into a copy of the projected input and six small in-place /
-``out=`` ops per step), and the backward loop needs one ``addmm`` and four small in-place ops per
+weight-gradient matmuls. Here the kernel owns the input projection (one matmul for every step,
+written straight into the buffer the loop works in), the forward loop runs without autograd into
+preallocated buffers (for the LSTM: one product U h added in place and six small in-place /
+``out=`` ops per step), and the backward loop needs one product and four small in-place ops per
 step (a few more with peepholes): every derivative factor is precomputed for all steps at once
 (fused ``sigmoid_backward`` / ``tanh_backward`` kernels) straight into the gradient buffer, which the
-loop then scales by dc and dh; the recurrent weight gradient is one big matmul at the end.
+loop then scales by dc and dh; the recurrent and input weight gradients are one big matmul each at
+the end. The per-step products go through :class:`charlm.cells.gemm.StepProduct` (oneDNN with a
+weight packed once per call, where PyTorch has it).
 
 Two tricks keep the per-step op count down: tanh(a) = 2 s(2 a) - 1, so the candidate g shares one
 sigmoid call with the gates (its pre-activation rows are scaled by 2 once per call, the loop uses
@@ -25,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from charlm.cells.gemm import StepProduct, project_rows, project_rows_backward
 
 if TYPE_CHECKING:
     from charlm.cells.lstm import GateConfig
@@ -56,8 +61,11 @@ def _ifo(t: Tensor, h: int) -> Tensor:
 
 
 class FusedGatedLSTM(torch.autograd.Function):
-    """(xw (T,B,K) with biases, h0, c0 (B,H), weight_hh [K,H], peephole [P*H], config, gates0, weight_gg)
-    -> (hs, h, c), or (hs, h, c, gates) for FGR.
+    """(x (T,B,in), weight_ih [K,in], bias [K] (both biases), h0, c0 (B,H), weight_hh [K,H],
+    peephole [P*H], config, gates0, weight_gg) -> (hs, h, c), or (hs, h, c, gates) for FGR.
+
+    The kernel owns the input projection (one matmul for all steps, written straight into the buffer
+    the loop works in; its three gradients come from the same dG at the end).
 
     FGR (full gate recurrence, ``gates0`` (B, 3H) and ``weight_gg`` [3H, 3H] given, peephole LSTM
     only) adds ``weight_gg`` times the previous step's (i, f, o) activations to those gates'
@@ -67,33 +75,34 @@ class FusedGatedLSTM(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, peep: Tensor, cfg: GateConfig,
-        gates0: Tensor | None, w_gg: Tensor | None,
+        ctx: Any, x: Tensor, w_ih: Tensor, bias: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, peep: Tensor,
+        cfg: GateConfig, gates0: Tensor | None, w_gg: Tensor | None,
     ) -> tuple[Tensor, ...]:
-        T, B, K = xw.shape
-        H = h0.shape[1]
+        T, B = x.shape[:2]
+        K, H = w_hh.shape
         blocks = cfg.blocks
         gi = blocks.index("g")  # number of sigmoid gates before g (i and/or f)
         has_i, has_f, has_o = "i" in blocks, "f" in blocks, "o" in blocks
         npre = gi if cfg.peephole else 0  # peepholes on the gates before g
         gsl = slice(gi * H, (gi + 1) * H)
 
-        # G starts as a contiguous copy of xw, so each step adds U h into it in place (no per-step copy
-        # of the input rows), and ends holding the activations the backward pass reads.
-        G = xw.clone(memory_format=torch.contiguous_format)
-        wt = w_hh.t()
+        # G starts as the input projection of every step (with both biases), so each step adds U h into
+        # it in place, and ends holding the activations the backward pass reads.
+        x_rows = x.reshape(T * B, x.shape[2])
+        G = project_rows(x_rows, w_ih, bias).view(T, B, K)
+        w_step = w_hh
         if cfg.g_tanh:  # tanh(a) = 2 s(2a) - 1: the g block is fed to the sigmoid at twice its pre-activation
             G[:, :, gsl].mul_(2.0)
-            w2 = w_hh.clone()
-            w2[gsl].mul_(2.0)
-            wt = w2.t()
+            w_step = w_hh.clone()
+            w_step[gsl].mul_(2.0)
+        uh = StepProduct(w_step, B)
         # Outside CIFG the g block keeps s = s(2 a_g) through the loop (c' takes 2 i s - i) and becomes
         # tanh(a_g) = 2 s - 1 for all steps at once afterwards; CIFG's c + i (g - c) converts per step.
         late_g = cfg.g_tanh and not cfg.coupled
-        Cs = xw.new_empty(T + 1, B, H)
+        Cs = G.new_empty(T + 1, B, H)
         Cs[0].copy_(c0)
-        Hs = xw.new_empty(T, B, H)
-        TC = xw.new_empty(T, B, H) if cfg.out_tanh else None
+        Hs = G.new_empty(T, B, H)
+        TC = G.new_empty(T, B, H) if cfg.out_tanh else None
 
         p_pre = peep[: npre * H].view(npre, H) if npre else None
         p_o = peep[npre * H :] if cfg.peephole and has_o else None
@@ -107,8 +116,8 @@ class FusedGatedLSTM(torch.autograd.Function):
         g_all = steps(G)
         fgr = w_gg is not None and gates0 is not None
         if fgr:  # rec = [i, f, o]_prev W_gg^T, in two matmuls because g sits between f and o in G
-            w_from_if, w_from_o = w_gg[:, : 2 * H].t(), w_gg[:, 2 * H :].t()  # (2H, 3H), (H, 3H)
-            rec = xw.new_empty(B, 3 * H)
+            from_if, from_o = StepProduct(w_gg[:, : 2 * H], B), StepProduct(w_gg[:, 2 * H :], B)
+            rec = G.new_empty(B, 3 * H)
             if_all, o_all = steps(G[:, :, : 2 * H]), steps(G[:, :, 3 * H :])
         g_blk = steps(G[:, :, gsl])
         sig_blk = steps(G[:, :, :sig_to]) if sig_to else None
@@ -120,10 +129,10 @@ class FusedGatedLSTM(torch.autograd.Function):
         tc_list = steps(TC) if TC is not None else None
         h = h0
         for t in range(T):
-            g_all[t].addmm_(h, wt)  # (B, K) += (B, H) @ (H, K)
+            uh.add_to(g_all[t], h)  # (B, K) += (B, H) @ (H, K)
             if fgr:
                 p_if, p_o3 = (gates0[:, : 2 * H], gates0[:, 2 * H :]) if t == 0 else (if_all[t - 1], o_all[t - 1])
-                torch.mm(p_if, w_from_if, out=rec).addmm_(p_o3, w_from_o)  # (B, 3H)
+                from_o.add_to(from_if.write(rec, p_if), p_o3)  # (B, 3H)
                 if_all[t].add_(rec[:, : 2 * H])
                 o_all[t].add_(rec[:, 2 * H :])
             g = g_blk[t]
@@ -167,14 +176,14 @@ class FusedGatedLSTM(torch.autograd.Function):
             G[:, :, gsl].mul_(2.0).sub_(1.0)
         ctx.cfg = cfg
         ctx.fgr = fgr
-        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep, gates0, w_gg)
+        ctx.save_for_backward(G, Cs, TC if TC is not None else Cs[:0], Hs, h0, w_hh, peep, gates0, w_gg, x_rows, w_ih)
         if fgr:
             return Hs, Hs[T - 1].clone(), Cs[T].clone(), _ifo(G[T - 1], H)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_c: Tensor, *g_gates: Tensor) -> tuple[Tensor | None, ...]:
-        G, Cs, TC, Hs, h0, w_hh, peep, gates0, w_gg = ctx.saved_tensors
+        G, Cs, TC, Hs, h0, w_hh, peep, gates0, w_gg, x_rows, w_ih = ctx.saved_tensors
         cfg, fgr = ctx.cfg, ctx.fgr
         T, B = G.shape[:2]
         H = Hs.shape[2]
@@ -237,6 +246,9 @@ class FusedGatedLSTM(torch.autograd.Function):
         dh_list = steps(g_hs.clone(memory_format=torch.contiguous_format))
         dh = dh_list[T - 1].add_(g_h)
         dc = g_c.clone()
+        back = StepProduct(w_hh.t(), B)  # dh_{t-1} += dG_t W_hh
+        if fgr:  # d_prev = d[a_i, a_f]_t W_gg[:2H] + d a_o,t W_gg[2H:]
+            to_if, to_o = StepProduct(w_gg[: 2 * H].t(), B), StepProduct(w_gg[2 * H :].t(), B)
         for t in range(T - 1, -1, -1):
             if b_c_list:
                 dc.addcmul_(dh, b_c_list[t])
@@ -251,15 +263,17 @@ class FusedGatedLSTM(torch.autograd.Function):
             d_ifg[t].mul_(dc.unsqueeze(1))
             if fgr:
                 d_if_all[t].addcmul_(d_prev[:, : 2 * H], sd_if[t])
-                d_prev = torch.mm(d_if_all[t], w_gg[: 2 * H]).addmm_(d_o_blk[t], w_gg[2 * H :])  # (B, 3H)
+                d_prev = to_o.add_to(to_if(d_if_all[t]), d_o_blk[t])  # (B, 3H)
             if keep_list:
                 dc.mul_(keep_list[t])
             for k in range(npre):
                 dc.addcmul_(d_pre[k][t], p_pre[k])
-            dh = dh_list[t - 1].addmm_(dg_all[t], w_hh) if t > 0 else dg_all[t] @ w_hh  # (B, H)
-        d_w = recurrent_weight_grad(dG, h0, Hs) if ctx.needs_input_grad[3] else None
+            dh = back.add_to(dh_list[t - 1], dg_all[t]) if t > 0 else back(dg_all[t])  # (B, H)
+        needs = ctx.needs_input_grad
+        d_x, d_wih, d_b = project_rows_backward(dG.view(T * B, -1), x_rows, w_ih, (needs[0], needs[1], needs[2]))
+        d_w = recurrent_weight_grad(dG, h0, Hs) if needs[5] else None
         d_peep = None
-        if cfg.peephole and ctx.needs_input_grad[4]:
+        if cfg.peephole and needs[6]:
             parts = [(dG[:, :, k * H : (k + 1) * H] * c_prev).sum((0, 1)) for k in range(npre)]
             if has_o:
                 parts.append((dG[:, :, (gi + 1) * H :] * c_new).sum((0, 1)))
@@ -267,8 +281,9 @@ class FusedGatedLSTM(torch.autograd.Function):
         d_gates0 = d_wgg = None
         if fgr:
             d_gates0 = d_prev
-            if ctx.needs_input_grad[7]:  # sum over steps of d[a_i, a_f, a_o]_t^T [i, f, o]_{t-1}
+            if needs[9]:  # sum over steps of d[a_i, a_f, a_o]_t^T [i, f, o]_{t-1}
                 d_rec = _ifo(dG, H).reshape(T * B, 3 * H)
                 prev = torch.cat([gates0.unsqueeze(0), _ifo(G[:-1], H)]).reshape(T * B, 3 * H)
                 d_wgg = d_rec.t() @ prev
-        return dG, dh, dc, d_w, d_peep, None, d_gates0, d_wgg
+        d_x = d_x.view(T, B, -1) if d_x is not None else None
+        return d_x, d_wih, d_b, dh, dc, d_w, d_peep, None, d_gates0, d_wgg

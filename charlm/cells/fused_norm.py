@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from charlm.cells.fused import recurrent_weight_grad
+from charlm.cells.gemm import StepProduct
 
 _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
@@ -83,14 +84,14 @@ class FusedNormLSTM(torch.autograd.Function):
         Cs[0].copy_(c0)
         Hs = xw.new_empty(T, B, H)
         TC = xw.new_empty(T, B, H)  # tanh(N(c'))
-        wt = w_hh.t()
+        uh = StepProduct(w_hh, B)
         g_l, r_l, c_l, h_l, tc_l = G.unbind(0), R.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
         i_l, f_l = G[:, :, :H].unbind(0), G[:, :, H : 2 * H].unbind(0)
         s_l, o_l = G[:, :, gsl].unbind(0), G[:, :, 3 * H :].unbind(0)
         stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         h = h0
         for t in range(T):
-            torch.mm(h, wt, out=r_l[t])  # (B, 4H)
+            uh.write(r_l[t], h)  # (B, 4H)
             n, mean, rstd = norm.forward(r_l[t], g_hh2, None, 0, t)
             g_l[t].add_(n).sigmoid_()
             cn = c_l[t + 1]
@@ -132,6 +133,7 @@ class FusedNormLSTM(torch.autograd.Function):
         dh_l = g_hs.clone(memory_format=torch.contiguous_format).unbind(0)
         dh = dh_l[T - 1].add_(g_h)
         dc = g_cT.clone()
+        back = StepProduct(w_hh.t(), dc.shape[0])  # dh_{t-1} = d(U h) W_hh
         for t in range(T - 1, -1, -1):
             d_o[t].mul_(dh)
             d_chat = torch.mul(dh, b_l[t], out=dch_l[t])
@@ -140,7 +142,7 @@ class FusedNormLSTM(torch.autograd.Function):
             dc.mul_(f_l[t])
             d_r = norm.backward(dg_l[t], r_l[t], m_l[t], rs_l[t], g_hh, None)
             dr_l[t].copy_(d_r)
-            dh = dh_l[t - 1].addmm_(d_r, w_hh) if t > 0 else d_r @ w_hh  # (B, H)
+            dh = back.add_to(dh_l[t - 1], d_r) if t > 0 else back(d_r)  # (B, H)
         needs = ctx.needs_input_grad
         d_w = d_ghh = d_gc = d_bc = None
         if needs[3]:

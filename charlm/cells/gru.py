@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.gemm import linear
 
 
 class GRUCell(Cell):
@@ -42,7 +42,7 @@ class GRUCell(Cell):
         # Cho's form has every bias outside r; in nn.GRU's, b_hn is multiplied by r, so only b_hr
         # and b_hz fold into the projection
         folded = b_hh if self.reset_inside else torch.cat([b_hh[: 2 * h], b_hh.new_zeros(h)])
-        return F.linear(x, q["weight_ih"], q["bias_ih"] + folded)
+        return linear(x, q["weight_ih"], q["bias_ih"] + folded)
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         h = state[0]

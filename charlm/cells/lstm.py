@@ -134,12 +134,15 @@ class GatedLSTMCell(Cell):
         h_new = torch.sigmoid(pre("o", c_new)) * a if "o" in blk else a
         return h_new, c_new
 
-    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.use_fused(xw):
-            peep = q.get("peephole", xw.new_empty(0))
-            hs, h, c = FusedGatedLSTM.apply(xw, state[0], state[1], q["weight_hh"], peep, self.config, None, None)
+    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if self.use_fused(x):
+            peep = q.get("peephole", x.new_empty(0))
+            hs, h, c = FusedGatedLSTM.apply(
+                x, q["weight_ih"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"], peep,
+                self.config, None, None,
+            )
             return hs, (h, c)
-        return super().sequence(xw, state, q)
+        return super().run(x, state, q)
 
 
 class GateRecurrentLSTMCell(GatedLSTMCell):
@@ -188,10 +191,11 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
         h_new = o * torch.tanh(c_new)
         return h_new, c_new, torch.cat([i, f, o], 1)
 
-    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.use_fused(xw):
+    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if self.use_fused(x):
             hs, h, c, gates = FusedGatedLSTM.apply(
-                xw, state[0], state[1], q["weight_hh"], q["peephole"], self.config, state[2], q["weight_gg"]
+                x, q["weight_ih"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"], q["peephole"],
+                self.config, state[2], q["weight_gg"],
             )
             return hs, (h, c, gates)
-        return Cell.sequence(self, xw, state, q)
+        return Cell.run(self, x, state, q)

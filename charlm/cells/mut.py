@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.gemm import linear
 
 
 class MUT1Cell(Cell):
@@ -35,7 +35,7 @@ class MUT1Cell(Cell):
 
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
         h = self.hidden_size
-        xw = F.linear(x, q["weight_ih"], q["bias_ih"])
+        xw = linear(x, q["weight_ih"], q["bias_ih"])
         b_hh = q["bias_hh"]
         u = torch.tanh(xw[..., 2 * h :]) + b_hh[h:]
         return torch.cat([xw[..., :h], xw[..., h : 2 * h] + b_hh[:h], u], -1)

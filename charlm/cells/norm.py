@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
 from charlm.cells.fused_norm import FusedNormLSTM, StepNorm
+from charlm.cells.gemm import linear
 
 EPS = 1e-5
 
@@ -63,7 +64,7 @@ class LayerNormLSTMCell(Cell):
 
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
         shift = q["bias_ih"] + q["bias_hh"]
-        return F.layer_norm(F.linear(x, q["weight_ih"]), self._gates, q["ln_ih_weight"], shift, EPS)
+        return F.layer_norm(linear(x, q["weight_ih"]), self._gates, q["ln_ih_weight"], shift, EPS)
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         h, c = state[0], state[1]
@@ -193,7 +194,7 @@ class BatchNormLSTMCell(Cell):
         return result
 
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
-        v = self._norm(F.linear(x, q["weight_ih"]), "ih", q, t0)
+        v = self._norm(linear(x, q["weight_ih"]), "ih", q, t0)
         return torch.addcmul(q["bias_ih"] + q["bias_hh"], v, q["bn_ih_weight"])
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:

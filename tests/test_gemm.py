@@ -1,0 +1,85 @@
+"""The oneDNN matrix products of the CPU kernels agree with PyTorch's own matmuls, and can be turned off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from charlm.cells import gemm
+from charlm.engine import RecurrentLayer
+
+needs_onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="this PyTorch build has no oneDNN linear ops")
+TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32: oneDNN and MKL sum in different orders
+
+
+def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@needs_onednn
+def test_step_product_matches_addmm() -> None:
+    w, x, out = randn(12, 5, seed=1), randn(4, 5, seed=2), randn(4, 12, seed=3)
+    product = gemm.StepProduct(w, 4)
+    assert product.packed is not None
+    torch.testing.assert_close(product(x), x @ w.t(), **TOL)
+    torch.testing.assert_close(product.add_to(out.clone(), x), torch.addmm(out, x, w.t()), **TOL)
+    torch.testing.assert_close(product.write(torch.empty_like(out), x), x @ w.t(), **TOL)
+    # a transposed (non-contiguous) weight, as the backward passes use
+    back = gemm.StepProduct(w.t(), 4)
+    torch.testing.assert_close(back(out), out @ w, **TOL)
+
+
+def test_step_product_falls_back_to_addmm_outside_float32() -> None:
+    w, x, out = (randn(*s, seed=k, dtype=torch.float64) for k, s in enumerate(((12, 5), (4, 5), (4, 12))))
+    product = gemm.StepProduct(w, 4)
+    assert product.packed is None
+    assert torch.equal(product.add_to(out.clone(), x), torch.addmm(out, x, w.t()))
+
+
+@needs_onednn
+def test_projection_matches_f_linear_in_value_and_gradient() -> None:
+    """``linear`` on a time-major view of a batch-first tensor, as the engine calls it."""
+    x0, w0, b0 = randn(3, 7, 5, seed=4).transpose(0, 1), randn(12, 5, seed=5), randn(12, seed=6)
+    dy = randn(7, 3, 12, seed=7)
+    grads = []
+    for fn in (gemm.linear, F.linear):
+        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
+        y = fn(x, w, b)
+        (y * dy).sum().backward()
+        grads.append((y, x.grad, w.grad, b.grad))
+    assert grads[0][0].shape == (7, 3, 12)
+    for ours, ref in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "noaf", "fgr", "lstm-ln", "lstm-bn", "gru-cho"])
+def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs, final state and every gradient, float32, with oneDNN on and off (MKL's addmm)."""
+    torch.manual_seed(0)
+    layer = RecurrentLayer(cell, 6, 8, native=False, bidirectional=bidirectional)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # peepholes, fgr's gate recurrence: away from zero
+    x0 = randn(4, 9, 6, seed=8)
+    results = []
+    for onednn in (gemm._ONEDNN, None):
+        monkeypatch.setattr(gemm, "_ONEDNN", onednn)
+        layer.zero_grad()
+        x = x0.clone().requires_grad_()
+        out, final = layer(x)
+        loss = (out * randn(*out.shape, seed=9)).sum() + sum((s * s).sum() for s in final)
+        loss.backward()
+        results.append([out, *final, x.grad, *(p.grad for p in layer.parameters())])
+    for ours, ref in zip(*results, strict=True):
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+def test_charlm_onednn_0_turns_onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARLM_ONEDNN", "0")
+    assert gemm._onednn_ops() is None
+    monkeypatch.setenv("CHARLM_ONEDNN", "1")
+    assert (gemm._onednn_ops() is not None) == torch.backends.mkldnn.is_available()
