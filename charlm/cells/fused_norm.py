@@ -4,13 +4,14 @@ The scheme of :mod:`charlm.cells.fused`, with the two norms of every step (of U 
 one ATen op each: ``native_layer_norm`` over the features for ``lstm-ln``, ``native_batch_norm``
 over the batch for ``lstm-bn`` in training (which also moves that step's running statistics, as
 :class:`charlm.cells.norm.BatchNormLSTMCell` does). Going back, ``native_layer_norm_backward`` /
-``native_batch_norm_backward`` reuse the mean and 1/std kept from the forward pass. The gains' and
-the recurrent weight's gradients are sums over all steps, done once after the loop.
+``native_batch_norm_backward`` reuse the mean and 1/std kept from the forward pass and give each
+step's share of the gains' (and the cell shift's) gradients, summed in the loop; the recurrent
+weight's gradient is one matmul over all steps after it.
 
 Per step, forward: U h, its norm, add the projected input, one sigmoid over the whole row
 (tanh(a) = 2 s(2a) - 1 for g: its input rows and its norm gain are doubled), c', the norm of c',
 tanh, h. Backward: the factors of every gate are precomputed for all steps and scaled in place by
-dh and dc; the two norm backwards and one ``addmm`` carry the gradient to the step before.
+dh and dc; the two norm backwards and one product carry the gradient to the step before.
 
 The math is that of :mod:`charlm.cells.norm`; the tests check value and gradient against it.
 """
@@ -28,7 +29,6 @@ from charlm.cells.gemm import StepProduct
 
 _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
-_MASK = (True, False, False)  # input gradient only; the gains' gradients are summed after the loop
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,15 +52,15 @@ class StepNorm:
         mean, var = self.running[2 * which][t], self.running[2 * which + 1][t]
         return torch.native_batch_norm(v, gain, shift, mean, var, True, self.momentum, self.eps)
 
-    def backward(self, dy: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, gain: Tensor, shift: Tensor | None) -> Tensor:
-        """Gradient with respect to v (B, F) of the normalisation above."""
+    def backward(
+        self, dy: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, gain: Tensor, shift: Tensor | None,
+        mask: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients of the normalisation above with respect to v (B, F), the gain and the shift, each
+        where ``mask`` asks for it (the gain's and the shift's: this step's share of the sum over steps)."""
         if self.kind == "layer":
-            return torch.ops.aten.native_layer_norm_backward(dy, v, (v.shape[1],), mean, rstd, gain, shift, _MASK)[0]
-        return torch.ops.aten.native_batch_norm_backward(dy, v, gain, None, None, mean, rstd, True, self.eps, _MASK)[0]
-
-    def broadcast(self, stat: Tensor) -> Tensor:
-        """Per-step statistics stacked over T, shaped to broadcast against (T, B, F)."""
-        return stat if self.kind == "layer" else stat.unsqueeze(1)  # (T, B, 1) or (T, 1, F)
+            return torch.ops.aten.native_layer_norm_backward(dy, v, (v.shape[1],), mean, rstd, gain, shift, mask)
+        return torch.ops.aten.native_batch_norm_backward(dy, v, gain, None, None, mean, rstd, True, self.eps, mask)
 
 
 class FusedNormLSTM(torch.autograd.Function):
@@ -111,6 +111,7 @@ class FusedNormLSTM(torch.autograd.Function):
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
         G, R, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c, mean, rstd, mean_c, rstd_c = ctx.saved_tensors
         norm: StepNorm = ctx.norm
+        needs = ctx.needs_input_grad
         T = G.shape[0]
         H = Hs.shape[2]
         i, f, g, o = G.split(H, dim=2)
@@ -124,33 +125,35 @@ class FusedNormLSTM(torch.autograd.Function):
         k_fac[:, :, 2] = _tanh_bw(i, g)
         dG[:, :, 3 * H :] = _sig_bw(TC, o)
         b_fac = _tanh_bw(o, TC)
-        DCH = torch.empty_like(TC)  # dL/d N(c') per step, for the gains at the end
         DR = torch.empty_like(R)  # dL/d (U h) per step, for dU at the end
-        dg_l, dr_l, dch_l = dG.unbind(0), DR.unbind(0), DCH.unbind(0)
+        dg_l, dr_l = dG.unbind(0), DR.unbind(0)
         d_ifg, d_o = k_fac.unbind(0), dG[:, :, 3 * H :].unbind(0)
         b_l, f_l, c_l, r_l = b_fac.unbind(0), f.unbind(0), Cs.unbind(0), R.unbind(0)
         m_l, rs_l, mc_l, rsc_l = mean.unbind(0), rstd.unbind(0), mean_c.unbind(0), rstd_c.unbind(0)
+        # the gains' and the shift's gradients: each step's share, from the norm backwards, summed here
+        d_ghh = torch.zeros_like(g_hh) if needs[4] else None
+        d_gc = torch.zeros_like(g_c) if needs[5] else None
+        d_bc = torch.zeros_like(b_c) if needs[6] else None
+        mask_hh = (True, d_ghh is not None, False)
+        mask_c = (True, d_gc is not None, d_bc is not None)
         dh_l = g_hs.clone(memory_format=torch.contiguous_format).unbind(0)
         dh = dh_l[T - 1].add_(g_h)
         dc = g_cT.clone()
         back = StepProduct(w_hh.t(), dc.shape[0])  # dh_{t-1} = d(U h) W_hh
         for t in range(T - 1, -1, -1):
             d_o[t].mul_(dh)
-            d_chat = torch.mul(dh, b_l[t], out=dch_l[t])
-            dc.add_(norm.backward(d_chat, c_l[t + 1], mc_l[t], rsc_l[t], g_c, b_c))
+            d_cn, d_gc_t, d_bc_t = norm.backward(dh * b_l[t], c_l[t + 1], mc_l[t], rsc_l[t], g_c, b_c, mask_c)
+            dc.add_(d_cn)  # type: ignore[arg-type]
+            if d_gc is not None:
+                d_gc.add_(d_gc_t)  # type: ignore[arg-type]
+            if d_bc is not None:
+                d_bc.add_(d_bc_t)  # type: ignore[arg-type]
             d_ifg[t].mul_(dc.unsqueeze(1))
             dc.mul_(f_l[t])
-            d_r = norm.backward(dg_l[t], r_l[t], m_l[t], rs_l[t], g_hh, None)
-            dr_l[t].copy_(d_r)
-            dh = back.add_to(dh_l[t - 1], d_r) if t > 0 else back(d_r)  # (B, H)
-        needs = ctx.needs_input_grad
-        d_w = d_ghh = d_gc = d_bc = None
-        if needs[3]:
-            d_w = recurrent_weight_grad(DR, h0, Hs)
-        if needs[4]:  # dL/dg_hh = sum of dA * normalised U h
-            d_ghh = (dG * ((R - norm.broadcast(mean)) * norm.broadcast(rstd))).sum((0, 1))
-        if needs[5]:
-            d_gc = (DCH * ((Cs[1:] - norm.broadcast(mean_c)) * norm.broadcast(rstd_c))).sum((0, 1))
-        if needs[6]:
-            d_bc = DCH.sum((0, 1))
+            d_r, d_ghh_t, _ = norm.backward(dg_l[t], r_l[t], m_l[t], rs_l[t], g_hh, None, mask_hh)
+            if d_ghh is not None:
+                d_ghh.add_(d_ghh_t)  # type: ignore[arg-type]
+            dr_l[t].copy_(d_r)  # type: ignore[arg-type]
+            dh = back.add_to(dh_l[t - 1], dr_l[t]) if t > 0 else back(dr_l[t])  # (B, H)
+        d_w = recurrent_weight_grad(DR, h0, Hs) if needs[3] else None
         return dG, dh, dc, d_w, d_ghh, d_gc, d_bc, None

@@ -143,6 +143,15 @@ class BatchNormLSTMCell(Cell):
 
     def _norm(self, v: Tensor, key: str, q: Params, t: int) -> Tensor:
         """Normalise v (B, F), or (S, B, F) for S steps from t, with per-step statistics."""
+        if self.training and v.dim() == 3 and v.shape[1] > 1:
+            # S steps at once: one batch norm over the B rows of each of the S*F (step, feature) columns,
+            # which also moves the running statistics (rows t.. of the buffers, viewed flat) in place
+            S, B, F_ = v.shape
+            rows = slice(t, t + S)
+            run_mean, run_var = q[f"bn_{key}_mean"][rows].view(-1), q[f"bn_{key}_var"][rows].view(-1)
+            flat = v.transpose(0, 1).reshape(B, S * F_)  # (B, S*F)
+            y = F.batch_norm(flat, run_mean, run_var, training=True, momentum=self.momentum, eps=EPS)
+            return y.view(B, S, F_).transpose(0, 1)  # (S, B, F)
         if self.training:
             var, mean = torch.var_mean(v, dim=-2, keepdim=True, correction=0)
             if self._pending is not None and v.dim() == 2:
