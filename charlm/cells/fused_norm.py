@@ -75,41 +75,40 @@ class FusedNormLSTM(torch.autograd.Function):
         T, B, K = xw.shape
         H = h0.shape[1]
         gsl = slice(2 * H, 3 * H)
-        G = xw.clone(memory_format=torch.contiguous_format)  # pre-activations, then activations
-        G[:, :, gsl].mul_(2.0)
-        g_hh2 = g_hh.clone()
-        g_hh2[gsl].mul_(2.0)
-        R = xw.new_empty(T, B, K)  # U h of each step: the input of the recurrent norm
+        two_g = xw.new_ones(K)  # tanh(a) = 2 s(2a) - 1: the g block enters the sigmoid doubled
+        two_g[gsl] = 2.0
+        g_hh2 = g_hh * two_g
+        A = xw.new_empty(T, B, K)  # the gate activations of every step
         Cs = xw.new_empty(T + 1, B, H)
         Cs[0].copy_(c0)
         Hs = xw.new_empty(T, B, H)
         TC = xw.new_empty(T, B, H)  # tanh(N(c'))
         uh = StepProduct(w_hh, B)
-        g_l, r_l, c_l, h_l, tc_l = G.unbind(0), R.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
-        i_l, f_l = G[:, :, :H].unbind(0), G[:, :, H : 2 * H].unbind(0)
-        s_l, o_l = G[:, :, gsl].unbind(0), G[:, :, 3 * H :].unbind(0)
-        stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        x_l, a_l, c_l, h_l, tc_l = xw.unbind(0), A.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
+        i_l, f_l = A[:, :, :H].unbind(0), A[:, :, H : 2 * H].unbind(0)
+        s_l, o_l = A[:, :, gsl].unbind(0), A[:, :, 3 * H :].unbind(0)
+        kept: list[tuple[Tensor, ...]] = []  # per step: U h and the two norms' (mean, 1/std)
         h = h0
         for t in range(T):
-            uh.write(r_l[t], h)  # (B, 4H)
-            n, mean, rstd = norm.forward(r_l[t], g_hh2, None, 0, t)
-            g_l[t].add_(n).sigmoid_()
+            r = uh(h)  # (B, 4H)
+            n, mean, rstd = norm.forward(r, g_hh2, None, 0, t)
+            torch.addcmul(n, x_l[t], two_g, out=a_l[t]).sigmoid_()
             cn = c_l[t + 1]
             torch.mul(f_l[t], c_l[t], out=cn)  # c' = f c + i (2 s - 1)
             cn.addcmul_(i_l[t], s_l[t], value=2.0).sub_(i_l[t])
             c_hat, mean_c, rstd_c = norm.forward(cn, g_c, b_c, 1, t)
             torch.tanh(c_hat, out=tc_l[t])
             h = torch.mul(o_l[t], tc_l[t], out=h_l[t])
-            stats.append((mean, rstd, mean_c, rstd_c))
-        G[:, :, gsl].mul_(2.0).sub_(1.0)  # the g block now holds tanh(a_g)
-        mean, rstd, mean_c, rstd_c = (torch.stack(s) for s in zip(*stats, strict=True))  # (T, ...) each
+            kept.append((r, mean, rstd, mean_c, rstd_c))
+        A[:, :, gsl].mul_(2.0).sub_(1.0)  # the g block now holds tanh(a_g)
         ctx.norm = norm
-        ctx.save_for_backward(G, R, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c, mean, rstd, mean_c, rstd_c)
+        ctx.kept = kept  # intermediates of this call only: kept on ctx, not through save_for_backward
+        ctx.save_for_backward(A, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
-        G, R, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c, mean, rstd, mean_c, rstd_c = ctx.saved_tensors
+        G, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c = ctx.saved_tensors
         norm: StepNorm = ctx.norm
         needs = ctx.needs_input_grad
         T = G.shape[0]
@@ -125,11 +124,10 @@ class FusedNormLSTM(torch.autograd.Function):
         k_fac[:, :, 2] = _tanh_bw(i, g)
         dG[:, :, 3 * H :] = _sig_bw(TC, o)
         b_fac = _tanh_bw(o, TC)
-        DR = torch.empty_like(R)  # dL/d (U h) per step, for dU at the end
+        DR = torch.empty_like(G)  # dL/d (U h) per step, for dU at the end
         dg_l, dr_l = dG.unbind(0), DR.unbind(0)
         d_ifg, d_o = k_fac.unbind(0), dG[:, :, 3 * H :].unbind(0)
-        b_l, f_l, c_l, r_l = b_fac.unbind(0), f.unbind(0), Cs.unbind(0), R.unbind(0)
-        m_l, rs_l, mc_l, rsc_l = mean.unbind(0), rstd.unbind(0), mean_c.unbind(0), rstd_c.unbind(0)
+        b_l, f_l, c_l = b_fac.unbind(0), f.unbind(0), Cs.unbind(0)
         # the gains' and the shift's gradients: each step's share, from the norm backwards, summed here
         d_ghh = torch.zeros_like(g_hh) if needs[4] else None
         d_gc = torch.zeros_like(g_c) if needs[5] else None
@@ -141,8 +139,9 @@ class FusedNormLSTM(torch.autograd.Function):
         dc = g_cT.clone()
         back = StepProduct(w_hh.t(), dc.shape[0])  # dh_{t-1} = d(U h) W_hh
         for t in range(T - 1, -1, -1):
+            r, mean, rstd, mean_c, rstd_c = ctx.kept[t]
             d_o[t].mul_(dh)
-            d_cn, d_gc_t, d_bc_t = norm.backward(dh * b_l[t], c_l[t + 1], mc_l[t], rsc_l[t], g_c, b_c, mask_c)
+            d_cn, d_gc_t, d_bc_t = norm.backward(dh * b_l[t], c_l[t + 1], mean_c, rstd_c, g_c, b_c, mask_c)
             dc.add_(d_cn)  # type: ignore[arg-type]
             if d_gc is not None:
                 d_gc.add_(d_gc_t)  # type: ignore[arg-type]
@@ -150,7 +149,7 @@ class FusedNormLSTM(torch.autograd.Function):
                 d_bc.add_(d_bc_t)  # type: ignore[arg-type]
             d_ifg[t].mul_(dc.unsqueeze(1))
             dc.mul_(f_l[t])
-            d_r, d_ghh_t, _ = norm.backward(dg_l[t], r_l[t], m_l[t], rs_l[t], g_hh, None, mask_hh)
+            d_r, d_ghh_t, _ = norm.backward(dg_l[t], r, mean, rstd, g_hh, None, mask_hh)
             if d_ghh is not None:
                 d_ghh.add_(d_ghh_t)  # type: ignore[arg-type]
             dr_l[t].copy_(d_r)  # type: ignore[arg-type]
