@@ -13,8 +13,10 @@ Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 ``lstm[naive]`` (autograd; per step: ``x[:, t]``, its own input matmul, chunk, five activations),
 ``lstm[autograd]`` (the engine's generic loop: one input projection for all steps, ``unbind``,
 ``addmm``), ``lstm[compile]`` (that loop with the step through ``torch.compile``, as
-``model.compile=true`` runs it; the first warm-up step pays the compilation), ``lstm[custom]`` (the
-hand-written forward/backward-through-time kernel). ``nn.LSTM`` is the reference.
+``model.compile=true`` runs it; the first warm-up step pays the compilation), ``lstm[no-onednn]`` (the
+hand-written forward/backward-through-time kernel with PyTorch's own matmuls), ``lstm[custom]`` (that
+kernel with oneDNN's products, as charlm runs it). ``nn.LSTM`` is the reference; ``CELL[autograd]``
+runs any cell with a kernel through the engine's autograd loop instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charlm.cells import CELLS
+from charlm.cells.gemm import onednn_off
 from charlm.engine import RecurrentStack
 
 REFERENCE = "nn.LSTM"
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     if args.cells == "all":
-        rows = ["lstm[naive]", "lstm[autograd]", "lstm[compile]", "lstm[custom]", *CELLS]
+        rows = ["lstm[naive]", "lstm[autograd]", "lstm[compile]", "lstm[no-onednn]", "lstm[custom]", *CELLS]
     else:
         rows = [c.strip() for c in args.cells.split(",") if c.strip()]
     rows = [REFERENCE, *[r for r in rows if r != REFERENCE]]
@@ -137,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     for it in range(args.warmup + args.steps):
         for row, (model, opt, _) in models.items():
             t0 = time.perf_counter()
-            loss = loss_fn(model(x).reshape(-1, args.vocab), y.reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with onednn_off() if row.endswith("[no-onednn]") else nullcontext():
+                loss = loss_fn(model(x).reshape(-1, args.vocab), y.reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             if it >= args.warmup:
                 times[row].append(time.perf_counter() - t0)

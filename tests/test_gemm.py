@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import Tensor
@@ -57,7 +59,7 @@ def test_projection_matches_f_linear_in_value_and_gradient() -> None:
 @needs_onednn
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "noaf", "fgr", "lstm-ln", "lstm-bn", "gru-cho"])
-def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool) -> None:
     """Outputs, final state and every gradient, float32, with oneDNN on and off (MKL's addmm)."""
     torch.manual_seed(0)
     layer = RecurrentLayer(cell, 6, 8, native=False, bidirectional=bidirectional)
@@ -66,13 +68,13 @@ def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool, mon
             p.add_(0.3 * torch.randn_like(p))  # peepholes, fgr's gate recurrence: away from zero
     x0 = randn(4, 9, 6, seed=8)
     results = []
-    for onednn in (gemm._ONEDNN, None):
-        monkeypatch.setattr(gemm, "_ONEDNN", onednn)
-        layer.zero_grad()
-        x = x0.clone().requires_grad_()
-        out, final = layer(x)
-        loss = (out * randn(*out.shape, seed=9)).sum() + sum((s * s).sum() for s in final)
-        loss.backward()
+    for context in (nullcontext, gemm.onednn_off):
+        with context():
+            layer.zero_grad()
+            x = x0.clone().requires_grad_()
+            out, final = layer(x)
+            loss = (out * randn(*out.shape, seed=9)).sum() + sum((s * s).sum() for s in final)
+            loss.backward()
         results.append([out, *final, x.grad, *(p.grad for p in layer.parameters())])
     for ours, ref in zip(*results, strict=True):
         torch.testing.assert_close(ours, ref, **TOL)
@@ -83,3 +85,11 @@ def test_charlm_onednn_0_turns_onednn_off(monkeypatch: pytest.MonkeyPatch) -> No
     assert gemm._onednn_ops() is None
     monkeypatch.setenv("CHARLM_ONEDNN", "1")
     assert (gemm._onednn_ops() is not None) == torch.backends.mkldnn.is_available()
+
+
+@needs_onednn
+def test_onednn_off_switches_to_pytorch_matmuls_inside_the_block_only() -> None:
+    w = randn(12, 5)
+    with gemm.onednn_off():
+        assert gemm.StepProduct(w, 4).packed is None
+    assert gemm.StepProduct(w, 4).packed is not None

@@ -19,6 +19,8 @@ plain ATen op, with the same result up to float rounding (``tests/test_gemm.py``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -44,6 +46,17 @@ def _onednn_ops() -> tuple[object, object] | None:
 
 
 _ONEDNN = _onednn_ops()
+
+
+@contextmanager
+def onednn_off() -> Iterator[None]:
+    """Inside the block every product here is PyTorch's own (for side-by-side measurements)."""
+    global _ONEDNN
+    saved, _ONEDNN = _ONEDNN, None
+    try:
+        yield
+    finally:
+        _ONEDNN = saved
 
 
 class StepProduct:
