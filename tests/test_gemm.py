@@ -16,31 +16,49 @@ needs_onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="this PyTorch bui
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32: oneDNN and MKL sum in different orders
 
 
+@pytest.fixture
+def onednn_always(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN for every size, so that the small test problems take the path big ones take."""
+    monkeypatch.setattr(gemm, "MIN_CALLS", 1)
+    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
+
+
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 @needs_onednn
+def test_onednn_only_where_packing_pays() -> None:
+    w = randn(12, 5)
+    assert gemm.StepProduct(w, 32, 16).packed is not None  # a kernel's 16+ steps
+    assert gemm.StepProduct(w, 4096, 1).packed is not None  # one projection of many rows
+    assert gemm.StepProduct(w, 32, 15).packed is None
+    assert gemm.StepProduct(w, 1, 1).packed is None  # sampling: one row at a time
+
+
+@needs_onednn
+@pytest.mark.usefixtures("onednn_always")
 def test_step_product_matches_addmm() -> None:
     w, x, out = randn(12, 5, seed=1), randn(4, 5, seed=2), randn(4, 12, seed=3)
-    product = gemm.StepProduct(w, 4)
+    product = gemm.StepProduct(w, 4, 1)
     assert product.packed is not None
     torch.testing.assert_close(product(x), x @ w.t(), **TOL)
     torch.testing.assert_close(product.add_to(out.clone(), x), torch.addmm(out, x, w.t()), **TOL)
     torch.testing.assert_close(product.write(torch.empty_like(out), x), x @ w.t(), **TOL)
     # a transposed (non-contiguous) weight, as the backward passes use
-    back = gemm.StepProduct(w.t(), 4)
+    back = gemm.StepProduct(w.t(), 4, 1)
     torch.testing.assert_close(back(out), out @ w, **TOL)
 
 
 def test_step_product_falls_back_to_addmm_outside_float32() -> None:
     w, x, out = (randn(*s, seed=k, dtype=torch.float64) for k, s in enumerate(((12, 5), (4, 5), (4, 12))))
-    product = gemm.StepProduct(w, 4)
+    product = gemm.StepProduct(w, 4, 100)
     assert product.packed is None
     assert torch.equal(product.add_to(out.clone(), x), torch.addmm(out, x, w.t()))
 
 
 @needs_onednn
+@pytest.mark.usefixtures("onednn_always")
 def test_projection_matches_f_linear_in_value_and_gradient() -> None:
     """``linear`` on a time-major view of a batch-first tensor, as the engine calls it."""
     x0, w0, b0 = randn(3, 7, 5, seed=4).transpose(0, 1), randn(12, 5, seed=5), randn(12, seed=6)
@@ -57,6 +75,7 @@ def test_projection_matches_f_linear_in_value_and_gradient() -> None:
 
 
 @needs_onednn
+@pytest.mark.usefixtures("onednn_always")
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "noaf", "fgr", "lstm-ln", "lstm-bn", "gru-cho"])
 def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool) -> None:
@@ -88,8 +107,9 @@ def test_charlm_onednn_0_turns_onednn_off(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @needs_onednn
+@pytest.mark.usefixtures("onednn_always")
 def test_onednn_off_switches_to_pytorch_matmuls_inside_the_block_only() -> None:
     w = randn(12, 5)
     with gemm.onednn_off():
-        assert gemm.StepProduct(w, 4).packed is None
-    assert gemm.StepProduct(w, 4).packed is not None
+        assert gemm.StepProduct(w, 4, 1).packed is None
+    assert gemm.StepProduct(w, 4, 1).packed is not None

@@ -95,7 +95,7 @@ class FusedGatedLSTM(torch.autograd.Function):
             G[:, :, gsl].mul_(2.0)
             w_step = w_hh.clone()
             w_step[gsl].mul_(2.0)
-        uh = StepProduct(w_step, B)
+        uh = StepProduct(w_step, B, T)
         # Outside CIFG the g block keeps s = s(2 a_g) through the loop (c' takes 2 i s - i) and becomes
         # tanh(a_g) = 2 s - 1 for all steps at once afterwards; CIFG's c + i (g - c) converts per step.
         late_g = cfg.g_tanh and not cfg.coupled
@@ -116,7 +116,7 @@ class FusedGatedLSTM(torch.autograd.Function):
         g_all = steps(G)
         fgr = w_gg is not None and gates0 is not None
         if fgr:  # rec = [i, f, o]_prev W_gg^T, in two matmuls because g sits between f and o in G
-            from_if, from_o = StepProduct(w_gg[:, : 2 * H], B), StepProduct(w_gg[:, 2 * H :], B)
+            from_if, from_o = StepProduct(w_gg[:, : 2 * H], B, T), StepProduct(w_gg[:, 2 * H :], B, T)
             rec = G.new_empty(B, 3 * H)
             if_all, o_all = steps(G[:, :, : 2 * H]), steps(G[:, :, 3 * H :])
         g_blk = steps(G[:, :, gsl])
@@ -246,9 +246,9 @@ class FusedGatedLSTM(torch.autograd.Function):
         dh_list = steps(g_hs.clone(memory_format=torch.contiguous_format))
         dh = dh_list[T - 1].add_(g_h)
         dc = g_c.clone()
-        back = StepProduct(w_hh.t(), B)  # dh_{t-1} += dG_t W_hh
+        back = StepProduct(w_hh.t(), B, T)  # dh_{t-1} += dG_t W_hh
         if fgr:  # d_prev = d[a_i, a_f]_t W_gg[:2H] + d a_o,t W_gg[2H:]
-            to_if, to_o = StepProduct(w_gg[: 2 * H].t(), B), StepProduct(w_gg[2 * H :].t(), B)
+            to_if, to_o = StepProduct(w_gg[: 2 * H].t(), B, T), StepProduct(w_gg[2 * H :].t(), B, T)
         for t in range(T - 1, -1, -1):
             if b_c_list:
                 dc.addcmul_(dh, b_c_list[t])

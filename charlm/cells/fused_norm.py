@@ -83,7 +83,7 @@ class FusedNormLSTM(torch.autograd.Function):
         Cs[0].copy_(c0)
         Hs = xw.new_empty(T, B, H)
         TC = xw.new_empty(T, B, H)  # tanh(N(c'))
-        uh = StepProduct(w_hh, B)
+        uh = StepProduct(w_hh, B, T)
         x_l, a_l, c_l, h_l, tc_l = xw.unbind(0), A.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
         i_l, f_l = A[:, :, :H].unbind(0), A[:, :, H : 2 * H].unbind(0)
         s_l, o_l = A[:, :, gsl].unbind(0), A[:, :, 3 * H :].unbind(0)
@@ -137,7 +137,7 @@ class FusedNormLSTM(torch.autograd.Function):
         dh_l = g_hs.clone(memory_format=torch.contiguous_format).unbind(0)
         dh = dh_l[T - 1].add_(g_h)
         dc = g_cT.clone()
-        back = StepProduct(w_hh.t(), dc.shape[0])  # dh_{t-1} = d(U h) W_hh
+        back = StepProduct(w_hh.t(), dc.shape[0], T)  # dh_{t-1} = d(U h) W_hh
         for t in range(T - 1, -1, -1):
             r, mean, rstd, mean_c, rstd_c = ctx.kept[t]
             d_o[t].mul_(dh)
