@@ -155,11 +155,11 @@ def main(argv: list[str] | None = None) -> None:
         f"# {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
         f"{torch.get_num_threads()} threads, {args.stat} of {args.steps} timed steps, torch {torch.__version__}"
     )
-    print(f"{'cell':<16} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
+    print(f"{'cell':<18} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
     for row, (model, _, path) in models.items():
         rate = chars / stat(times[row])
         n = sum(p.numel() for p in model.parameters())
-        print(f"{row:<16} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
+        print(f"{row:<18} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
 
 
 if __name__ == "__main__":

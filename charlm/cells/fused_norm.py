@@ -55,9 +55,9 @@ class StepNorm:
     def backward(
         self, dy: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, gain: Tensor, shift: Tensor | None,
         mask: tuple[bool, bool, bool],
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Gradients of the normalisation above with respect to v (B, F), the gain and the shift, each
-        where ``mask`` asks for it (the gain's and the shift's: this step's share of the sum over steps)."""
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Gradients of the normalisation above with respect to v (B, F, always asked for), the gain and
+        the shift, each where ``mask`` asks for it (this step's share of the sum over steps), else None."""
         if self.kind == "layer":
             return torch.ops.aten.native_layer_norm_backward(dy, v, (v.shape[1],), mean, rstd, gain, shift, mask)
         return torch.ops.aten.native_batch_norm_backward(dy, v, gain, None, None, mean, rstd, True, self.eps, mask)
@@ -142,7 +142,7 @@ class FusedNormLSTM(torch.autograd.Function):
             r, mean, rstd, mean_c, rstd_c = ctx.kept[t]
             d_o[t].mul_(dh)
             d_cn, d_gc_t, d_bc_t = norm.backward(dh * b_l[t], c_l[t + 1], mean_c, rstd_c, g_c, b_c, mask_c)
-            dc.add_(d_cn)  # type: ignore[arg-type]
+            dc.add_(d_cn)
             if d_gc is not None:
                 d_gc.add_(d_gc_t)  # type: ignore[arg-type]
             if d_bc is not None:
@@ -152,7 +152,7 @@ class FusedNormLSTM(torch.autograd.Function):
             d_r, d_ghh_t, _ = norm.backward(dg_l[t], r, mean, rstd, g_hh, None, mask_hh)
             if d_ghh is not None:
                 d_ghh.add_(d_ghh_t)  # type: ignore[arg-type]
-            dr_l[t].copy_(d_r)  # type: ignore[arg-type]
+            dr_l[t].copy_(d_r)
             dh = back.add_to(dh_l[t - 1], dr_l[t]) if t > 0 else back(dr_l[t])  # (B, H)
         d_w = recurrent_weight_grad(DR, h0, Hs) if needs[3] else None
         return dG, dh, dc, d_w, d_ghh, d_gc, d_bc, None
