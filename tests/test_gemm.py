@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -10,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from charlm.cells import gemm
-from charlm.engine import RecurrentLayer
+from charlm.engine import RecurrentLayer, RecurrentStack
 
 needs_onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="this PyTorch build has no oneDNN linear ops")
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32: oneDNN and MKL sum in different orders
@@ -113,3 +114,30 @@ def test_onednn_off_switches_to_pytorch_matmuls_inside_the_block_only() -> None:
     with gemm.onednn_off():
         assert gemm.StepProduct(w, 4, 1).packed is None
     assert gemm.StepProduct(w, 4, 1).packed is not None
+
+
+@needs_onednn
+@pytest.mark.usefixtures("onednn_always")
+def test_custom_lstm_through_onednn_equals_nn_lstm() -> None:
+    """float32, two layers, bidirectional, carried state: the engine's kernel against the native module."""
+    torch.manual_seed(3)
+    native = torch.nn.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
+    custom = RecurrentStack("lstm", 6, 8, 2, bidirectional=True, native=False)
+    custom.load_native_state_dict(native.state_dict())
+    x0, h0, c0 = randn(3, 20, 6, seed=10), randn(4, 3, 8, seed=11), randn(4, 3, 8, seed=12)
+    results = []
+    for model in (native, custom):
+        x = x0.clone().requires_grad_()
+        if model is native:
+            out, (h, c) = native(x, (h0, c0))
+            named = dict(native.named_parameters())
+        else:
+            out, states = custom(x, [(h0[2 * k : 2 * k + 2], c0[2 * k : 2 * k + 2]) for k in range(2)])
+            h, c = (torch.cat([st[j] for st in states]) for j in range(2))
+            named = {re.sub(r"_l0(_reverse)?$", rf"_l{k}\1", n): p
+                     for k, layer in enumerate(custom.layers) for n, p in layer.named_parameters()}
+        ((out * randn(*out.shape, seed=13)).sum() + (h * c).sum()).backward()
+        results.append([out, h, c, x.grad, *(named[n].grad for n in sorted(named))])
+    assert len(results[0]) == len(results[1]) == 4 + 16
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, **TOL)
