@@ -134,8 +134,11 @@ def test_custom_lstm_through_onednn_equals_nn_lstm() -> None:
         else:
             out, states = custom(x, [(h0[2 * k : 2 * k + 2], c0[2 * k : 2 * k + 2]) for k in range(2)])
             h, c = (torch.cat([st[j] for st in states]) for j in range(2))
-            named = {re.sub(r"_l0(_reverse)?$", rf"_l{k}\1", n): p
-                     for k, layer in enumerate(custom.layers) for n, p in layer.named_parameters()}
+            named = {
+                re.sub(r"_l0(_reverse)?$", rf"_l{k}\1", n): p
+                for k, layer in enumerate(custom.layers)
+                for n, p in layer.named_parameters()
+            }
         ((out * randn(*out.shape, seed=13)).sum() + (h * c).sum()).backward()
         results.append([out, h, c, x.grad, *(named[n].grad for n in sorted(named))])
     assert len(results[0]) == len(results[1]) == 4 + 16

@@ -8,7 +8,7 @@ primitive. oneDNN's own products are faster on the 2-core AMD EPYC the benchmark
 - :class:`StepProduct` packs a weight once per kernel call (oneDNN's linear-weight reorder) and then
   computes ``x @ W^T`` for every step, added into or written to the step's buffer.
 - :func:`project_rows` / :func:`project_rows_backward` are the input projection of all steps and
-  its gradients (dx through oneDNN; dW stays on MKL, which is faster for that shape here).
+  its gradients (dx through oneDNN; dW stays with PyTorch's matmul, MKL here, faster for that shape).
 - :func:`linear` is ``F.linear`` with that forward and backward, for the cells' ``project``.
 
 Where oneDNN is not built in, the tensors are not float32 on the CPU, under autocast or
@@ -19,7 +19,7 @@ plain ATen op, with the same result up to float rounding (``tests/test_gemm.py``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,8 +28,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+OneDNNOps = tuple[Callable[..., Tensor], Callable[..., Tensor]]  # (packed-weight linear, weight reorder)
 
-def _onednn_ops() -> tuple[object, object] | None:
+
+def _onednn_ops() -> OneDNNOps | None:
     """oneDNN's packed-weight linear ops, or None where this PyTorch build lacks them."""
     if os.environ.get("CHARLM_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return None
@@ -46,6 +48,17 @@ def _onednn_ops() -> tuple[object, object] | None:
 
 
 _ONEDNN = _onednn_ops()
+
+
+def _onednn_eligible(x: Tensor, w: Tensor) -> bool:
+    """oneDNN is there and on, and the operands are float32 CPU tensors outside autocast and compile."""
+    return (
+        _ONEDNN is not None
+        and x.dtype == w.dtype == torch.float32
+        and x.device.type == w.device.type == "cpu"
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
 
 
 @contextmanager
@@ -73,13 +86,13 @@ class StepProduct:
         self.packed: Tensor | None = None
         self.wt = weight.t()
         if (calls >= MIN_CALLS or rows >= MIN_ROWS) and _onednn_eligible(weight, weight):
-            self.packed = _ONEDNN[1](weight.contiguous(), rows)  # type: ignore[operator]
+            self.packed = _ONEDNN[1](weight.contiguous(), rows)  # type: ignore[index]
 
     def __call__(self, x: Tensor) -> Tensor:
         """x (rows, K) @ W^T, a new (rows, N) tensor."""
         if self.packed is None:
             return x @ self.wt
-        return _ONEDNN[0](x, self.packed, None, "none", [], "")  # type: ignore[index,operator]
+        return _ONEDNN[0](x, self.packed, None, "none", [], "")  # type: ignore[index]
 
     def add_to(self, out: Tensor, x: Tensor) -> Tensor:
         """out (rows, N) += x (rows, K) @ W^T, in place; returns out."""
@@ -93,21 +106,12 @@ class StepProduct:
             return torch.mm(x, self.wt, out=out)
         return out.copy_(self(x))
 
-def _onednn_eligible(x: Tensor, w: Tensor) -> bool:
-    return (
-        _ONEDNN is not None
-        and x.dtype == w.dtype == torch.float32
-        and x.device.type == w.device.type == "cpu"
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-
 
 def project_rows(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """x (N, in) @ W^T + b -> (N, out): the input projection of every step at once."""
     if x.shape[0] >= MIN_ROWS and _onednn_eligible(x, w):
         linear, reorder = _ONEDNN  # type: ignore[misc]
-        return linear(x, reorder(w, x.shape[0]), b, "none", [], "")  # type: ignore[operator]
+        return linear(x, reorder(w, x.shape[0]), b, "none", [], "")
     return torch.addmm(b, x, w.t()) if b is not None else x @ w.t()
 
 
@@ -116,7 +120,7 @@ def project_rows_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of :func:`project_rows` from dy (N, out): dx = dy W (oneDNN where it can), dW = dy^T x,
     db = the column sums of dy; None where ``needs`` (x, W, b) says not wanted."""
-    # (oneDNN is slower than MKL for dW here: it wants both operands transposed first)
+    # (dW stays with PyTorch's matmul: oneDNN would want both operands transposed first, which costs more)
     dx = dw = db = None
     if needs[0]:
         dx = StepProduct(w.t(), dy.shape[0], 1)(dy)
