@@ -1,4 +1,4 @@
-"""Training callbacks: the periodic ``last.ckpt`` and the sample printed at each validation."""
+"""Training callbacks: the periodic ``last.ckpt``, the sample printed at each validation, the progress bar."""
 
 from __future__ import annotations
 
@@ -13,13 +13,24 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from rich.markup import escape
 
 from charlm.errors import TrainingInterrupted
 from charlm.sampling import generate
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar, whose epoch reads "Epoch 3" when the run has no epoch limit (not "Epoch 3/-2")."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs < 0:
+            text = text.replace(f"/{max_epochs - 1}", "", 1)
+        return text
 
 
 class LastCheckpoint(Callback):

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
-from charlm.callbacks import LastCheckpoint, PrintSample, RunCSVLogger, StopOnInterrupt, TrackBestPath
+from charlm.callbacks import (
+    LastCheckpoint,
+    PrintSample,
+    ProgressBar,
+    RunCSVLogger,
+    StopOnInterrupt,
+    TrackBestPath,
+)
 from charlm.checkpoint import AtomicCheckpointIO
 from charlm.config import Config, dump_yaml
 from charlm.datamodule import CharDataModule, eval_streams
@@ -64,7 +71,7 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
         callbacks.append(PrintSample(config.sample.prime, config.sample.length, config.sample.temperature,
                                      t.seed))
     if t.progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(ProgressBar(leave=True))
     callbacks += extra_callbacks or []
     val_kwargs: dict[str, object] = (
         {"val_check_interval": t.val_every_steps, "check_val_every_n_epoch": None}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from charlm.callbacks import ProgressBar
 from charlm.config import load_config
 from charlm.evaluate import evaluate_ids
 from charlm.lightning_module import CharLMModule
@@ -70,3 +72,11 @@ def test_smoke_training_lowers_the_loss(trained_run: Path) -> None:
     assert val_losses[-1] < val_losses[0]
     vocab_size = len(Vocab(torch.load(trained_run / "best.ckpt", weights_only=True)["hyper_parameters"]["vocab"]))
     assert val_losses[-1] < torch.log(torch.tensor(float(vocab_size))).item()  # better than uniform
+
+
+@pytest.mark.parametrize(("max_epochs", "expected"), [(-1, "Epoch 3"), (5, "Epoch 3/4")])
+def test_progress_bar_epoch_reads_without_a_negative_limit(max_epochs: int, expected: str) -> None:
+    """Time- or step-limited runs have max_epochs = -1: Lightning's bar would print "Epoch 3/-2"."""
+    bar = ProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # type: ignore[assignment]
+    assert bar._get_train_description(3).strip() == expected
