@@ -167,7 +167,9 @@ def eval_(
         all_ids = vocab.encode(corpus.text, what=f"corpus {corpus.path}")
         ids = getattr(split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction), split)
         source = f"{corpus.path} ({split} split)"
-    result = evaluate_ids(model, ids, batch_size=batch_size, bptt=max(cfg.data.bptt, 64))
+    # the training run's window, as its validation used: lstm-bn's per-step statistics restart with every
+    # window, so its loss depends on the window length (the other cells' does not, up to float rounding)
+    result = evaluate_ids(model, ids, batch_size=batch_size, bptt=cfg.data.bptt)
     result = {"checkpoint": str(path), "source": source, **result}
     if as_json:
         print(json.dumps(result))

@@ -164,15 +164,19 @@ def _clean_env(record: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> DDPRun:
+@pytest.fixture(scope="module", params=["lstm", "lstm-bn"])
+def ddp_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> DDPRun:
+    """One 2-process run per cell: ``lstm`` (native kernel) and ``lstm-bn``, whose per-step running
+    statistics grow (new tensors) after DDP wrapped the model; DDP re-reads the buffers before each
+    forward and broadcasts rank 0's, so both ranks validate with one set, the one the checkpoint keeps."""
     import time
 
     tmp = tmp_path_factory.mktemp("ddp")
     script = tmp / "record_ranks.py"
     script.write_text(RECORDER, encoding="utf-8")
     args = [sys.executable, str(script), "train", "--config", "smoke", "--data", str(corpus_file),
-            "--out", str(tmp / "runs"), "--name", "ddp", "--accelerator", "cpu", "--devices", str(WORLD),
+            "--out", str(tmp / "runs"), "--name", "ddp", "--cell", request.param, "--accelerator", "cpu",
+            "--devices", str(WORLD),
             "--strategy", "ddp", "--num-nodes", "1", "--set", "data.variable_bptt=true",
             "--set", "sample.enabled=false"]
     start = time.perf_counter()
@@ -278,7 +282,7 @@ def test_ddp_val_loss_equals_a_single_process_evaluation_of_the_checkpoint(ddp_r
     exact = sum(s for s, _ in sums) / sum(c for _, c in sums)
     assert torch.tensor(exact, dtype=torch.float32).item() == logged
     # `charlm eval` in one process with WORLD * eval_batch_size streams reads the same streams (windows
-    # of 64, 16 rows at a time: float32 sums in another order, so equal to ~1e-7, the logged float32's step)
+    # of bptt, 16 rows at a time: float32 sums in another order, so equal to ~1e-7, the logged float32's step)
     runner = CliRunner()
     same = runner.invoke(app, ["eval", "--checkpoint", str(best), "--split", "val", "--json",
                                "--batch-size", str(EVAL_BATCH * WORLD)])
@@ -288,7 +292,7 @@ def test_ddp_val_loss_equals_a_single_process_evaluation_of_the_checkpoint(ddp_r
     assert abs(result["loss"] - exact) < 2e-6 and abs(result["loss"] - logged) < 2e-6
     other = json.loads(runner.invoke(app, ["eval", "--checkpoint", str(best), "--split", "val", "--json",
                                            "--batch-size", str(EVAL_BATCH)]).output)
-    assert abs(other["loss"] - exact) > 1e-4  # another stream layout is visibly another number
+    assert abs(other["loss"] - exact) > 1e-5  # another stream layout is visibly another number (5x the tolerance)
     assert cfg.train.devices == WORLD and cfg.train.strategy == "ddp"  # the run's config says how it ran
 
 
