@@ -135,14 +135,15 @@ class GatedLSTMCell(Cell):
         return h_new, c_new
 
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.use_fused(x):
-            peep = q.get("peephole", x.new_empty(0))
-            hs, h, c = FusedGatedLSTM.apply(
-                x, q["weight_ih"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"], peep,
-                self.config, None, None,
-            )
-            return hs, (h, c)
-        return super().run(x, state, q)
+        if not self.use_fused(x):
+            return super().run(x, state, q)
+        # FGR (a third state entry: the previous gates) also hands the kernel its gate recurrence
+        gates0, w_gg = (state[2], q["weight_gg"]) if len(state) == 3 else (None, None)
+        hs, *final = FusedGatedLSTM.apply(
+            x, q["weight_ih"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"],
+            q.get("peephole", x.new_empty(0)), self.config, gates0, w_gg,
+        )
+        return hs, tuple(final)
 
 
 class GateRecurrentLSTMCell(GatedLSTMCell):
@@ -190,12 +191,3 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
         o = torch.sigmoid(gates[:, 3 * hs :] + peep[2 * hs :] * c_new)
         h_new = o * torch.tanh(c_new)
         return h_new, c_new, torch.cat([i, f, o], 1)
-
-    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.use_fused(x):
-            hs, h, c, gates = FusedGatedLSTM.apply(
-                x, q["weight_ih"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"], q["peephole"],
-                self.config, state[2], q["weight_gg"],
-            )
-            return hs, (h, c, gates)
-        return Cell.run(self, x, state, q)
