@@ -5,11 +5,17 @@ one ATen op each: ``native_layer_norm`` over the features for ``lstm-ln``, ``nat
 over the batch for ``lstm-bn`` in training (which also moves that step's running statistics, as
 :class:`charlm.cells.norm.BatchNormLSTMCell` does). Going back, ``native_layer_norm_backward`` /
 ``native_batch_norm_backward`` reuse the mean and 1/std kept from the forward pass and give each
-step's share of the gains' (and the cell shift's) gradients, summed in the loop; the recurrent
-weight's gradient is one matmul over all steps after it.
+step's share of the gains' (and the cell shift's) gradients, summed in the loop.
 
-Per step, forward: U h, its norm, add the projected input, one sigmoid over the whole row
-(tanh(a) = 2 s(2a) - 1 for g: its input rows and its norm gain are doubled), c', the norm of c',
+The kernel takes the projected input W x of every step and normalises it itself, in one op for all
+steps, into the buffer the loop then works in (one 16 MB tensor less per layer than normalising
+outside and copying). For the batch norm W x comes batch-major, (B, T, 4H) seen as (B, T*4H), so that
+one ``native_batch_norm`` normalises every (step, feature) column over the batch, with the gain and
+shift tiled over the steps inside the same op. The recurrent weight's gradient is one matmul per
+chunk of ``DR_CHUNK`` steps, gathered during the backward loop.
+
+Per step, forward: U h, its norm, added in place to the normalised input, one sigmoid over the whole
+row (tanh(a) = 2 s(2a) - 1 for g: its input rows and its norm gain are doubled), c', the norm of c',
 tanh, h. Backward: the factors of every gate are precomputed for all steps and scaled in place by
 dh and dc; the two norm backwards and one product carry the gradient to the step before.
 
@@ -24,28 +30,69 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from charlm.cells.fused import recurrent_weight_grad
 from charlm.cells.gemm import StepProduct
 
 _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
 
 
+# Going back, the per-step gradient of U h is gathered in a small buffer of this many steps, and
+# flushed into the recurrent weight's gradient by one matmul per chunk: a (T, B, 4H) buffer would be
+# 16 MB of fresh pages per layer and call (about 1.5 us a 4 KB page on the VM we measure on).
+DR_CHUNK = 16
+
+
 @dataclass(frozen=True, eq=False)
 class StepNorm:
-    """The per-step norm: over the features (layer) or over the batch with per-step running statistics.
+    """The norms: over the features (layer) or over the batch with per-step running statistics.
 
-    ``running`` (batch only): the (L, F) buffers ``bn_hh_mean``, ``bn_hh_var``, ``bn_c_mean``,
-    ``bn_c_var``, with L >= the sequence length; row t is updated in place by step t.
+    ``running`` (batch only): the (L, F) buffers ``bn_ih_mean``, ``bn_ih_var``, ``bn_hh_mean``,
+    ``bn_hh_var``, ``bn_c_mean``, ``bn_c_var``, with L >= the sequence length; row t is updated in
+    place by step t.
     """
 
     kind: str  # "layer" or "batch"
     eps: float
-    running: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    running: tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
     momentum: float = 0.1
 
+    def input_forward(self, v: Tensor, gain: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The norm of the projected input of every step, v (T, B, K), with its gain and shift: returns a
+        new (T, B, K) tensor and the statistics kept for :meth:`input_backward`. For the batch norm v is
+        the time-major view of a contiguous (B, T, K) tensor, and so is the result."""
+        T, B, K = v.shape
+        if self.kind == "layer":
+            return torch.ops.aten.native_layer_norm(v, (K,), gain, shift, self.eps)
+        assert self.running is not None
+        # one batch norm over the B rows of the T*K (step, feature) columns of the batch-major tensor,
+        # with the gain and shift tiled over the steps; the running statistics of rows 0..T-1 move in place
+        flat = v.transpose(0, 1).view(B, T * K)
+        mean, var = self.running[0][:T].view(-1), self.running[1][:T].view(-1)
+        y, m, r = torch.native_batch_norm(
+            flat, gain.repeat(T), shift.repeat(T), mean, var, True, self.momentum, self.eps
+        )
+        return y.view(B, T, K).transpose(0, 1), m, r
+
+    def input_backward(
+        self, dy: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, gain: Tensor, shift: Tensor,
+        mask: tuple[bool, bool, bool],
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients of :meth:`input_forward` from dy (T, B, K, laid out as v is) for v, the gain and the shift."""
+        T, B, K = v.shape
+        if self.kind == "layer":
+            return torch.ops.aten.native_layer_norm_backward(dy, v, (K,), mean, rstd, gain, shift, mask)
+        dv, dg, db = torch.ops.aten.native_batch_norm_backward(
+            dy.transpose(0, 1).view(B, T * K), v.transpose(0, 1).view(B, T * K), gain.repeat(T), None, None,
+            mean, rstd, True, self.eps, mask,
+        )
+        return (
+            dv.view(B, T, K).transpose(0, 1) if dv is not None else None,
+            dg.view(T, K).sum(0) if dg is not None else None,
+            db.view(T, K).sum(0) if db is not None else None,
+        )
+
     def forward(self, v: Tensor, gain: Tensor, shift: Tensor | None, which: int, t: int) -> tuple[Tensor, ...]:
-        """Normalised v (B, F) and its (mean, 1/std); ``which`` 0 is the U h norm, 1 the c' norm."""
+        """Normalised v (B, F) and its (mean, 1/std); ``which`` 1 is the U h norm, 2 the c' norm."""
         if self.kind == "layer":
             return torch.ops.aten.native_layer_norm(v, (v.shape[1],), gain, shift, self.eps)
         assert self.running is not None
@@ -64,80 +111,86 @@ class StepNorm:
 
 
 class FusedNormLSTM(torch.autograd.Function):
-    """(xw (T,B,4H) = N(W x) + b, h0, c0 (B,H), weight_hh [4H,H], gain_hh [4H], gain_c, shift_c [H], StepNorm)
-    -> (hs (T,B,H), h, c)."""
+    """(v (T,B,4H) = W x, gain_ih [4H], shift [4H] (both biases), h0, c0 (B,H), weight_hh [4H,H],
+    gain_hh [4H], gain_c, shift_c [H], StepNorm) -> (hs (T,B,H), h, c).
+
+    The kernel normalises the projected input itself, into the buffer the loop then works in.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xw: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor, g_c: Tensor, b_c: Tensor,
-        norm: StepNorm,
+        ctx: Any, v: Tensor, g_ih: Tensor, shift: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
+        g_c: Tensor, b_c: Tensor, norm: StepNorm,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        T, B, K = xw.shape
+        T, B = v.shape[:2]
         H = h0.shape[1]
         gsl = slice(2 * H, 3 * H)
-        two_g = xw.new_ones(K)  # tanh(a) = 2 s(2a) - 1: the g block enters the sigmoid doubled
-        two_g[gsl] = 2.0
-        g_hh2 = g_hh * two_g
-        A = xw.new_empty(T, B, K)  # the gate activations of every step
-        Cs = xw.new_empty(T + 1, B, H)
+        # A: the normalised input, then (each step adding its normalised U h in place) the gate activations
+        A, mean_in, rstd_in = norm.input_forward(v, g_ih, shift)
+        A[:, :, gsl].mul_(2.0)  # tanh(a) = 2 s(2a) - 1: the g block enters the sigmoid doubled
+        g_hh2 = g_hh.clone()
+        g_hh2[gsl].mul_(2.0)
+        Cs = v.new_empty(T + 1, B, H)
         Cs[0].copy_(c0)
-        Hs = xw.new_empty(T, B, H)
-        TC = xw.new_empty(T, B, H)  # tanh(N(c'))
+        Hs = v.new_empty(T, B, H)
+        TC = v.new_empty(T, B, H)  # tanh(N(c'))
         uh = StepProduct(w_hh, B, T)
-        x_l, a_l, c_l, h_l, tc_l = xw.unbind(0), A.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
+        a_l, c_l, h_l, tc_l = A.unbind(0), Cs.unbind(0), Hs.unbind(0), TC.unbind(0)
         i_l, f_l = A[:, :, :H].unbind(0), A[:, :, H : 2 * H].unbind(0)
-        s_l, o_l = A[:, :, gsl].unbind(0), A[:, :, 3 * H :].unbind(0)
+        g_l, o_l = A[:, :, gsl].unbind(0), A[:, :, 3 * H :].unbind(0)
         kept: list[tuple[Tensor, ...]] = []  # per step: U h and the two norms' (mean, 1/std)
         h = h0
         for t in range(T):
             r = uh(h)  # (B, 4H)
-            n, mean, rstd = norm.forward(r, g_hh2, None, 0, t)
-            torch.addcmul(n, x_l[t], two_g, out=a_l[t]).sigmoid_()
+            n, mean, rstd = norm.forward(r, g_hh2, None, 1, t)
+            a_l[t].add_(n).sigmoid_()
             cn = c_l[t + 1]
             torch.mul(f_l[t], c_l[t], out=cn)  # c' = f c + i (2 s - 1)
-            cn.addcmul_(i_l[t], s_l[t], value=2.0).sub_(i_l[t])
-            c_hat, mean_c, rstd_c = norm.forward(cn, g_c, b_c, 1, t)
+            cn.addcmul_(i_l[t], g_l[t], value=2.0).sub_(i_l[t])
+            c_hat, mean_c, rstd_c = norm.forward(cn, g_c, b_c, 2, t)
             torch.tanh(c_hat, out=tc_l[t])
             h = torch.mul(o_l[t], tc_l[t], out=h_l[t])
             kept.append((r, mean, rstd, mean_c, rstd_c))
         A[:, :, gsl].mul_(2.0).sub_(1.0)  # the g block now holds tanh(a_g)
         ctx.norm = norm
         ctx.kept = kept  # intermediates of this call only: kept on ctx, not through save_for_backward
-        ctx.save_for_backward(A, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c)
+        ctx.save_for_backward(v, mean_in, rstd_in, A, Cs, TC, Hs, h0, w_hh, g_ih, shift, g_hh, g_c, b_c)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
-        G, Cs, TC, Hs, h0, w_hh, g_hh, g_c, b_c = ctx.saved_tensors
+        v, mean_in, rstd_in, G, Cs, TC, Hs, h0, w_hh, g_ih, shift, g_hh, g_c, b_c = ctx.saved_tensors
         norm: StepNorm = ctx.norm
         needs = ctx.needs_input_grad
-        T = G.shape[0]
+        T, B, K = G.shape
         H = Hs.shape[2]
         i, f, g, o = G.split(H, dim=2)
         c_prev = Cs[:-1]
         # factors for all steps: d a_o = dh * tanh(c^) s'(a_o), dc^ = dh * o (1 - tanh(c^)^2),
         # (d a_i, d a_f, d a_g) = dc' * (g s'(a_i), c s'(a_f), i (1 - g^2))
-        dG = torch.empty_like(G)
+        dG = torch.empty_like(G)  # laid out as G (batch-major underneath for the batch norm)
         k_fac = dG[:, :, : 3 * H].unflatten(2, (3, H))
         k_fac[:, :, 0] = _sig_bw(g, i)
         k_fac[:, :, 1] = _sig_bw(c_prev, f)
         k_fac[:, :, 2] = _tanh_bw(i, g)
         dG[:, :, 3 * H :] = _sig_bw(TC, o)
         b_fac = _tanh_bw(o, TC)
-        DR = torch.empty_like(G)  # dL/d (U h) per step, for dU at the end
-        dg_l, dr_l = dG.unbind(0), DR.unbind(0)
+        dg_l = dG.unbind(0)
         d_ifg, d_o = k_fac.unbind(0), dG[:, :, 3 * H :].unbind(0)
         b_l, f_l, c_l = b_fac.unbind(0), f.unbind(0), Cs.unbind(0)
         # the gains' and the shift's gradients: each step's share, from the norm backwards, summed here
-        d_ghh = torch.zeros_like(g_hh) if needs[4] else None
-        d_gc = torch.zeros_like(g_c) if needs[5] else None
-        d_bc = torch.zeros_like(b_c) if needs[6] else None
+        d_ghh = torch.zeros_like(g_hh) if needs[6] else None
+        d_gc = torch.zeros_like(g_c) if needs[7] else None
+        d_bc = torch.zeros_like(b_c) if needs[8] else None
         mask_hh = (True, d_ghh is not None, False)
         mask_c = (True, d_gc is not None, d_bc is not None)
         dh_l = g_hs.clone(memory_format=torch.contiguous_format).unbind(0)
         dh = dh_l[T - 1].add_(g_h)
         dc = g_cT.clone()
-        back = StepProduct(w_hh.t(), dc.shape[0], T)  # dh_{t-1} = d(U h) W_hh
+        back = StepProduct(w_hh.t(), B, T)  # dh_{t-1} = d(U h) W_hh
+        # dU = sum_t d(U h)_t^T h_{t-1}, one matmul per chunk of DR_CHUNK steps
+        d_w = w_hh.new_zeros(w_hh.shape) if needs[5] else None
+        chunk = G.new_empty(min(DR_CHUNK, T), B, K) if d_w is not None else None
         for t in range(T - 1, -1, -1):
             r, mean, rstd, mean_c, rstd_c = ctx.kept[t]
             d_o[t].mul_(dh)
@@ -149,10 +202,25 @@ class FusedNormLSTM(torch.autograd.Function):
                 d_bc.add_(d_bc_t)  # type: ignore[arg-type]
             d_ifg[t].mul_(dc.unsqueeze(1))
             dc.mul_(f_l[t])
-            d_r, d_ghh_t, _ = norm.backward(dg_l[t], r, mean, rstd, g_hh, None, mask_hh)
+            d_r, d_ghh_t, _ = norm.backward(dg_l[t].contiguous(), r, mean, rstd, g_hh, None, mask_hh)
             if d_ghh is not None:
                 d_ghh.add_(d_ghh_t)  # type: ignore[arg-type]
-            dr_l[t].copy_(d_r)
-            dh = back.add_to(dh_l[t - 1], dr_l[t]) if t > 0 else back(dr_l[t])  # (B, H)
-        d_w = recurrent_weight_grad(DR, h0, Hs) if needs[3] else None
-        return dG, dh, dc, d_w, d_ghh, d_gc, d_bc, None
+            dh = back.add_to(dh_l[t - 1], d_r) if t > 0 else back(d_r)  # (B, H)
+            if d_w is not None and chunk is not None:
+                base = t - t % DR_CHUNK
+                chunk[t - base].copy_(d_r)
+                if t == base:  # steps base..end of this chunk are all in: flush them
+                    _flush(d_w, chunk[: min(DR_CHUNK, T - base)], h0, Hs, base)
+        d_v, d_gih, d_shift = norm.input_backward(dG, v, mean_in, rstd_in, g_ih, shift, (needs[0], needs[1], needs[2]))
+        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None
+
+
+def _flush(d_w: Tensor, d_r: Tensor, h0: Tensor, hs: Tensor, base: int) -> None:
+    """d_w (K, H) += sum over the n steps base.. of d_r[j]^T h_{base+j-1}, d_r (n, B, K), hs (T, B, H)."""
+    n, B, K = d_r.shape
+    if base == 0:
+        d_w.addmm_(d_r[0].t(), h0)
+        d_r, base, n = d_r[1:], 1, n - 1
+        if n == 0:
+            return
+    d_w.addmm_(d_r.reshape(n * B, K).t(), hs[base - 1 : base - 1 + n].reshape(n * B, hs.shape[2]))

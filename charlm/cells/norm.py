@@ -74,14 +74,14 @@ class LayerNormLSTMCell(Cell):
         h_new = o * torch.tanh(F.layer_norm(c_new, (hs,), q["ln_c_weight"], q["ln_c_bias"], EPS))
         return h_new, c_new
 
-    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if self.use_fused(xw):
-            hs, h, c = FusedNormLSTM.apply(
-                xw, state[0], state[1], q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"],
-                StepNorm("layer", EPS),
-            )
-            return hs, (h, c)
-        return super().sequence(xw, state, q)
+    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if not self.use_fused(x):
+            return super().run(x, state, q)
+        hs, h, c = FusedNormLSTM.apply(
+            linear(x, q["weight_ih"]), q["ln_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1],
+            q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"], StepNorm("layer", EPS),
+        )
+        return hs, (h, c)
 
 
 class BatchNormLSTMCell(Cell):
@@ -143,15 +143,6 @@ class BatchNormLSTMCell(Cell):
 
     def _norm(self, v: Tensor, key: str, q: Params, t: int) -> Tensor:
         """Normalise v (B, F), or (S, B, F) for S steps from t, with per-step statistics."""
-        if self.training and v.dim() == 3 and v.shape[1] > 1:
-            # S steps at once: one batch norm over the B rows of each of the S*F (step, feature) columns,
-            # which also moves the running statistics (rows t.. of the buffers, viewed flat) in place
-            S, B, F_ = v.shape
-            rows = slice(t, t + S)
-            run_mean, run_var = q[f"bn_{key}_mean"][rows].view(-1), q[f"bn_{key}_var"][rows].view(-1)
-            flat = v.transpose(0, 1).reshape(B, S * F_)  # (B, S*F)
-            y = F.batch_norm(flat, run_mean, run_var, training=True, momentum=self.momentum, eps=EPS)
-            return y.view(B, S, F_).transpose(0, 1)  # (S, B, F)
         if self.training:
             var, mean = torch.var_mean(v, dim=-2, keepdim=True, correction=0)
             if self._pending is not None and v.dim() == 2:
@@ -178,16 +169,20 @@ class BatchNormLSTMCell(Cell):
             unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
             q[f"bn_{key}_var"][rows].lerp_(unbiased, self.momentum)
 
+    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        if not (self.training and self.use_fused(x) and x.shape[1] > 1):
+            return super().run(x, state, q)
+        running = tuple(q[f"bn_{k}_{s}"] for k in ("ih", "hh", "c") for s in ("mean", "var"))
+        v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)  # (T, B, 4H), batch-major underneath
+        hs, h, c = FusedNormLSTM.apply(
+            v, q["bn_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"],
+            q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"], StepNorm("batch", EPS, running, self.momentum),
+        )
+        return hs, (h, c)
+
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if not self.training:
             return super().sequence(xw, state, q)
-        if self.use_fused(xw) and xw.shape[1] > 1:
-            running = (q["bn_hh_mean"], q["bn_hh_var"], q["bn_c_mean"], q["bn_c_var"])
-            hs, h, c = FusedNormLSTM.apply(
-                xw, state[0], state[1], q["weight_hh"], q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"],
-                StepNorm("batch", EPS, running, self.momentum),
-            )
-            return hs, (h, c)
         self._pending = []
         try:
             result = super().sequence(xw, state, q)
@@ -203,8 +198,23 @@ class BatchNormLSTMCell(Cell):
         return result
 
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
+        shift = q["bias_ih"] + q["bias_hh"]
+        S, B = x.shape[:2]
+        if self.training and B > 1:
+            # All S steps in one batch norm: projected batch-major, (B, S, K) viewed as (B, S*K), its S*K
+            # (step, feature) columns are normalised over the B rows, the running statistics (rows t0..
+            # of the buffers, viewed flat) move in place, and the gain and shift (tiled over the steps)
+            # are applied inside the same op. Returns the (S, B, K) view of that batch-major result.
+            v = linear(x.transpose(0, 1), q["weight_ih"])  # (B, S, K)
+            K = v.shape[2]
+            rows = slice(t0, t0 + S)
+            y = F.batch_norm(
+                v.reshape(B, S * K), q["bn_ih_mean"][rows].view(-1), q["bn_ih_var"][rows].view(-1),
+                q["bn_ih_weight"].repeat(S), shift.repeat(S), training=True, momentum=self.momentum, eps=EPS,
+            )
+            return y.view(B, S, K).transpose(0, 1)
         v = self._norm(linear(x, q["weight_ih"]), "ih", q, t0)
-        return torch.addcmul(q["bias_ih"] + q["bias_hh"], v, q["bn_ih_weight"])
+        return torch.addcmul(shift, v, q["bn_ih_weight"])
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         h, c = state[0], state[1]
