@@ -11,8 +11,8 @@ The kernel takes the projected input W x of every step and normalises it itself,
 steps, into the buffer the loop then works in (one 16 MB tensor less per layer than normalising
 outside and copying). For the batch norm W x comes batch-major, (B, T, 4H) seen as (B, T*4H), so that
 one ``native_batch_norm`` normalises every (step, feature) column over the batch, with the gain and
-shift tiled over the steps inside the same op. The recurrent weight's gradient is one matmul per
-chunk of ``DR_CHUNK`` steps, gathered during the backward loop.
+shift tiled over the steps inside the same op. The recurrent weight's gradient is one matmul over all
+steps after the backward loop.
 
 Per step, forward: U h, its norm, added in place to the normalised input, one sigmoid over the whole
 row (tanh(a) = 2 s(2a) - 1 for g: its input rows and its norm gain are doubled), c', the norm of c',
@@ -30,16 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from charlm.cells.fused import recurrent_weight_grad
 from charlm.cells.gemm import StepProduct
 
 _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
-
-
-# Going back, the per-step gradient of U h is gathered in a small buffer of this many steps, and
-# flushed into the recurrent weight's gradient by one matmul per chunk: a (T, B, 4H) buffer would be
-# 16 MB of fresh pages per layer and call (about 1.5 us a 4 KB page on the VM we measure on).
-DR_CHUNK = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,7 +157,7 @@ class FusedNormLSTM(torch.autograd.Function):
         v, mean_in, rstd_in, G, Cs, TC, Hs, h0, w_hh, g_ih, shift, g_hh, g_c, b_c = ctx.saved_tensors
         norm: StepNorm = ctx.norm
         needs = ctx.needs_input_grad
-        T, B, K = G.shape
+        T, B = G.shape[:2]
         H = Hs.shape[2]
         i, f, g, o = G.split(H, dim=2)
         c_prev = Cs[:-1]
@@ -175,7 +170,8 @@ class FusedNormLSTM(torch.autograd.Function):
         k_fac[:, :, 2] = _tanh_bw(i, g)
         dG[:, :, 3 * H :] = _sig_bw(TC, o)
         b_fac = _tanh_bw(o, TC)
-        dg_l = dG.unbind(0)
+        DR = G.new_empty(G.shape)  # dL/d (U h) per step (time-major), for dU at the end
+        dg_l, dr_l = dG.unbind(0), DR.unbind(0)
         d_ifg, d_o = k_fac.unbind(0), dG[:, :, 3 * H :].unbind(0)
         b_l, f_l, c_l = b_fac.unbind(0), f.unbind(0), Cs.unbind(0)
         # the gains' and the shift's gradients: each step's share, from the norm backwards, summed here
@@ -188,9 +184,6 @@ class FusedNormLSTM(torch.autograd.Function):
         dh = dh_l[T - 1].add_(g_h)
         dc = g_cT.clone()
         back = StepProduct(w_hh.t(), B, T)  # dh_{t-1} = d(U h) W_hh
-        # dU = sum_t d(U h)_t^T h_{t-1}, one matmul per chunk of DR_CHUNK steps
-        d_w = w_hh.new_zeros(w_hh.shape) if needs[5] else None
-        chunk = G.new_empty(min(DR_CHUNK, T), B, K) if d_w is not None else None
         for t in range(T - 1, -1, -1):
             r, mean, rstd, mean_c, rstd_c = ctx.kept[t]
             d_o[t].mul_(dh)
@@ -202,25 +195,13 @@ class FusedNormLSTM(torch.autograd.Function):
                 d_bc.add_(d_bc_t)  # type: ignore[arg-type]
             d_ifg[t].mul_(dc.unsqueeze(1))
             dc.mul_(f_l[t])
+            # (a copy where dG is batch-major: the native batch norm backward took ~390 us on strided rows)
             d_r, d_ghh_t, _ = norm.backward(dg_l[t].contiguous(), r, mean, rstd, g_hh, None, mask_hh)
             if d_ghh is not None:
                 d_ghh.add_(d_ghh_t)  # type: ignore[arg-type]
-            dh = back.add_to(dh_l[t - 1], d_r) if t > 0 else back(d_r)  # (B, H)
-            if d_w is not None and chunk is not None:
-                base = t - t % DR_CHUNK
-                chunk[t - base].copy_(d_r)
-                if t == base:  # steps base..end of this chunk are all in: flush them
-                    _flush(d_w, chunk[: min(DR_CHUNK, T - base)], h0, Hs, base)
+            dr_l[t].copy_(d_r)
+            dh = back.add_to(dh_l[t - 1], dr_l[t]) if t > 0 else back(dr_l[t])  # (B, H)
+        d_w = recurrent_weight_grad(DR, h0, Hs) if needs[5] else None
         d_v, d_gih, d_shift = norm.input_backward(dG, v, mean_in, rstd_in, g_ih, shift, (needs[0], needs[1], needs[2]))
         return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None
 
-
-def _flush(d_w: Tensor, d_r: Tensor, h0: Tensor, hs: Tensor, base: int) -> None:
-    """d_w (K, H) += sum over the n steps base.. of d_r[j]^T h_{base+j-1}, d_r (n, B, K), hs (T, B, H)."""
-    n, B, K = d_r.shape
-    if base == 0:
-        d_w.addmm_(d_r[0].t(), h0)
-        d_r, base, n = d_r[1:], 1, n - 1
-        if n == 0:
-            return
-    d_w.addmm_(d_r.reshape(n * B, K).t(), hs[base - 1 : base - 1 + n].reshape(n * B, hs.shape[2]))
