@@ -8,8 +8,8 @@ over the batch for ``lstm-bn`` in training (which also moves that step's running
 step's share of the gains' (and the cell shift's) gradients, summed in the loop.
 
 The kernel takes the projected input W x of every step and normalises it itself, in one op for all
-steps, into the buffer the loop then works in (one 16 MB tensor less per layer than normalising
-outside and copying). For the batch norm W x comes batch-major, (B, T, 4H) seen as (B, T*4H), so that
+steps, into the buffer the loop then works in (no separate buffer for the gates: one 16 MB tensor
+less per layer). For the batch norm W x comes batch-major, (B, T, 4H) seen as (B, T*4H), so that
 one ``native_batch_norm`` normalises every (step, feature) column over the batch, with the gain and
 shift tiled over the steps inside the same op. The recurrent weight's gradient is one matmul over all
 steps after the backward loop.
@@ -204,4 +204,3 @@ class FusedNormLSTM(torch.autograd.Function):
         d_w = recurrent_weight_grad(DR, h0, Hs) if needs[5] else None
         d_v, d_gih, d_shift = norm.input_backward(dG, v, mean_in, rstd_in, g_ih, shift, (needs[0], needs[1], needs[2]))
         return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None
-
