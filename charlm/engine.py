@@ -8,7 +8,7 @@ A :class:`RecurrentLayer` is one layer (optionally bidirectional) of any cell in
 Forward, custom cells: the input of every step is projected in one matmul, then the cell's step
 runs over ``unbind(0)`` of the time-major projection (never ``x[:, t]``, whose backward writes a
 full-size zero gradient per step) and the outputs are stacked once. LSTM-family cells (the gated
-variants, FGR, and in training the normalised LSTMs) use hand-written backward-through-time kernels
+variants, FGR, lstm-ln, and lstm-bn in training) use hand-written backward-through-time kernels
 (:mod:`charlm.cells.fused`, :mod:`charlm.cells.fused_norm`) instead of autograd.
 
 Forward, native cells (``lstm``, ``lstm-b``, ``np`` -> LSTM kernel; ``gru`` -> GRU; ``rnn`` /

@@ -37,6 +37,25 @@ _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
 
 
+def batch_norm_over_steps(
+    v: Tensor, gain: Tensor, shift: Tensor, run_mean: Tensor, run_var: Tensor, momentum: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step batch norm of v (T, B, K) in one op (no copy where v is the time-major view of a contiguous
+    (B, T, K) tensor).
+
+    The (B, T*K) view's T*K (step, feature) columns are normalised over the B rows, with the gain and
+    shift [K] tiled over the steps inside the same ``native_batch_norm``; ``run_mean`` / ``run_var``
+    (T, K) (contiguous rows of the running buffers) move in place. Returns the (T, B, K) view of the
+    batch-major result and the op's saved mean and 1/std (T*K). Differentiable by autograd as well.
+    """
+    T, B, K = v.shape
+    y, mean, rstd = torch.native_batch_norm(
+        v.transpose(0, 1).reshape(B, T * K), gain.repeat(T), shift.repeat(T), run_mean.view(-1), run_var.view(-1),
+        True, momentum, eps,
+    )
+    return y.view(B, T, K).transpose(0, 1), mean, rstd
+
+
 @dataclass(frozen=True, eq=False)
 class StepNorm:
     """The norms: over the features (layer) or over the batch with per-step running statistics.
@@ -55,18 +74,11 @@ class StepNorm:
         """The norm of the projected input of every step, v (T, B, K), with its gain and shift: returns a
         new (T, B, K) tensor and the statistics kept for :meth:`input_backward`. For the batch norm v is
         the time-major view of a contiguous (B, T, K) tensor, and so is the result."""
-        T, B, K = v.shape
+        T, K = v.shape[0], v.shape[2]
         if self.kind == "layer":
             return torch.ops.aten.native_layer_norm(v, (K,), gain, shift, self.eps)
         assert self.running is not None
-        # one batch norm over the B rows of the T*K (step, feature) columns of the batch-major tensor,
-        # with the gain and shift tiled over the steps; the running statistics of rows 0..T-1 move in place
-        flat = v.transpose(0, 1).view(B, T * K)
-        mean, var = self.running[0][:T].view(-1), self.running[1][:T].view(-1)
-        y, m, r = torch.native_batch_norm(
-            flat, gain.repeat(T), shift.repeat(T), mean, var, True, self.momentum, self.eps
-        )
-        return y.view(B, T, K).transpose(0, 1), m, r
+        return batch_norm_over_steps(v, gain, shift, self.running[0][:T], self.running[1][:T], self.momentum, self.eps)
 
     def input_backward(
         self, dy: Tensor, v: Tensor, mean: Tensor, rstd: Tensor, gain: Tensor, shift: Tensor,

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.fused_norm import FusedNormLSTM, StepNorm
+from charlm.cells.fused_norm import FusedNormLSTM, StepNorm, batch_norm_over_steps
 from charlm.cells.gemm import linear
 
 EPS = 1e-5
@@ -200,19 +200,12 @@ class BatchNormLSTMCell(Cell):
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
         shift = q["bias_ih"] + q["bias_hh"]
         S, B = x.shape[:2]
-        if self.training and B > 1:
-            # All S steps in one batch norm: projected batch-major, (B, S, K) viewed as (B, S*K), its S*K
-            # (step, feature) columns are normalised over the B rows, the running statistics (rows t0..
-            # of the buffers, viewed flat) move in place, and the gain and shift (tiled over the steps)
-            # are applied inside the same op. Returns the (S, B, K) view of that batch-major result.
-            v = linear(x.transpose(0, 1), q["weight_ih"])  # (B, S, K)
-            K = v.shape[2]
+        if self.training and B > 1:  # all S steps in one batch norm, projected batch-major
+            v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)  # (S, B, K), batch-major underneath
             rows = slice(t0, t0 + S)
-            y = F.batch_norm(
-                v.reshape(B, S * K), q["bn_ih_mean"][rows].view(-1), q["bn_ih_var"][rows].view(-1),
-                q["bn_ih_weight"].repeat(S), shift.repeat(S), training=True, momentum=self.momentum, eps=EPS,
-            )
-            return y.view(B, S, K).transpose(0, 1)
+            return batch_norm_over_steps(
+                v, q["bn_ih_weight"], shift, q["bn_ih_mean"][rows], q["bn_ih_var"][rows], self.momentum, EPS
+            )[0]
         v = self._norm(linear(x, q["weight_ih"]), "ih", q, t0)
         return torch.addcmul(shift, v, q["bn_ih_weight"])
 
