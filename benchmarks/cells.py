@@ -15,8 +15,10 @@ Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 ``addmm``), ``lstm[compile]`` (that loop with the step through ``torch.compile``, as
 ``model.compile=true`` runs it; the first warm-up step pays the compilation), ``lstm[no-onednn]`` (the
 hand-written forward/backward-through-time kernel with PyTorch's own matmuls), ``lstm[custom]`` (that
-kernel with oneDNN's products, as charlm runs it). ``nn.LSTM`` is the reference; ``CELL[autograd]``
-runs any cell with a kernel through the engine's autograd loop instead.
+kernel with oneDNN's products, as charlm runs it). ``lstm-ln[python]`` / ``lstm-bn[python]`` run the
+normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`charlm.cells.native`).
+``nn.LSTM`` is the reference; ``CELL[autograd]`` runs any cell with a kernel through the engine's
+autograd loop instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -33,11 +35,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charlm.cells import CELLS
+from charlm.cells import CELLS, native
 from charlm.cells.gemm import onednn_off
 from charlm.engine import RecurrentStack
 
 REFERENCE = "nn.LSTM"
+NORM_CELLS = ("lstm-ln", "lstm-bn")  # the cells with a C++ kernel
 
 
 class NaiveLSTM(nn.Module):
@@ -90,7 +93,16 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     first = stack.layers[0]
     fused = first.cell.has_fused and first.cell.fused and first.cell.step_fn is None
     path = "native" if first.native else "fused" if fused else "compiled" if first.cell.step_fn else "autograd"
+    if fused and cell in NORM_CELLS and variant != "python]" and native.available():
+        path = "c++"
     return CharLM(stack, args.vocab, h), path
+
+
+def switch_off(row: str) -> AbstractContextManager[None]:
+    """What a row runs without: oneDNN's products (``[no-onednn]``) or the C++ kernel (``[python]``)."""
+    if row.endswith("[no-onednn]"):
+        return onednn_off()
+    return native.native_off() if row.endswith("[python]") else nullcontext()
 
 
 def batches(args: argparse.Namespace) -> tuple[Tensor, Tensor]:
@@ -127,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
 
     if args.cells == "all":
-        rows = ["lstm[naive]", "lstm[autograd]", "lstm[compile]", "lstm[no-onednn]", "lstm[custom]", *CELLS]
+        rows = ["lstm[naive]", "lstm[autograd]", "lstm[compile]", "lstm[no-onednn]", "lstm[custom]", *CELLS,
+                *(f"{cell}[python]" for cell in NORM_CELLS)]
     else:
         rows = [c.strip() for c in args.cells.split(",") if c.strip()]
     rows = [REFERENCE, *[r for r in rows if r != REFERENCE]]
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for it in range(args.warmup + args.steps):
         for row, (model, opt, _) in models.items():
             t0 = time.perf_counter()
-            with onednn_off() if row.endswith("[no-onednn]") else nullcontext():
+            with switch_off(row):
                 loss = loss_fn(model(x).reshape(-1, args.vocab), y.reshape(-1))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -4,12 +4,14 @@ straight from the equations in each cell's docstring (not from the library's cod
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
 from torch import Tensor
 
-from charlm.cells import CELLS, cell_names, describe_cells
+from charlm.cells import CELLS, cell_names, describe_cells, native
 from charlm.engine import RecurrentLayer
 from charlm.errors import CharlmError
 
@@ -23,6 +25,19 @@ def sig(v: Tensor) -> Tensor:
 
 def tanh(v: Tensor) -> Tensor:
     return (torch.exp(v) - torch.exp(-v)) / (torch.exp(v) + torch.exp(-v))
+
+
+# lstm-ln / lstm-bn have two hand-written kernels: C++ (where it builds, see test_native.py) and Python
+KERNELS = ("c++", "python", "autograd")
+
+
+@contextmanager
+def use_kernel(layer: RecurrentLayer, kernel: str) -> Iterator[None]:
+    """Inside the block the layer runs the given path: a hand-written kernel ("fused": the cell's,
+    "c++" / "python": the normalised LSTMs') or autograd through the step."""
+    layer.cell.fused = kernel != "autograd"
+    with native.native_off() if kernel == "python" else nullcontext():
+        yield
 
 
 def make(cell: str, **kw: object) -> RecurrentLayer:
@@ -120,20 +135,21 @@ def test_fused_kernel_gradients_match_autograd(cell: str) -> None:
     layer = make(cell)
     x, state = rand_inputs(layer, steps=6)
     results = []
-    for fused in (True, False):
-        layer.cell.fused = fused
+    for kernel in KERNELS if cell in ("lstm-ln", "lstm-bn") else ("fused", "autograd"):
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         st = tuple(s.clone().requires_grad_() for s in state)
-        out, final = layer(xi, st)
+        with use_kernel(layer, kernel):
+            out, final = layer(xi, st)
         g = torch.Generator().manual_seed(5)
         loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
         for weight, last in zip((1.7, -0.6, 0.4), final, strict=False):  # h, c and fgr's gates
             loss = loss + weight * (last * torch.randn(last.shape, generator=g, dtype=last.dtype)).sum()
         loss.backward()
         results.append([xi.grad, *(s.grad for s in st), *(p.grad for p in layer.parameters())])
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    for got in results[:-1]:
+        for a, b in zip(got, results[-1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
 def test_peephole_with_zero_peepholes_is_lstm() -> None:
@@ -357,10 +373,9 @@ def lstm_gates(a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return sig(ao), c
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
-def test_layer_norm_lstm(fused: bool) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_layer_norm_lstm(kernel: str) -> None:
     layer = make("lstm-ln")
-    layer.cell.fused = fused
     x, state = rand_inputs(layer)
     h, c = state[0][0], state[1][0]
     b = layer.bias_ih_l0 + layer.bias_hh_l0
@@ -371,7 +386,8 @@ def test_layer_norm_lstm(fused: bool) -> None:
         o, c = lstm_gates(a, c)
         h = o * tanh(layer_norm(c, layer.ln_c_weight_l0, layer.ln_c_bias_l0))
         outs.append(h)
-    check(layer, torch.stack(outs, 1), x, state)
+    with use_kernel(layer, kernel):
+        check(layer, torch.stack(outs, 1), x, state)
 
 
 def batch_norm(v: Tensor, gain: Tensor, shift: Tensor | float, mean: Tensor, var: Tensor) -> Tensor:
@@ -399,17 +415,17 @@ def bn_reference(layer: RecurrentLayer, x: Tensor, state: tuple[Tensor, ...], st
     return torch.stack(outs, 1)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
-def test_batch_norm_lstm_training_eval_and_beyond_length(fused: bool) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batch_norm_lstm_training_eval_and_beyond_length(kernel: str) -> None:
     fresh = RecurrentLayer("lstm-bn", IN, H)
     assert torch.all(fresh.bn_ih_weight_l0 == 0.1) and torch.all(fresh.bn_c_weight_l0 == 0.1)
     assert fresh.bn_ih_mean_l0.shape == (0, 4 * H)
 
     layer = make("lstm-bn")
-    layer.cell.fused = fused
     x, state = rand_inputs(layer)
     layer.train()
-    check(layer, bn_reference(layer, x, state, None), x, state)  # batch statistics at every step
+    with use_kernel(layer, kernel):
+        check(layer, bn_reference(layer, x, state, None), x, state)  # batch statistics at every step
     # running statistics: one per time step, momentum 0.1 from (mean 0, var 1), unbiased variance
     assert layer.bn_ih_mean_l0.shape == (T, 4 * H) and layer.bn_c_var_l0.shape == (T, H)
     v0 = affine(layer.weight_ih_l0, x[:, 0])
@@ -434,16 +450,17 @@ def test_batch_norm_fused_kernel_moves_the_running_statistics_like_the_step_loop
     """Every per-step statistic (of W x, U h and c') after two training calls, fused against autograd."""
     x, state = rand_inputs(make("lstm-bn"))
     buffers = []
-    for fused in (True, False):
+    for kernel in KERNELS:
         layer = make("lstm-bn")
-        layer.cell.fused = fused
-        layer(x, state)
-        layer(x.flip(1), state)
+        with use_kernel(layer, kernel):
+            layer(x, state)
+            layer(x.flip(1), state)
         buffers.append(dict(layer.named_buffers()))
     assert sorted(buffers[0]) == sorted(f"bn_{k}_{s}_l0" for k in ("ih", "hh", "c") for s in ("mean", "var"))
-    for name, value in buffers[0].items():
-        assert value.shape[0] == T and value.abs().sum() > 0
-        torch.testing.assert_close(value, buffers[1][name], atol=TOL, rtol=0)
+    for kernel_buffers in buffers[:-1]:
+        for name, value in kernel_buffers.items():
+            assert value.shape[0] == T and value.abs().sum() > 0
+            torch.testing.assert_close(value, buffers[-1][name], atol=TOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,11 +10,17 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from charlm.cells import native
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.fused_norm import FusedNormLSTM, StepNorm, batch_norm_over_steps
+from charlm.cells.fused_norm import FusedNormLSTM, NativeNormLSTM, StepNorm, batch_norm_over_steps
 from charlm.cells.gemm import linear
 
 EPS = 1e-5
+
+
+def _kernel(x: Tensor) -> type[torch.autograd.Function]:
+    """The compiled kernel on the CPU where it is built, else the Python one."""
+    return NativeNormLSTM if x.device.type == "cpu" and native.available() else FusedNormLSTM
 
 
 def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Tensor]:
@@ -77,7 +83,7 @@ class LayerNormLSTMCell(Cell):
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if not self.use_fused(x):
             return super().run(x, state, q)
-        hs, h, c = FusedNormLSTM.apply(
+        hs, h, c = _kernel(x).apply(
             linear(x, q["weight_ih"]), q["ln_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1],
             q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"], StepNorm("layer", EPS),
         )
@@ -174,7 +180,7 @@ class BatchNormLSTMCell(Cell):
             return super().run(x, state, q)
         running = tuple(q[f"bn_{k}_{s}"] for k in ("ih", "hh", "c") for s in ("mean", "var"))
         v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)  # (T, B, 4H), batch-major underneath
-        hs, h, c = FusedNormLSTM.apply(
+        hs, h, c = _kernel(x).apply(
             v, q["bn_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"],
             q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"], StepNorm("batch", EPS, running, self.momentum),
         )

@@ -1,0 +1,134 @@
+"""The C++ kernel of lstm-ln / lstm-bn against the Python kernel it replaces, its selection and its fallback."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from charlm.cells import native
+from charlm.cells.fused_norm import FusedNormLSTM, NativeNormLSTM, StepNorm
+from charlm.engine import RecurrentLayer
+
+# odd sizes: H = 37 leaves a vector tail in every loop, B = 5 splits unevenly between two threads
+T, B, H, STEPS_KEPT = 9, 5, 37, 12
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    """The kernel is built here; where a compiler and ninja are installed a failed build is a failure."""
+    if native.available():
+        return
+    if shutil.which("c++") and shutil.which("ninja"):
+        pytest.fail("a C++ compiler and ninja are installed, but the C++ kernel did not build")
+    pytest.skip("no C++ compiler or ninja: the C++ kernel cannot be built here")
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """The suite runs on one thread; the kernel splits rows and columns between threads, so check with two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def inputs(kind: str, dtype: torch.dtype) -> tuple[list[Tensor], tuple[Tensor, ...] | None]:
+    """FusedNormLSTM's arguments with non-trivial values; the batch norm's W x batch-major underneath."""
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    K = 4 * H
+    args = [2 * r(T, B, K), 1 + 0.3 * r(K), 0.2 * r(K), r(B, H), r(B, H), 0.3 * r(K, H), 1 + 0.3 * r(K),
+            1 + 0.3 * r(H), 0.2 * r(H)]
+    args = [a.to(dtype) for a in args]
+    running = None
+    if kind == "batch":
+        args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)
+        running = tuple((torch.rand(STEPS_KEPT, n, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+                        for n in (K, K, K, K, H, H))
+    return [a.requires_grad_() for a in args], running
+
+
+def run(kernel: type[torch.autograd.Function], kind: str, dtype: torch.dtype) -> list[Tensor]:
+    """Outputs, the gradients of every input and the running statistics after one call, as float64."""
+    args, running = inputs(kind, dtype)
+    hs, h, c = kernel.apply(*args, StepNorm(kind, 1e-5, running, 0.1))
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (hs, h, c)]
+    loss = sum((t.double() * w).sum() for t, w in zip((hs, h, c), weights, strict=True))
+    grads = torch.autograd.grad(loss, args)
+    return [t.detach().double() for t in (hs, h, c, *grads, *(running or ()))]
+
+
+@pytest.mark.parametrize("kind", ["layer", "batch"])
+def test_float64_equals_the_python_kernel(built: None, two_threads: None, kind: str) -> None:
+    for got, want in zip(run(NativeNormLSTM, kind, torch.float64), run(FusedNormLSTM, kind, torch.float64),
+                         strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["layer", "batch"])
+def test_float32_is_as_close_to_float64_as_the_python_kernel(built: None, two_threads: None, kind: str) -> None:
+    """The float32 exp / tanh polynomials cost no accuracy that matters: error relative to each tensor's
+    largest value, against the float64 result, within 5x the Python kernel's (ATen's functions)."""
+    exact = run(FusedNormLSTM, kind, torch.float64)
+    for got, py, want in zip(run(NativeNormLSTM, kind, torch.float32), run(FusedNormLSTM, kind, torch.float32), exact,
+                             strict=True):
+        scale = want.abs().max()
+        err, err_py = (got - want).abs().max() / scale, (py - want).abs().max() / scale
+        assert err < 1e-4 and err <= 5 * err_py + 1e-6, (err.item(), err_py.item())
+
+
+def kernels(out: Tensor) -> set[str]:
+    """The names of the time-loop kernels in the autograd graph behind ``out``."""
+    seen, todo, names = set(), [out.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__.endswith("NormLSTMBackward"):
+            names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("cell", ["lstm-ln", "lstm-bn"])
+def test_layers_run_the_cpp_kernel_unless_it_is_off(built: None, cell: str) -> None:
+    torch.manual_seed(0)
+    layer = RecurrentLayer(cell, 3, 8).train()
+    x = torch.randn(4, 20, 3)
+    out, _ = layer(x)
+    assert kernels(out) == {"NativeNormLSTMBackward"}
+    with native.native_off():
+        ref, _ = layer(x)
+    assert kernels(ref) == {"FusedNormLSTMBackward"}
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # float32, 20 steps
+
+
+def test_a_failed_build_warns_once_and_the_python_kernel_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match=r"could not build the C\+\+ kernel of lstm-ln / lstm-bn .*CHARLM_NATIVE=0"):
+        assert not native.available()
+    assert not native.available()  # decided once per process: no second build, no second warning
+    out, _ = RecurrentLayer("lstm-ln", 3, 8)(torch.randn(2, 5, 3))
+    assert kernels(out) == {"FusedNormLSTMBackward"}
+
+
+def test_charlm_native_0_skips_the_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path))
+    monkeypatch.setenv("CHARLM_NATIVE", "0")
+    assert not native.available()
+    assert native._loaded is None and not any(tmp_path.iterdir())
