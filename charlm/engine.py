@@ -9,7 +9,8 @@ Forward, custom cells: the input of every step is projected in one matmul, then 
 runs over ``unbind(0)`` of the time-major projection (never ``x[:, t]``, whose backward writes a
 full-size zero gradient per step) and the outputs are stacked once. LSTM-family cells (the gated
 variants, FGR, lstm-ln, and lstm-bn in training) use hand-written backward-through-time kernels
-(:mod:`charlm.cells.fused`, :mod:`charlm.cells.fused_norm`) instead of autograd.
+(:mod:`charlm.cells.fused`, :mod:`charlm.cells.fused_norm`; for lstm-ln / lstm-bn on the CPU the C++
+loops of :mod:`charlm.cells.native`) instead of autograd.
 
 Forward, native cells (``lstm``, ``lstm-b``, ``np`` -> LSTM kernel; ``gru`` -> GRU; ``rnn`` /
 ``irnn`` -> RNN tanh / relu): the layer calls the ATen op behind nn.LSTM (``torch.lstm`` etc.)

@@ -50,7 +50,7 @@ def inputs(kind: str, dtype: torch.dtype) -> tuple[list[Tensor], tuple[Tensor, .
     args = [a.to(dtype) for a in args]
     running = None
     if kind == "batch":
-        args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)
+        args[0] = args[0].transpose(0, 1).contiguous().transpose(0, 1)  # as the Python kernel wants it
         running = tuple((torch.rand(STEPS_KEPT, n, generator=g, dtype=torch.float64) + 0.5).to(dtype)
                         for n in (K, K, K, K, H, H))
     return [a.requires_grad_() for a in args], running

@@ -20,6 +20,9 @@ tanh, h. Backward: the factors of every gate are precomputed for all steps and s
 dh and dc; the two norm backwards and one product carry the gradient to the step before.
 
 The math is that of :mod:`charlm.cells.norm`; the tests check value and gradient against it.
+:class:`NativeNormLSTM` has the same signature and runs the same math in the C++ loops of
+:mod:`charlm.cells.native` (where that library builds); the cells use it on the CPU, this kernel
+elsewhere and as the reference the C++ one is tested against.
 """
 
 from __future__ import annotations
@@ -219,10 +222,10 @@ class FusedNormLSTM(torch.autograd.Function):
 
 
 class NativeNormLSTM(torch.autograd.Function):
-    """:class:`FusedNormLSTM`'s signature and math, its two loops in C++ (:mod:`charlm.cells.native`).
+    """:class:`FusedNormLSTM`'s signature and math, run by the C++ loops of :mod:`charlm.cells.native`.
 
-    Around the compiled loops: the input norm (forward and backward) as in the Python kernel, and, in
-    bulk after the backward loop, the gains' and the cell shift's gradients and dW_hh (one matmul).
+    The loops also normalise W x step by step (so v may be laid out either way: time-major suits the
+    C++ loops best) and sum the gains' and the shift's gradients; dW_hh is one matmul here afterwards.
     """
 
     @staticmethod
@@ -231,36 +234,22 @@ class NativeNormLSTM(torch.autograd.Function):
         g_c: Tensor, b_c: Tensor, norm: StepNorm,
     ) -> tuple[Tensor, Tensor, Tensor]:
         T, B = v.shape[:2]
-        A, mean_in, rstd_in = norm.input_forward(v, g_ih, shift)  # becomes the gate activations in place
-        batch = norm.kind == "batch"
-        run = norm.running[2:] if norm.running is not None else (None,) * 4
-        Hs, Cs, TC, X, rstd_hh, mean_c, rstd_c = torch.ops.charlm.norm_lstm_forward(
-            A, h0, c0, w_hh, StepProduct(w_hh, B, T).packed, g_hh, g_c, b_c, batch, *run, norm.momentum, norm.eps
+        running = list(norm.running) if norm.running is not None else []
+        Hs, Cs, G, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c = torch.ops.charlm.norm_lstm_forward(
+            v, g_ih, shift, h0, c0, w_hh, StepProduct(w_hh, B, T).packed, g_hh, g_c, b_c, norm.kind == "batch",
+            running, norm.momentum, norm.eps,
         )
         ctx.norm = norm
-        ctx.save_for_backward(v, mean_in, rstd_in, A, Cs, TC, X, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, shift,
-                              g_hh, g_c)
+        ctx.save_for_backward(G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
     def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
-        v, mean_in, rstd_in, G, Cs, TC, X, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, shift, g_hh, g_c = (
-            ctx.saved_tensors
-        )
-        norm: StepNorm = ctx.norm
-        needs = ctx.needs_input_grad
+        G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c = ctx.saved_tensors
         T, B = G.shape[:2]
-        dG, DR, DCh, dh, dc = torch.ops.charlm.norm_lstm_backward(
-            g_hs, g_h, g_cT, G, Cs, TC, X, rstd_hh, mean_c, rstd_c, w_hh, StepProduct(w_hh.t(), B, T).packed, g_hh,
-            g_c, norm.kind == "batch",
+        d_v, d_r, dh, dc, d_gih, d_shift, d_ghh, d_gc, d_bc = torch.ops.charlm.norm_lstm_backward(
+            g_hs, g_h, g_cT, G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, w_hh,
+            StepProduct(w_hh.t(), B, T).packed, g_ih, g_hh, g_c, ctx.norm.kind == "batch",
         )
-        d_w = recurrent_weight_grad(DR, h0, Hs) if needs[5] else None
-        d_ghh = (dG * X).sum((0, 1)) if needs[6] else None
-        d_gc = d_bc = None
-        if needs[7]:  # the cell norm's normalised input, per row (layer) or per feature (batch)
-            stat = (lambda s: s.unsqueeze(1)) if norm.kind == "batch" else (lambda s: s.unsqueeze(2))
-            d_gc = (DCh * ((Cs[1:] - stat(mean_c)) * stat(rstd_c))).sum((0, 1))
-        if needs[8]:
-            d_bc = DCh.sum((0, 1))
-        d_v, d_gih, d_shift = norm.input_backward(dG, v, mean_in, rstd_in, g_ih, shift, (needs[0], needs[1], needs[2]))
+        d_w = recurrent_weight_grad(d_r, h0, Hs) if ctx.needs_input_grad[5] else None
         return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None

@@ -42,7 +42,8 @@ class LayerNormLSTMCell(Cell):
     ``ln_ih_weight``, ``ln_hh_weight`` [4H] (init 1) and no shift of its own (b = ``bias_ih`` +
     ``bias_hh`` is the shift); the cell norm has ``ln_c_weight`` (1) and ``ln_c_bias`` (0) [H].
     The unnormalised c' is carried to the next step. On float32/float64 without autocast the whole
-    sequence runs in the hand-written kernel of :mod:`charlm.cells.fused_norm`.
+    sequence runs in a hand-written kernel: on the CPU the C++ loops of :mod:`charlm.cells.native`
+    (where they build), else the Python kernel of :mod:`charlm.cells.fused_norm`.
     """
 
     num_states = 2
@@ -106,7 +107,8 @@ class BatchNormLSTMCell(Cell):
     resize on ``load_state_dict``). In eval, step t >= L uses the statistics of step L - 1; with no
     training yet (L = 0) they are mean 0, variance 1. ``RecurrentLayer.step`` continues the time
     index of the previous ``forward``/``step`` call and restarts it at 0 when given no state.
-    Training on float32/float64 (batch > 1, no autocast) runs in the kernel of :mod:`charlm.cells.fused_norm`.
+    Training on float32/float64 (batch > 1, no autocast) runs in a hand-written kernel: the C++ loops
+    of :mod:`charlm.cells.native` on the CPU (where they build), else :mod:`charlm.cells.fused_norm`'s.
     """
 
     num_states = 2
@@ -179,8 +181,12 @@ class BatchNormLSTMCell(Cell):
         if not (self.training and self.use_fused(x) and x.shape[1] > 1):
             return super().run(x, state, q)
         running = tuple(q[f"bn_{k}_{s}"] for k in ("ih", "hh", "c") for s in ("mean", "var"))
-        v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)  # (T, B, 4H), batch-major underneath
-        hs, h, c = _kernel(x).apply(
+        kernel = _kernel(x)
+        if kernel is NativeNormLSTM:  # the C++ loop normalises each step's rows itself: time-major
+            v = linear(x, q["weight_ih"])
+        else:  # batch-major underneath, for one native_batch_norm over every step
+            v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)
+        hs, h, c = kernel.apply(
             v, q["bn_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"],
             q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"], StepNorm("batch", EPS, running, self.momentum),
         )

@@ -1,16 +1,16 @@
-// The time loop of the normalised LSTMs (lstm-ln, lstm-bn) on the CPU, forward and backward. Each step
-// is one product (U h going forward, dr U going back) through PyTorch and a few fused passes over the
-// step's B rows, split between the threads: the norm statistics, the gate nonlinearities, the cell
-// update and the cell norm in one go. The math is that of charlm/cells/fused_norm.py's Python kernel,
-// which the tests hold this one to; its Python wrapper there does the input norm, the gains' gradients
-// and dW_hh in bulk around the two loops.
+// The time loops of the normalised LSTMs (lstm-ln, lstm-bn) on the CPU, forward and backward. Each step
+// is one product through PyTorch (U h going forward, d(U h) U going back) and one to five fused passes
+// over the step's B rows, split between the threads: the three norms (of W x, U h and c'), the gate
+// nonlinearities and the cell update going forward; the norms' backward, the gates' derivatives and the
+// step's share of the gains' gradients going back. The math is that of the Python kernel in
+// charlm/cells/fused_norm.py, which the tests hold this one to; the Python wrapper there adds dW_hh.
 //
-// Layer norm (Ba et al. 2016): statistics per row, over the 4H (U h) or H (c') features.
+// Layer norm (Ba et al. 2016): statistics per row, over the 4H (W x, U h) or H (c') features.
 // Batch norm (Cooijmans et al. 2016): statistics per feature, over the B rows; the running rows of
 // step t (momentum, unbiased variance) move in place.
 //
-// Layouts: A / G are (T, B, 4H) with any step and row strides (the batch norm's are batch-major
-// underneath) and unit stride along the features; everything else is contiguous. Gate order i, f, g, o.
+// Layouts: W x is (T, B, 4H) with any step and row strides and unit feature stride; everything else is
+// contiguous, time-major. Gate order i, f, g, o.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -77,21 +77,22 @@ template <typename S> void row_stats(const S* x, int64_t F, S eps, S& mean, S& r
   rstd = S(1) / std::sqrt(v / F + eps);
 }
 
-// Mean and 1/std of each of the F columns of x (B, F), and the running rows moved towards them.
+// Mean and 1/std of each of the F columns of x (B rows, ld apart), and the running rows moved towards them.
 template <typename S>
-void col_stats(const S* x, int64_t B, int64_t F, S eps, S* mean, S* rstd, S* run_mean, S* run_var, S momentum) {
+void col_stats(const S* x, int64_t B, int64_t ld, int64_t F, S eps, S* mean, S* rstd, S* run_mean, S* run_var,
+               S momentum) {
   const S unbias = B > 1 ? S(B) / S(B - 1) : S(1);
   for_columns(F, [&](int64_t lo, int64_t hi) {
     std::vector<S> var(hi - lo, S(0));
     std::fill(mean + lo, mean + hi, S(0));
     for (int64_t b = 0; b < B; ++b) {
 #pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) mean[j] += x[b * F + j];
+      for (int64_t j = lo; j < hi; ++j) mean[j] += x[b * ld + j];
     }
     for (int64_t j = lo; j < hi; ++j) mean[j] /= B;
     for (int64_t b = 0; b < B; ++b) {
 #pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) var[j - lo] += (x[b * F + j] - mean[j]) * (x[b * F + j] - mean[j]);
+      for (int64_t j = lo; j < hi; ++j) var[j - lo] += (x[b * ld + j] - mean[j]) * (x[b * ld + j] - mean[j]);
     }
     for (int64_t j = lo; j < hi; ++j) {
       const S v = var[j - lo] / B;
@@ -143,19 +144,24 @@ struct StepProduct {
   }
 };
 
-// Forward, row b once the U h statistics are known: xh = N(U h), the gate activations (written over
-// A's row, which holds N(W x) + b), and c' = f c + i g.
+// Forward, row b once the statistics of W x and U h are known: their normalised values xi, xh, the
+// gate activations a = s or tanh(g_x xi + g_h xh + b) written into the row of G, and c' = f c + i g.
 template <bool batch, typename S>
-inline void gates_row(int64_t b, int64_t H, S* a, const S* r, S* xh, const S* mean, const S* rstd, const S* gain,
-                      const S* c, S* c_new) {
+inline void gates_row(int64_t b, int64_t H, const S* v, const S* r, S* xi, S* xh, S* a, const S* mean_in,
+                      const S* rstd_in, const S* mean_hh, const S* rstd_hh, const S* g_ih, const S* shift,
+                      const S* g_hh, const S* c, S* c_new) {
 #pragma omp simd
-  for (int64_t k = 0; k < 4 * H; ++k) xh[k] = (r[k] - pick<batch>(mean, b, k)) * pick<batch>(rstd, b, k);
+  for (int64_t k = 0; k < 4 * H; ++k) {
+    xi[k] = (v[k] - pick<batch>(mean_in, b, k)) * pick<batch>(rstd_in, b, k);
+    xh[k] = (r[k] - pick<batch>(mean_hh, b, k)) * pick<batch>(rstd_hh, b, k);
+    a[k] = g_ih[k] * xi[k] + shift[k] + g_hh[k] * xh[k];
+  }
 #pragma omp simd
-  for (int64_t k = 0; k < 2 * H; ++k) a[k] = sigmoid<S>(a[k] + gain[k] * xh[k]);  // i, f
+  for (int64_t k = 0; k < 2 * H; ++k) a[k] = sigmoid<S>(a[k]);  // i, f
 #pragma omp simd
-  for (int64_t k = 2 * H; k < 3 * H; ++k) a[k] = tanh_<S>(a[k] + gain[k] * xh[k]);  // g
+  for (int64_t k = 2 * H; k < 3 * H; ++k) a[k] = tanh_<S>(a[k]);  // g
 #pragma omp simd
-  for (int64_t k = 3 * H; k < 4 * H; ++k) a[k] = sigmoid<S>(a[k] + gain[k] * xh[k]);  // o
+  for (int64_t k = 3 * H; k < 4 * H; ++k) a[k] = sigmoid<S>(a[k]);  // o
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) c_new[j] = a[H + j] * c[j] + a[j] * a[2 * H + j];
 }
@@ -171,44 +177,56 @@ inline void output_row(int64_t b, int64_t H, const S* o, const S* c_new, const S
   }
 }
 
+// The running statistics' rows of step t (batch norm), or nulls.
+template <typename S> S* row_of(const at::Tensor& running, int64_t t) {
+  return running.defined() ? running[t].data_ptr<S>() : nullptr;
+}
+
 template <typename S, bool batch>
-std::vector<at::Tensor> forward_impl(at::Tensor A, const at::Tensor& h0, const at::Tensor& c0, const StepProduct& uh,
+std::vector<at::Tensor> forward_impl(const at::Tensor& V, const at::Tensor& g_ih, const at::Tensor& shift_,
+                                     const at::Tensor& h0, const at::Tensor& c0, const StepProduct& uh,
                                      const at::Tensor& g_hh, const at::Tensor& g_c, const at::Tensor& b_c,
-                                     const at::Tensor& run_hh_mean, const at::Tensor& run_hh_var,
-                                     const at::Tensor& run_c_mean, const at::Tensor& run_c_var, double momentum,
-                                     double eps_) {
-  const int64_t T = A.size(0), B = A.size(1), K = A.size(2), H = K / 4, tsa = A.stride(0), lda = A.stride(1);
+                                     const std::vector<at::Tensor>& running, double momentum, double eps_) {
+  const int64_t T = V.size(0), B = V.size(1), K = V.size(2), H = K / 4, tsv = V.stride(0), ldv = V.stride(1);
   const S eps = static_cast<S>(eps_), mom = static_cast<S>(momentum);
-  const auto opt = A.options();
+  const auto opt = V.options();
   at::Tensor Hs = at::empty({T, B, H}, opt), Cs = at::empty({T + 1, B, H}, opt), TC = at::empty({T, B, H}, opt);
-  at::Tensor X = at::empty({T, B, K}, opt);  // N(U h) of every step, before its gain
-  const int64_t n_hh = batch ? K : B, n_c = batch ? H : B;  // statistics per step
-  at::Tensor rstd_hh = at::empty({T, n_hh}, opt), mean_c = at::empty({T, n_c}, opt), rstd_c = at::empty({T, n_c}, opt);
-  std::vector<S> mean_hh(n_hh);
+  at::Tensor G = at::empty({T, B, K}, opt);  // the gate activations i, f, g, o
+  at::Tensor Xi = at::empty({T, B, K}, opt), Xh = at::empty({T, B, K}, opt);  // N(W x), N(U h) before their gains
+  const int64_t n_g = batch ? K : B, n_c = batch ? H : B;  // statistics per step
+  at::Tensor rstd_in = at::empty({T, n_g}, opt), rstd_hh = at::empty({T, n_g}, opt);
+  at::Tensor mean_c = at::empty({T, n_c}, opt), rstd_c = at::empty({T, n_c}, opt);
+  std::vector<S> means(2 * n_g);
   Cs[0].copy_(c0);
-  S *a0 = A.data_ptr<S>(), *cs = Cs.data_ptr<S>(), *hs = Hs.data_ptr<S>(), *tc = TC.data_ptr<S>(), *xs = X.data_ptr<S>();
-  const S *gh = g_hh.data_ptr<S>(), *gc = g_c.data_ptr<S>(), *bc = b_c.data_ptr<S>();
+  const S *v0 = V.data_ptr<S>(), *gi = g_ih.data_ptr<S>(), *sh = shift_.data_ptr<S>(), *gh = g_hh.data_ptr<S>();
+  const S *gc = g_c.data_ptr<S>(), *bc = b_c.data_ptr<S>();
+  S *g0 = G.data_ptr<S>(), *cs = Cs.data_ptr<S>(), *hs = Hs.data_ptr<S>(), *tc = TC.data_ptr<S>();
+  S *xi0 = Xi.data_ptr<S>(), *xh0 = Xh.data_ptr<S>();
   at::Tensor h = h0.contiguous();
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor r = uh(h);  // (B, 4H)
-    const S* rp = r.data_ptr<S>();
-    S *mh = mean_hh.data(), *rh = rstd_hh.data_ptr<S>() + t * n_hh;
+    const S *rp = r.data_ptr<S>(), *v = v0 + t * tsv;
+    S *mi = means.data(), *mh = mi + n_g, *ri = rstd_in.data_ptr<S>() + t * n_g, *rh = rstd_hh.data_ptr<S>() + t * n_g;
     S *mc = mean_c.data_ptr<S>() + t * n_c, *rc = rstd_c.data_ptr<S>() + t * n_c;
-    S *a = a0 + t * tsa, *c_prev = cs + t * B * H, *c_new = c_prev + B * H, *x = xs + t * B * K;
+    S *a = g0 + t * B * K, *c_prev = cs + t * B * H, *c_new = c_prev + B * H;
+    S *xi = xi0 + t * B * K, *xh = xh0 + t * B * K;
     auto gates = [&](int64_t b) {
-      gates_row<batch>(b, H, a + b * lda, rp + b * K, x + b * K, mh, rh, gh, c_prev + b * H, c_new + b * H);
+      gates_row<batch>(b, H, v + b * ldv, rp + b * K, xi + b * K, xh + b * K, a + b * K, mi, ri, mh, rh, gi, sh, gh,
+                       c_prev + b * H, c_new + b * H);
     };
     auto output = [&](int64_t b) {
-      output_row<batch>(b, H, a + b * lda + 3 * H, c_new + b * H, mc, rc, gc, bc, tc + (t * B + b) * H,
+      output_row<batch>(b, H, a + b * K + 3 * H, c_new + b * H, mc, rc, gc, bc, tc + (t * B + b) * H,
                         hs + (t * B + b) * H);
     };
     if constexpr (batch) {  // statistics down the columns between the passes over the rows
-      col_stats<S>(rp, B, K, eps, mh, rh, run_hh_mean[t].data_ptr<S>(), run_hh_var[t].data_ptr<S>(), mom);
+      col_stats<S>(v, B, ldv, K, eps, mi, ri, row_of<S>(running[0], t), row_of<S>(running[1], t), mom);
+      col_stats<S>(rp, B, K, K, eps, mh, rh, row_of<S>(running[2], t), row_of<S>(running[3], t), mom);
       for_rows(B, gates);
-      col_stats<S>(c_new, B, H, eps, mc, rc, run_c_mean[t].data_ptr<S>(), run_c_var[t].data_ptr<S>(), mom);
+      col_stats<S>(c_new, B, H, H, eps, mc, rc, row_of<S>(running[4], t), row_of<S>(running[5], t), mom);
       for_rows(B, output);
     } else {  // every row on its own: one pass
       for_rows(B, [&](int64_t b) {
+        row_stats<S>(v + b * ldv, K, eps, mi[b], ri[b]);
         row_stats<S>(rp + b * K, K, eps, mh[b], rh[b]);
         gates(b);
         row_stats<S>(c_new + b * H, H, eps, mc[b], rc[b]);
@@ -217,153 +235,190 @@ std::vector<at::Tensor> forward_impl(at::Tensor A, const at::Tensor& h0, const a
     }
     h = Hs[t];
   }
-  return {Hs, Cs, TC, X, rstd_hh, mean_c, rstd_c};
+  return {Hs, Cs, G, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c};
 }
 
-// Backward, row b first: d a_o = dh tanh(N(c')) s'(a_o) into dG, dN(c') = dh o (1 - tanh^2) kept (for the
-// cell norm's gain and shift), and the cell norm backward's inputs gain * dN(c') and N(c').
+// Per-thread sums over rows and steps of the gains' and shifts' gradients: d g_x, d b, d g_h [4H], d g_c, d b_c [H].
+template <typename S> struct GainSums {
+  int64_t K, H, width;
+  std::vector<S> sums;
+  GainSums(int64_t K_, int64_t H_) : K(K_), H(H_), width(3 * K_ + 2 * H_), sums(at::get_num_threads() * width) {}
+  S* mine() { return sums.data() + at::get_thread_num() * width; }
+  std::vector<at::Tensor> totals(const at::TensorOptions& opt) const {
+    at::Tensor all = at::zeros({width}, opt);
+    S* out = all.data_ptr<S>();
+    for (size_t i = 0; i < sums.size(); ++i) out[i % width] += sums[i];
+    return {all.slice(0, 0, K), all.slice(0, K, 2 * K), all.slice(0, 2 * K, 3 * K), all.slice(0, 3 * K, 3 * K + H),
+            all.slice(0, 3 * K + H, width)};
+  }
+};
+
+// Backward, row b first: d a_o = dh tanh(N(c')) s'(a_o) into dg, dN(c') = dh o (1 - tanh^2) (summed into the
+// cell norm's gain and shift gradients), and the cell norm backward's inputs gain * dN(c') and N(c').
 template <bool batch, typename S>
-inline void output_row_back(int64_t b, int64_t H, const S* g, S* dg, const S* tc, const S* dh, const S* c_new,
-                            const S* mean, const S* rstd, const S* gain, S* dchat, S* gd, S* xc) {
+inline void output_row_back(int64_t b, int64_t H, const S* a, S* dg, const S* tc, const S* dh, const S* c_new,
+                            const S* mean, const S* rstd, const S* gain, S* gd, S* xc, S* d_gc, S* d_bc) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const S o = g[3 * H + j];
+    const S o = a[3 * H + j], dchat = dh[j] * o * (S(1) - tc[j] * tc[j]);
     dg[3 * H + j] = dh[j] * tc[j] * o * (S(1) - o);
-    dchat[j] = dh[j] * o * (S(1) - tc[j] * tc[j]);
-    gd[j] = gain[j] * dchat[j];
+    gd[j] = gain[j] * dchat;
     xc[j] = (c_new[j] - pick<batch>(mean, b, j)) * pick<batch>(rstd, b, j);
+    d_gc[j] += dchat * xc[j];
+    d_bc[j] += dchat;
   }
 }
 
 // Backward, row b second: dc' (the carried dc plus the cell norm's backward over N values), d a_i, d a_f,
-// d a_g into dG, dc for the step before (dc' f), and the U h norm backward's input gain * dG.
+// d a_g into dg, dc for the step before (dc' f), and the two gate norms' backward inputs g_x dg and g_h dg.
 template <bool batch, typename S>
-inline void gates_row_back(int64_t b, int64_t H, int64_t N, const S* g, S* dg, const S* c, const S* gd, const S* xc,
-                           const S* rstd, const S* s1, const S* s2, S* dc, const S* gain, S* gdh) {
+inline void gates_row_back(int64_t b, int64_t H, int64_t N, const S* a, S* dg, const S* c, const S* gd, const S* xc,
+                           const S* rstd, const S* s1, const S* s2, S* dc, const S* g_ih, const S* g_hh, S* gdi,
+                           S* gdh) {
   const S inv = S(1) / N;
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
-    const S q = pick<batch>(rstd, b, j), a = pick<batch>(s1, b, j), e = pick<batch>(s2, b, j);
-    const S dct = dc[j] + q * (gd[j] - inv * (a + xc[j] * e));
-    const S i = g[j], f = g[H + j], gg = g[2 * H + j];
-    dg[j] = dct * gg * i * (S(1) - i);
+    const S q = pick<batch>(rstd, b, j), m = pick<batch>(s1, b, j), e = pick<batch>(s2, b, j);
+    const S dct = dc[j] + q * (gd[j] - inv * (m + xc[j] * e));
+    const S i = a[j], f = a[H + j], g = a[2 * H + j];
+    dg[j] = dct * g * i * (S(1) - i);
     dg[H + j] = dct * c[j] * f * (S(1) - f);
-    dg[2 * H + j] = dct * i * (S(1) - gg * gg);
+    dg[2 * H + j] = dct * i * (S(1) - g * g);
     dc[j] = dct * f;
   }
 #pragma omp simd
-  for (int64_t k = 0; k < 4 * H; ++k) gdh[k] = gain[k] * dg[k];
+  for (int64_t k = 0; k < 4 * H; ++k) {
+    gdi[k] = g_ih[k] * dg[k];
+    gdh[k] = g_hh[k] * dg[k];
+  }
 }
 
-// Backward, row b last: d(U h), the U h norm's backward over N values.
+// Backward, row b last: d(W x) and d(U h), the two gate norms' backward over N values, and the row's share
+// of the gains' and the shift's gradients.
 template <bool batch, typename S>
-inline void recurrent_row_back(int64_t b, int64_t K, int64_t N, const S* gdh, const S* xh, const S* rstd, const S* s1,
-                               const S* s2, S* dr) {
+inline void inputs_row_back(int64_t b, int64_t K, int64_t N, const S* dg, const S* gdi, const S* gdh, const S* xi,
+                            const S* xh, const S* rstd_in, const S* rstd_hh, const S* si1, const S* si2,
+                            const S* sh1, const S* sh2, S* dv, S* dr, S* d_gih, S* d_shift, S* d_ghh) {
   const S inv = S(1) / N;
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
-    const S q = pick<batch>(rstd, b, k), a = pick<batch>(s1, b, k), e = pick<batch>(s2, b, k);
-    dr[k] = q * (gdh[k] - inv * (a + xh[k] * e));
+    dv[k] = pick<batch>(rstd_in, b, k) * (gdi[k] - inv * (pick<batch>(si1, b, k) + xi[k] * pick<batch>(si2, b, k)));
+    dr[k] = pick<batch>(rstd_hh, b, k) * (gdh[k] - inv * (pick<batch>(sh1, b, k) + xh[k] * pick<batch>(sh2, b, k)));
+    d_gih[k] += dg[k] * xi[k];
+    d_shift[k] += dg[k];
+    d_ghh[k] += dg[k] * xh[k];
   }
 }
 
 template <typename S, bool batch>
 std::vector<at::Tensor> backward_impl(const at::Tensor& dHs, const at::Tensor& dh_T, const at::Tensor& dc_T,
                                       const at::Tensor& G, const at::Tensor& Cs, const at::Tensor& TC,
-                                      const at::Tensor& X, const at::Tensor& rstd_hh, const at::Tensor& mean_c,
-                                      const at::Tensor& rstd_c, const StepProduct& back, const at::Tensor& g_hh,
+                                      const at::Tensor& Xi, const at::Tensor& Xh, const at::Tensor& rstd_in,
+                                      const at::Tensor& rstd_hh, const at::Tensor& mean_c, const at::Tensor& rstd_c,
+                                      const StepProduct& back, const at::Tensor& g_ih, const at::Tensor& g_hh,
                                       const at::Tensor& g_c) {
-  const int64_t T = G.size(0), B = G.size(1), K = G.size(2), H = K / 4, tsg = G.stride(0), ldg = G.stride(1);
+  const int64_t T = G.size(0), B = G.size(1), K = G.size(2), H = K / 4;
   const auto opt = G.options();
-  at::Tensor dG = at::empty_like(G);  // laid out as G
-  at::Tensor DR = at::empty({T, B, K}, opt), DCh = at::empty({T, B, H}, opt);
+  at::Tensor dV = at::empty({T, B, K}, opt), DR = at::empty({T, B, K}, opt);
   at::Tensor dc = dc_T.clone().contiguous(), dh = (dHs[T - 1] + dh_T).contiguous();
-  const int64_t n_hh = batch ? K : B, n_c = batch ? H : B, N_hh = batch ? B : K, N_c = batch ? B : H;
-  std::vector<S> gd_c(B * H), xc(B * H), gd_hh(B * K), s1_c(n_c), s2_c(n_c), s1_hh(n_hh), s2_hh(n_hh);
-  const S *g0 = G.data_ptr<S>(), *cs = Cs.data_ptr<S>(), *tc = TC.data_ptr<S>(), *xs = X.data_ptr<S>();
-  const S *gh = g_hh.data_ptr<S>(), *gcw = g_c.data_ptr<S>();
-  S *dg0 = dG.data_ptr<S>(), *dr0 = DR.data_ptr<S>(), *dch = DCh.data_ptr<S>(), *dcp = dc.data_ptr<S>();
-  S *gdc = gd_c.data(), *xcp = xc.data(), *gdh = gd_hh.data();
-  S *a_c = s1_c.data(), *e_c = s2_c.data(), *a_hh = s1_hh.data(), *e_hh = s2_hh.data();
+  const int64_t n_g = batch ? K : B, n_c = batch ? H : B, N_g = batch ? B : K, N_c = batch ? B : H;
+  // one step's scratch: dG, g_x dG, g_h dG, gain * dN(c'), N(c'), and the norms' backward sums
+  std::vector<S> dg_(B * K), gdi_(B * K), gdh_(B * K), gdc_(B * H), xc_(B * H), sums(4 * n_g + 2 * n_c);
+  GainSums<S> gains(K, H);
+  const S *a0 = G.data_ptr<S>(), *cs = Cs.data_ptr<S>(), *tc = TC.data_ptr<S>();
+  const S *xi0 = Xi.data_ptr<S>(), *xh0 = Xh.data_ptr<S>();
+  const S *gi = g_ih.data_ptr<S>(), *gh = g_hh.data_ptr<S>(), *gcw = g_c.data_ptr<S>();
+  S *dv0 = dV.data_ptr<S>(), *dr0 = DR.data_ptr<S>(), *dcp = dc.data_ptr<S>();
+  S *dg = dg_.data(), *gdi = gdi_.data(), *gdh = gdh_.data(), *gdc = gdc_.data(), *xc = xc_.data();
+  S *si1 = sums.data(), *si2 = si1 + n_g, *sh1 = si2 + n_g, *sh2 = sh1 + n_g, *sc1 = sh2 + n_g, *sc2 = sc1 + n_c;
   for (int64_t t = T - 1; t >= 0; --t) {
     const S* dhp = dh.data_ptr<S>();
-    const S *g = g0 + t * tsg, *c_prev = cs + t * B * H, *c_new = c_prev + B * H, *xt = xs + t * B * K;
-    const S *rh = rstd_hh.data_ptr<S>() + t * n_hh, *mc = mean_c.data_ptr<S>() + t * n_c;
-    const S* rc = rstd_c.data_ptr<S>() + t * n_c;
-    S* dg = dg0 + t * tsg;
+    const S *a = a0 + t * B * K, *c_prev = cs + t * B * H, *c_new = c_prev + B * H;
+    const S *xi = xi0 + t * B * K, *xh = xh0 + t * B * K;
+    const S *ri = rstd_in.data_ptr<S>() + t * n_g, *rh = rstd_hh.data_ptr<S>() + t * n_g;
+    const S *mc = mean_c.data_ptr<S>() + t * n_c, *rc = rstd_c.data_ptr<S>() + t * n_c;
     auto part1 = [&](int64_t b) {
-      output_row_back<batch>(b, H, g + b * ldg, dg + b * ldg, tc + (t * B + b) * H, dhp + b * H, c_new + b * H, mc,
-                             rc, gcw, dch + (t * B + b) * H, gdc + b * H, xcp + b * H);
+      S* acc = gains.mine();
+      output_row_back<batch>(b, H, a + b * K, dg + b * K, tc + (t * B + b) * H, dhp + b * H, c_new + b * H, mc, rc,
+                             gcw, gdc + b * H, xc + b * H, acc + 3 * K, acc + 3 * K + H);
     };
     auto part2 = [&](int64_t b) {
-      gates_row_back<batch>(b, H, N_c, g + b * ldg, dg + b * ldg, c_prev + b * H, gdc + b * H, xcp + b * H, rc, a_c,
-                            e_c, dcp + b * H, gh, gdh + b * K);
+      gates_row_back<batch>(b, H, N_c, a + b * K, dg + b * K, c_prev + b * H, gdc + b * H, xc + b * H, rc, sc1, sc2,
+                            dcp + b * H, gi, gh, gdi + b * K, gdh + b * K);
     };
     auto part3 = [&](int64_t b) {
-      recurrent_row_back<batch>(b, K, N_hh, gdh + b * K, xt + b * K, rh, a_hh, e_hh, dr0 + (t * B + b) * K);
+      S* acc = gains.mine();
+      inputs_row_back<batch>(b, K, N_g, dg + b * K, gdi + b * K, gdh + b * K, xi + b * K, xh + b * K, ri, rh, si1,
+                             si2, sh1, sh2, dv0 + (t * B + b) * K, dr0 + (t * B + b) * K, acc, acc + K, acc + 2 * K);
     };
     if constexpr (batch) {  // sums down the columns between the passes over the rows
       for_rows(B, part1);
-      col_sums<S>(gdc, xcp, B, H, a_c, e_c);
+      col_sums<S>(gdc, xc, B, H, sc1, sc2);
       for_rows(B, part2);
-      col_sums<S>(gdh, xt, B, K, a_hh, e_hh);
+      col_sums<S>(gdi, xi, B, K, si1, si2);
+      col_sums<S>(gdh, xh, B, K, sh1, sh2);
       for_rows(B, part3);
     } else {  // every row on its own: one pass
       for_rows(B, [&](int64_t b) {
         part1(b);
-        row_sums<S>(gdc + b * H, xcp + b * H, H, a_c[b], e_c[b]);
+        row_sums<S>(gdc + b * H, xc + b * H, H, sc1[b], sc2[b]);
         part2(b);
-        row_sums<S>(gdh + b * K, xt + b * K, K, a_hh[b], e_hh[b]);
+        row_sums<S>(gdi + b * K, xi + b * K, K, si1[b], si2[b]);
+        row_sums<S>(gdh + b * K, xh + b * K, K, sh1[b], sh2[b]);
         part3(b);
       });
     }
     dh = back(DR[t]);  // dh_{t-1} = d(U h) U, plus what reaches h_{t-1} from above
     if (t > 0) dh.add_(dHs[t - 1]);
   }
-  return {dG, DR, DCh, dh, dc};
+  std::vector<at::Tensor> out = {dV, DR, dh, dc};
+  for (auto& g : gains.totals(opt)) out.push_back(g);
+  return out;
 }
 
 at::Tensor or_undefined(const std::optional<at::Tensor>& x) { return x.has_value() ? *x : at::Tensor(); }
 
-// (A (T,B,4H) = N(W x) + b, overwritten with the gate activations, h0, c0, U, U packed by oneDNN or None,
-// the U h norm's gain, the c' norm's gain and shift, batch?, the running rows (batch norm), momentum,
-// eps) -> [hs, cs (T+1), tanh(N(c')), N(U h), its 1/std, the c' norm's mean and 1/std].
-std::vector<at::Tensor> forward(at::Tensor A, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+// (W x (T, B, 4H), its norm's gain, b (both biases), h0, c0, U, U packed by oneDNN or None, the U h norm's
+// gain, the c' norm's gain and shift, batch?, the running statistics of the three norms (batch norm: mean
+// and variance of W x, U h, c', rows >= T), momentum, eps) -> [hs, cs (T+1), the gate activations,
+// tanh(N(c')), N(W x), N(U h), their 1/std, the c' norm's mean and 1/std].
+std::vector<at::Tensor> forward(const at::Tensor& V, const at::Tensor& g_ih, const at::Tensor& shift,
+                                const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
                                 const std::optional<at::Tensor>& w_hh_packed, const at::Tensor& g_hh,
                                 const at::Tensor& g_c, const at::Tensor& b_c, bool batch,
-                                const std::optional<at::Tensor>& run_hh_mean,
-                                const std::optional<at::Tensor>& run_hh_var,
-                                const std::optional<at::Tensor>& run_c_mean, const std::optional<at::Tensor>& run_c_var,
-                                double momentum, double eps) {
-  TORCH_CHECK(A.device().is_cpu() && A.dim() == 3 && A.stride(2) == 1 && A.size(2) % 4 == 0,
-              "norm_lstm_forward: A must be a CPU (T, B, 4H) tensor with unit feature stride");
-  TORCH_CHECK(A.scalar_type() == at::kFloat || A.scalar_type() == at::kDouble,
+                                const std::vector<at::Tensor>& running, double momentum, double eps) {
+  TORCH_CHECK(V.device().is_cpu() && V.dim() == 3 && V.stride(2) == 1 && V.size(2) % 4 == 0,
+              "norm_lstm_forward: W x must be a CPU (T, B, 4H) tensor with unit feature stride");
+  TORCH_CHECK(V.scalar_type() == at::kFloat || V.scalar_type() == at::kDouble,
               "norm_lstm_forward: float32 or float64 only");
-  TORCH_CHECK(!batch || (run_hh_mean && run_hh_var && run_c_mean && run_c_var),
-              "norm_lstm_forward: the batch norm needs its running statistics");
+  TORCH_CHECK(!batch || (running.size() == 6 && running[0].size(0) >= V.size(0)),
+              "norm_lstm_forward: the batch norm needs its six running statistics, a row per step");
   const StepProduct uh{w_hh.t(), or_undefined(w_hh_packed)};
   std::vector<at::Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "norm_lstm_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "norm_lstm_forward", [&] {
     auto impl = batch ? forward_impl<scalar_t, true> : forward_impl<scalar_t, false>;
-    out = impl(A, h0, c0, uh, g_hh.contiguous(), g_c.contiguous(), b_c.contiguous(), or_undefined(run_hh_mean),
-               or_undefined(run_hh_var), or_undefined(run_c_mean), or_undefined(run_c_var), momentum, eps);
+    out = impl(V, g_ih.contiguous(), shift.contiguous(), h0, c0, uh, g_hh.contiguous(), g_c.contiguous(),
+               b_c.contiguous(), running, momentum, eps);
   });
   return out;
 }
 
-// (dL/dhs, dL/dh_T, dL/dc_T, what forward kept, U, U^T packed by oneDNN or None, the two gains, batch?)
-// -> [dG (laid out as G), d(U h) (T,B,4H), dN(c') (T,B,H), dh0, dc0].
+// (dL/dhs, dL/dh_T, dL/dc_T, what forward kept, U, U^T packed by oneDNN or None, the gains of W x, U h and
+// c', batch?) -> [d(W x), d(U h) (T,B,4H), dh0, dc0, and the gradients of the W x gain, b, the U h gain, the
+// c' gain and the c' shift].
 std::vector<at::Tensor> backward(const at::Tensor& dHs, const at::Tensor& dh_T, const at::Tensor& dc_T,
-                                 const at::Tensor& G, const at::Tensor& Cs, const at::Tensor& TC, const at::Tensor& X,
-                                 const at::Tensor& rstd_hh, const at::Tensor& mean_c, const at::Tensor& rstd_c,
-                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hh_t_packed,
+                                 const at::Tensor& G, const at::Tensor& Cs, const at::Tensor& TC, const at::Tensor& Xi,
+                                 const at::Tensor& Xh, const at::Tensor& rstd_in, const at::Tensor& rstd_hh,
+                                 const at::Tensor& mean_c, const at::Tensor& rstd_c, const at::Tensor& w_hh,
+                                 const std::optional<at::Tensor>& w_hh_t_packed, const at::Tensor& g_ih,
                                  const at::Tensor& g_hh, const at::Tensor& g_c, bool batch) {
   const StepProduct back{w_hh, or_undefined(w_hh_t_packed)};
   const at::Tensor d = dHs.contiguous();
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "norm_lstm_backward", [&] {
     auto impl = batch ? backward_impl<scalar_t, true> : backward_impl<scalar_t, false>;
-    out = impl(d, dh_T, dc_T, G, Cs, TC, X, rstd_hh, mean_c, rstd_c, back, g_hh.contiguous(), g_c.contiguous());
+    out = impl(d, dh_T, dc_T, G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, back, g_ih.contiguous(),
+               g_hh.contiguous(), g_c.contiguous());
   });
   return out;
 }
@@ -372,13 +427,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dHs, const at::Tensor& dh_T, 
 
 TORCH_LIBRARY(charlm, m) {
   m.def(
-      "norm_lstm_forward(Tensor(a!) A, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hh_packed, Tensor g_hh, "
-      "Tensor g_c, Tensor b_c, bool batch, Tensor(b!)? run_hh_mean, Tensor(c!)? run_hh_var, Tensor(d!)? run_c_mean, "
-      "Tensor(e!)? run_c_var, float momentum, float eps) -> Tensor[]");
+      "norm_lstm_forward(Tensor v, Tensor g_ih, Tensor shift, Tensor h0, Tensor c0, Tensor w_hh, Tensor? w_hh_packed, "
+      "Tensor g_hh, Tensor g_c, Tensor b_c, bool batch, Tensor(a!)[] running, float momentum, float eps) -> Tensor[]");
   m.def(
-      "norm_lstm_backward(Tensor dHs, Tensor dh_T, Tensor dc_T, Tensor G, Tensor Cs, Tensor TC, Tensor X, "
-      "Tensor rstd_hh, Tensor mean_c, Tensor rstd_c, Tensor w_hh, Tensor? w_hh_t_packed, Tensor g_hh, Tensor g_c, "
-      "bool batch) -> Tensor[]");
+      "norm_lstm_backward(Tensor dHs, Tensor dh_T, Tensor dc_T, Tensor G, Tensor Cs, Tensor TC, Tensor Xi, Tensor Xh, "
+      "Tensor rstd_in, Tensor rstd_hh, Tensor mean_c, Tensor rstd_c, Tensor w_hh, Tensor? w_hh_t_packed, "
+      "Tensor g_ih, Tensor g_hh, Tensor g_c, bool batch) -> Tensor[]");
 }
 
 // CompositeExplicitAutograd: every CPU backend key, the MkldnnCPU of a oneDNN-packed weight included.
