@@ -16,6 +16,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -55,15 +58,29 @@ template <bool batch, typename S> inline S pick(const S* s, int64_t b, int64_t k
   if constexpr (batch) return s[k]; else return s[b];
 }
 
-// Rows 0..B-1 of a step, split between the threads.
-template <typename Fn> void for_rows(int64_t B, const Fn& fn) {
-  at::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) fn(b);
-  });
+// The passes of a step run inside one OpenMP parallel region (one fork and join per step, a barrier
+// between passes); each pass splits its rows, or its blocks of columns, between the team's threads.
+// Without OpenMP (e.g. Apple's clang) the pragmas are ignored and everything runs on one thread.
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
 }
 
-// Blocks [lo, hi) of F columns, split between the threads (the batch norm's statistics and sums).
-template <typename Fn> void for_columns(int64_t F, const Fn& fn) { at::parallel_for(0, F, 64, fn); }
+// Rows 0..B-1 of a step, split between the threads (the barrier at the end is implied).
+template <typename Fn> inline void each_row(int64_t B, const Fn& fn) {
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < B; ++b) fn(b);
+}
+
+// Blocks [lo, hi) of 64 of F columns, split between the threads (the batch norm's statistics and sums).
+template <typename Fn> inline void each_block(int64_t F, const Fn& fn) {
+  const int64_t n = (F + 63) / 64;
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < n; ++i) fn(i * 64, std::min(F, i * 64 + 64));
+}
 
 // Mean and 1/std (biased variance) of one row of F features.
 template <typename S> void row_stats(const S* x, int64_t F, S eps, S& mean, S& rstd) {
@@ -77,30 +94,28 @@ template <typename S> void row_stats(const S* x, int64_t F, S eps, S& mean, S& r
   rstd = S(1) / std::sqrt(v / F + eps);
 }
 
-// Mean and 1/std of each of the F columns of x (B rows, ld apart), and the running rows moved towards them.
+// Mean and 1/std of columns [lo, hi) of x (B rows, ld apart), and the running rows moved towards them.
 template <typename S>
-void col_stats(const S* x, int64_t B, int64_t ld, int64_t F, S eps, S* mean, S* rstd, S* run_mean, S* run_var,
-               S momentum) {
+void col_stats(const S* x, int64_t B, int64_t ld, int64_t lo, int64_t hi, S eps, S* mean, S* rstd, S* run_mean,
+               S* run_var, S momentum) {
+  S var[64] = {};
+  std::fill(mean + lo, mean + hi, S(0));
+  for (int64_t b = 0; b < B; ++b) {
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) mean[j] += x[b * ld + j];
+  }
+  for (int64_t j = lo; j < hi; ++j) mean[j] /= B;
+  for (int64_t b = 0; b < B; ++b) {
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) var[j - lo] += (x[b * ld + j] - mean[j]) * (x[b * ld + j] - mean[j]);
+  }
   const S unbias = B > 1 ? S(B) / S(B - 1) : S(1);
-  for_columns(F, [&](int64_t lo, int64_t hi) {
-    std::vector<S> var(hi - lo, S(0));
-    std::fill(mean + lo, mean + hi, S(0));
-    for (int64_t b = 0; b < B; ++b) {
-#pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) mean[j] += x[b * ld + j];
-    }
-    for (int64_t j = lo; j < hi; ++j) mean[j] /= B;
-    for (int64_t b = 0; b < B; ++b) {
-#pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) var[j - lo] += (x[b * ld + j] - mean[j]) * (x[b * ld + j] - mean[j]);
-    }
-    for (int64_t j = lo; j < hi; ++j) {
-      const S v = var[j - lo] / B;
-      rstd[j] = S(1) / std::sqrt(v + eps);
-      run_mean[j] += momentum * (mean[j] - run_mean[j]);
-      run_var[j] += momentum * (v * unbias - run_var[j]);
-    }
-  });
+  for (int64_t j = lo; j < hi; ++j) {
+    const S v = var[j - lo] / B;
+    rstd[j] = S(1) / std::sqrt(v + eps);
+    run_mean[j] += momentum * (mean[j] - run_mean[j]);
+    run_var[j] += momentum * (v * unbias - run_var[j]);
+  }
 }
 
 // Sums for a norm's backward over one row: s1 = sum of d, s2 = sum of d * xh.
@@ -115,19 +130,18 @@ template <typename S> void row_sums(const S* d, const S* xh, int64_t F, S& s1, S
   s2 = c;
 }
 
-// The same sums down each of the F columns of d, xh (B, F).
-template <typename S> void col_sums(const S* d, const S* xh, int64_t B, int64_t F, S* s1, S* s2) {
-  for_columns(F, [&](int64_t lo, int64_t hi) {
-    std::fill(s1 + lo, s1 + hi, S(0));
-    std::fill(s2 + lo, s2 + hi, S(0));
-    for (int64_t b = 0; b < B; ++b) {
+// The same sums down columns [lo, hi) of d, xh (B, F).
+template <typename S>
+void col_sums(const S* d, const S* xh, int64_t B, int64_t F, int64_t lo, int64_t hi, S* s1, S* s2) {
+  std::fill(s1 + lo, s1 + hi, S(0));
+  std::fill(s2 + lo, s2 + hi, S(0));
+  for (int64_t b = 0; b < B; ++b) {
 #pragma omp simd
-      for (int64_t j = lo; j < hi; ++j) {
-        s1[j] += d[b * F + j];
-        s2[j] += d[b * F + j] * xh[b * F + j];
-      }
+    for (int64_t j = lo; j < hi; ++j) {
+      s1[j] += d[b * F + j];
+      s2[j] += d[b * F + j] * xh[b * F + j];
     }
-  });
+  }
 }
 
 // x @ W^T for one step: through oneDNN's packed weight where the caller packed one, else at::mm.
@@ -177,11 +191,6 @@ inline void output_row(int64_t b, int64_t H, const S* o, const S* c_new, const S
   }
 }
 
-// The running statistics' rows of step t (batch norm), or nulls.
-template <typename S> S* row_of(const at::Tensor& running, int64_t t) {
-  return running.defined() ? running[t].data_ptr<S>() : nullptr;
-}
-
 template <typename S, bool batch>
 std::vector<at::Tensor> forward_impl(const at::Tensor& V, const at::Tensor& g_ih, const at::Tensor& shift_,
                                      const at::Tensor& h0, const at::Tensor& c0, const StepProduct& uh,
@@ -203,6 +212,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& V, const at::Tensor& g_ih
   S *g0 = G.data_ptr<S>(), *cs = Cs.data_ptr<S>(), *hs = Hs.data_ptr<S>(), *tc = TC.data_ptr<S>();
   S *xi0 = Xi.data_ptr<S>(), *xh0 = Xh.data_ptr<S>();
   at::Tensor h = h0.contiguous();
+  const int threads = at::get_num_threads();
+  // the running statistics (batch norm): the first row and the row stride of each of the six
+  std::vector<S*> run0(6, nullptr);
+  std::vector<int64_t> run_ld(6, 0);
+  for (size_t i = 0; batch && i < 6; ++i) {
+    run0[i] = running[i].data_ptr<S>();
+    run_ld[i] = running[i].stride(0);
+  }
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor r = uh(h);  // (B, 4H)
     const S *rp = r.data_ptr<S>(), *v = v0 + t * tsv;
@@ -218,20 +235,29 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& V, const at::Tensor& g_ih
       output_row<batch>(b, H, a + b * K + 3 * H, c_new + b * H, mc, rc, gc, bc, tc + (t * B + b) * H,
                         hs + (t * B + b) * H);
     };
-    if constexpr (batch) {  // statistics down the columns between the passes over the rows
-      col_stats<S>(v, B, ldv, K, eps, mi, ri, row_of<S>(running[0], t), row_of<S>(running[1], t), mom);
-      col_stats<S>(rp, B, K, K, eps, mh, rh, row_of<S>(running[2], t), row_of<S>(running[3], t), mom);
-      for_rows(B, gates);
-      col_stats<S>(c_new, B, H, H, eps, mc, rc, row_of<S>(running[4], t), row_of<S>(running[5], t), mom);
-      for_rows(B, output);
-    } else {  // every row on its own: one pass
-      for_rows(B, [&](int64_t b) {
-        row_stats<S>(v + b * ldv, K, eps, mi[b], ri[b]);
-        row_stats<S>(rp + b * K, K, eps, mh[b], rh[b]);
-        gates(b);
-        row_stats<S>(c_new + b * H, H, eps, mc[b], rc[b]);
-        output(b);
-      });
+    S* run[6];  // row t of each
+    for (int i = 0; i < 6; ++i) run[i] = run0[i] ? run0[i] + t * run_ld[i] : nullptr;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      if constexpr (batch) {  // statistics down the columns between the passes over the rows
+        each_block(K, [&](int64_t lo, int64_t hi) {
+          col_stats<S>(v, B, ldv, lo, hi, eps, mi, ri, run[0], run[1], mom);
+          col_stats<S>(rp, B, K, lo, hi, eps, mh, rh, run[2], run[3], mom);
+        });
+        each_row(B, gates);
+        each_block(H, [&](int64_t lo, int64_t hi) {
+          col_stats<S>(c_new, B, H, lo, hi, eps, mc, rc, run[4], run[5], mom);
+        });
+        each_row(B, output);
+      } else {  // every row on its own: one pass
+        each_row(B, [&](int64_t b) {
+          row_stats<S>(v + b * ldv, K, eps, mi[b], ri[b]);
+          row_stats<S>(rp + b * K, K, eps, mh[b], rh[b]);
+          gates(b);
+          row_stats<S>(c_new + b * H, H, eps, mc[b], rc[b]);
+          output(b);
+        });
+      }
     }
     h = Hs[t];
   }
@@ -242,8 +268,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& V, const at::Tensor& g_ih
 template <typename S> struct GainSums {
   int64_t K, H, width;
   std::vector<S> sums;
-  GainSums(int64_t K_, int64_t H_) : K(K_), H(H_), width(3 * K_ + 2 * H_), sums(at::get_num_threads() * width) {}
-  S* mine() { return sums.data() + at::get_thread_num() * width; }
+  GainSums(int64_t K_, int64_t H_, int threads)
+      : K(K_), H(H_), width(3 * K_ + 2 * H_), sums(static_cast<size_t>(threads * width)) {}
+  S* mine() { return sums.data() + thread_index() * width; }
   std::vector<at::Tensor> totals(const at::TensorOptions& opt) const {
     at::Tensor all = at::zeros({width}, opt);
     S* out = all.data_ptr<S>();
@@ -324,7 +351,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dHs, const at::Tensor& d
   const int64_t n_g = batch ? K : B, n_c = batch ? H : B, N_g = batch ? B : K, N_c = batch ? B : H;
   // one step's scratch: dG, g_x dG, g_h dG, gain * dN(c'), N(c'), and the norms' backward sums
   std::vector<S> dg_(B * K), gdi_(B * K), gdh_(B * K), gdc_(B * H), xc_(B * H), sums(4 * n_g + 2 * n_c);
-  GainSums<S> gains(K, H);
+  const int threads = at::get_num_threads();
+  GainSums<S> gains(K, H, threads);
   const S *a0 = G.data_ptr<S>(), *cs = Cs.data_ptr<S>(), *tc = TC.data_ptr<S>();
   const S *xi0 = Xi.data_ptr<S>(), *xh0 = Xh.data_ptr<S>();
   const S *gi = g_ih.data_ptr<S>(), *gh = g_hh.data_ptr<S>(), *gcw = g_c.data_ptr<S>();
@@ -351,22 +379,27 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dHs, const at::Tensor& d
       inputs_row_back<batch>(b, K, N_g, dg + b * K, gdi + b * K, gdh + b * K, xi + b * K, xh + b * K, ri, rh, si1,
                              si2, sh1, sh2, dv0 + (t * B + b) * K, dr0 + (t * B + b) * K, acc, acc + K, acc + 2 * K);
     };
-    if constexpr (batch) {  // sums down the columns between the passes over the rows
-      for_rows(B, part1);
-      col_sums<S>(gdc, xc, B, H, sc1, sc2);
-      for_rows(B, part2);
-      col_sums<S>(gdi, xi, B, K, si1, si2);
-      col_sums<S>(gdh, xh, B, K, sh1, sh2);
-      for_rows(B, part3);
-    } else {  // every row on its own: one pass
-      for_rows(B, [&](int64_t b) {
-        part1(b);
-        row_sums<S>(gdc + b * H, xc + b * H, H, sc1[b], sc2[b]);
-        part2(b);
-        row_sums<S>(gdi + b * K, xi + b * K, K, si1[b], si2[b]);
-        row_sums<S>(gdh + b * K, xh + b * K, K, sh1[b], sh2[b]);
-        part3(b);
-      });
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+      if constexpr (batch) {  // sums down the columns between the passes over the rows
+        each_row(B, part1);
+        each_block(H, [&](int64_t lo, int64_t hi) { col_sums<S>(gdc, xc, B, H, lo, hi, sc1, sc2); });
+        each_row(B, part2);
+        each_block(K, [&](int64_t lo, int64_t hi) {
+          col_sums<S>(gdi, xi, B, K, lo, hi, si1, si2);
+          col_sums<S>(gdh, xh, B, K, lo, hi, sh1, sh2);
+        });
+        each_row(B, part3);
+      } else {  // every row on its own: one pass
+        each_row(B, [&](int64_t b) {
+          part1(b);
+          row_sums<S>(gdc + b * H, xc + b * H, H, sc1[b], sc2[b]);
+          part2(b);
+          row_sums<S>(gdi + b * K, xi + b * K, K, si1[b], si2[b]);
+          row_sums<S>(gdh + b * K, xh + b * K, K, sh1[b], sh2[b]);
+          part3(b);
+        });
+      }
     }
     dh = back(DR[t]);  // dh_{t-1} = d(U h) U, plus what reaches h_{t-1} from above
     if (t > 0) dh.add_(dHs[t - 1]);
@@ -391,8 +424,13 @@ std::vector<at::Tensor> forward(const at::Tensor& V, const at::Tensor& g_ih, con
               "norm_lstm_forward: W x must be a CPU (T, B, 4H) tensor with unit feature stride");
   TORCH_CHECK(V.scalar_type() == at::kFloat || V.scalar_type() == at::kDouble,
               "norm_lstm_forward: float32 or float64 only");
-  TORCH_CHECK(!batch || (running.size() == 6 && running[0].size(0) >= V.size(0)),
-              "norm_lstm_forward: the batch norm needs its six running statistics, a row per step");
+  TORCH_CHECK(!batch || running.size() == 6, "norm_lstm_forward: the batch norm needs its six running statistics");
+  for (size_t i = 0; batch && i < 6; ++i) {
+    const int64_t width = i < 4 ? V.size(2) : V.size(2) / 4;
+    TORCH_CHECK(running[i].dim() == 2 && running[i].size(0) >= V.size(0) && running[i].size(1) == width &&
+                    running[i].stride(1) == 1 && running[i].scalar_type() == V.scalar_type(),
+                "norm_lstm_forward: running statistic ", i, " must be (>= T, ", width, "), of W x's dtype");
+  }
   const StepProduct uh{w_hh.t(), or_undefined(w_hh_packed)};
   std::vector<at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "norm_lstm_forward", [&] {
