@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,10 @@ ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+
+# PyTorch's builder takes a lock file in the build folder and waits, without end, while one exists; a build
+# killed half-way (Ctrl-C) leaves it behind. A build takes about 15 s, so a lock this old is stale.
+STALE_LOCK_S = 600
 
 _loaded: bool | None = None  # None: not tried in this process yet
 _enabled = True
@@ -61,6 +66,10 @@ def _build_and_load() -> None:
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        print(f"charlm: removing {lock}, left by a build that did not finish", file=sys.stderr)
+        lock.unlink(missing_ok=True)
     if not any(directory.glob(f"{NAME}.*")):
         print(f"charlm: building the C++ kernel of lstm-ln / lstm-bn (once) in {directory}", file=sys.stderr)
     cflags, ldflags = compile_flags()
@@ -76,6 +85,16 @@ def _build_and_load() -> None:
         os.environ["PATH"] = saved_path
 
 
+def build_error(err: Exception) -> str:
+    """The telling line of a failed build: the compiler's first error (or the shell's word on a missing
+    compiler), else the message's last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    words = ("error", "not found", "no such file")
+    telling = [line for line in lines if any(w in line.lower() for w in words)]
+    telling = [line for line in telling if not line.startswith("Error building extension")]
+    return (telling or lines or [type(err).__name__])[0 if telling else -1]
+
+
 def available() -> bool:
     """Whether the C++ kernel is on and loaded, building and loading it on the first call."""
     global _loaded
@@ -87,8 +106,7 @@ def available() -> bool:
             _loaded = hasattr(torch.ops.charlm, "norm_lstm_forward")
         except Exception as err:  # no compiler, no ninja, a failed build: the Python kernel runs instead
             _loaded = False
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            why = lines[-1] if lines else type(err).__name__
+            why = build_error(err)
             warnings.warn(
                 f"charlm: could not build the C++ kernel of lstm-ln / lstm-bn ({why}); "
                 "they run the slower Python kernel. Install a C++ compiler and ninja, or set CHARLM_NATIVE=0 "
