@@ -21,17 +21,18 @@
 #endif
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
 namespace {
 
 // exp for float as Cephes' polynomial (about 1 ulp), written so that the compiler vectorises the loops
-// that call it (std::exp would be a call per element); n = round(x / ln 2) by the 1.5 * 2^23 trick, as
-// std::floor does not vectorise without -fno-trapping-math. Doubles (the tests' checks) use the library.
+// that call it (std::exp would be a call per element): n = round(x / ln 2) by the 1.5 * 2^23 trick, 2^n
+// put together in the exponent bits. (The clamp's two compares vectorise with -fno-trapping-math, which
+// native.py passes.) Doubles (the tests' checks) use the library's exp.
 inline float fast_exp(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -43,7 +44,10 @@ inline float fast_exp(float x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * x * x + x + 1.0f;
-  return y * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
 }
 
 template <typename S> inline S sigmoid(S x);
