@@ -26,15 +26,17 @@ with tied weights the last layer is as wide as the embedding, so only the inner 
 one tied layer nothing can change, and compare says so).
 
 Presets: ``--preset jozefowicz`` / ``greff`` name their rows as the papers do (``LSTM-f``, ``MUT1``, ``V``,
-``NIG`` ...). The jozefowicz preset also sets ``model.forget_bias=0`` (before any ``--set``): the paper's
-LSTM rows start from a zero forget bias and LSTM-b is the one with a bias of 1.
+``NIG`` ...). The jozefowicz preset also sets ``model.forget_bias=0`` (over the config file, before any
+``--set``): the paper's LSTM rows start from a zero forget bias and LSTM-b is the one with a bias of 1.
 
 Budget: ``--max-steps`` alone turns the config's time limit off and ``--max-time`` alone its step
 limit, so every cell gets exactly the stated budget; with both, whichever comes first. Samples printed
 during training are off (``--set sample.enabled=true`` turns them back on).
 
-Wall time: ``metrics.csv`` has no clock column, so a validation point at step ``s`` is placed at
-``s * (training seconds / steps)`` of its run: exact at the end, linear in between.
+Wall time: each validation point is placed at the training time the run logged with it (``elapsed_s``
+in ``metrics.csv``, carried over a resume by the checkpoint), and a final best point at the time its
+``best.ckpt`` was written. A point without a logged time (a run resumed from a checkpoint made before
+charlm kept the time) is left out of the wall-time panel, never placed by guess.
 """
 
 from __future__ import annotations
@@ -60,13 +62,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from charlm.config import Config, ModelConfig, validate
+from charlm.config import Config, ModelConfig, cell_registry_names, check_seed, validate
 from charlm.errors import CharlmError, TrainingInterrupted
 from charlm.train import train as run_training
 
 LN2 = math.log(2.0)
 RUN_RECORD = "compare-run.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: curve times as logged (version 1 placed them in proportion to steps)
 
 # The rows of the papers' tables, in their order: cell name -> the name the paper gives it.
 PRESETS: dict[str, dict[str, str]] = {
@@ -80,8 +82,8 @@ PRESET_SOURCES = {
     "greff": "Greff et al. 2017, 'LSTM: A Search Space Odyssey': vanilla (peephole) LSTM and its 8 variants",
 }
 # Config overrides a preset applies before the user's --set. Jozefowicz et al. start every LSTM-family
-# cell with a zero forget-gate bias and make the bias of 1 its own row (LSTM-b, which forces 1.0);
-# with charlm's default forget_bias of 1.0, their LSTM and LSTM-b rows would be the same model.
+# cell with a zero forget-gate bias and make the bias of 1 its own row (LSTM-b, which forces 1.0): the
+# preset pins 0 whatever the config file says, so its LSTM and LSTM-b rows stay two models.
 PRESET_OVERRIDES: dict[str, list[str]] = {"jozefowicz": ["model.forget_bias=0.0"], "greff": []}
 # The settings a run must share with its record to be skipped or resumed (the rest is display / device).
 _CHECKED_TRAIN_KEYS = ("seed", "max_epochs", "max_steps", "max_time", "val_every_steps")
@@ -97,9 +99,7 @@ class Entry:
 
 
 def resolve_entries(cells: str | None, preset: str | None) -> list[Entry]:
-    """The cells of ``--cells a,b,c`` (names as ``charlm cells`` lists them) or of ``--preset``."""
-    from charlm.cells import cell_names
-
+    """The cells of ``--cells a,b,c`` (names as ``charlm cells`` lists them, any case) or of ``--preset``."""
     presets = "; ".join(f"{key} ({PRESET_SOURCES[key]})" for key in PRESETS)
     if cells is not None and preset is not None:
         raise CharlmError("give --cells or --preset, not both")
@@ -111,15 +111,10 @@ def resolve_entries(cells: str | None, preset: str | None) -> list[Entry]:
     if cells is None:
         raise CharlmError(f"say which cells to compare: --cells lstm,gru,peephole or --preset NAME; "
                           f"presets: {presets}")
-    names = list(dict.fromkeys(c.strip().lower() for c in cells.split(",") if c.strip()))
-    if not names:
+    given = [c.strip() for c in cells.split(",") if c.strip()]
+    if not given:
         raise CharlmError("--cells is empty; give comma-separated cell names, e.g. --cells lstm,gru")
-    valid = cell_names()
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        listed = ", ".join(f"'{n}'" for n in unknown)
-        raise CharlmError(f"unknown cell{'s' if len(unknown) > 1 else ''} {listed} in --cells; "
-                          f"valid cells: {', '.join(sorted(valid))}")
+    names = list(dict.fromkeys(cell_registry_names(given, where=" in --cells")))  # as `train --cell` spells them
     return [Entry(n, n) for n in names]
 
 
@@ -133,6 +128,8 @@ def parse_seeds(text: str | None, default: int) -> list[int]:
         raise CharlmError(f"--seeds expects comma-separated integers, e.g. 1,2,3; got '{text}'") from None
     if not seeds:
         raise CharlmError(f"--seeds expects comma-separated integers, e.g. 1,2,3; got '{text}'")
+    for seed in seeds:
+        check_seed(seed, "each of --seeds")
     return list(dict.fromkeys(seeds))
 
 
@@ -246,7 +243,8 @@ class RunResult:
     train_chars_per_s: float  # median of the logged per-step throughput
     best_step: int  # optimizer steps behind best.ckpt
     steps: int  # optimizer steps trained
-    curve: list[dict[str, float]] = field(default_factory=list)  # step, seconds, val_loss, val_bpc
+    # step, seconds (training time logged at that validation, None where unknown), val_loss, val_bpc
+    curve: list[dict[str, float | None]] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "curve"}
@@ -539,13 +537,18 @@ def _checkpoint_step(path: Path) -> int:
     return int(safe_load(path).get("global_step", 0))
 
 
-def read_curve(run_dir: Path, segments: Sequence[dict[str, Any]]) -> tuple[list[tuple[int, float, float]], list[float]]:
-    """Validation points ``(step, val_loss, val_bpc)`` and logged throughputs, stitched over segments.
+CurvePoint = tuple[int, float, float, float | None]  # step, val_loss, val_bpc, elapsed_s (None: not logged)
+
+
+def read_curve(run_dir: Path, segments: Sequence[dict[str, Any]]) -> tuple[list[CurvePoint], list[float]]:
+    """Validation points ``(step, val_loss, val_bpc, elapsed_s)`` and logged throughputs, stitched over
+    segments.
 
     Lightning's CSV ``step`` is zero-based at logging time; ``step + 1`` is the number of optimizer
-    steps done, which is also what a checkpoint's ``global_step`` counts.
+    steps done, which is also what a checkpoint's ``global_step`` counts. ``elapsed_s`` is the training
+    time the run logged at that validation (continued over resumes), ``None`` where it logged none.
     """
-    val: dict[int, tuple[float, float]] = {}
+    val: dict[int, tuple[float, float, float | None]] = {}
     speeds: list[float] = []
     for i, segment in enumerate(segments):
         name = segment.get("metrics") or ("metrics.csv" if i == len(segments) - 1 else None)
@@ -564,7 +567,8 @@ def read_curve(run_dir: Path, segments: Sequence[dict[str, Any]]) -> tuple[list[
                     continue
                 if row.get("val_loss"):
                     loss = float(row["val_loss"])
-                    val[step] = (loss, float(row["val_bpc"]) if row.get("val_bpc") else loss / LN2)
+                    val[step] = (loss, float(row["val_bpc"]) if row.get("val_bpc") else loss / LN2,
+                                 float(row["elapsed_s"]) if row.get("elapsed_s") else None)
                 if row.get("train_chars_per_s"):
                     speeds.append(float(row["train_chars_per_s"]))
     return [(s, *val[s]) for s in sorted(val)], speeds
@@ -577,7 +581,8 @@ class _Scorer:
         self.text = corpus_text
         self._splits: dict[tuple[str, float, float], Any] = {}
 
-    def __call__(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], int, int]:
+    def __call__(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
+        """Validation and test scores, the checkpoint itself and the model's parameter count."""
         from charlm.checkpoint import load_model
         from charlm.datamodule import split_ids
         from charlm.evaluate import evaluate_ids
@@ -591,7 +596,7 @@ class _Scorer:
         kwargs = {"batch_size": cfg.data.eval_batch_size, "bptt": cfg.data.bptt}
         val = evaluate_ids(model, splits.val, **kwargs)
         test = evaluate_ids(model, splits.test, **kwargs)
-        return val, test, int(ckpt.get("global_step", 0)), count_parameters(model)
+        return val, test, ckpt, count_parameters(model)
 
 
 def train_run(plan: PlannedRun, out: Path, scorer: _Scorer, console: Console | None) -> RunResult:
@@ -622,16 +627,17 @@ def train_run(plan: PlannedRun, out: Path, scorer: _Scorer, console: Console | N
     segments[-1]["seconds"] = trained.seconds
     atomic_write_text(record_path, json.dumps(record, indent=1))
 
-    val, test, best_step, parameters = scorer(trained.best_checkpoint)
+    val, test, best_ckpt, parameters = scorer(trained.best_checkpoint)
+    best_step = int(best_ckpt.get("global_step", 0))
     seconds = sum(float(s["seconds"] or 0.0) for s in segments)
     steps = trained.steps
     points, speeds = read_curve(run_dir, segments)
     d = plan.config.data
     chars_per_s = statistics.median(speeds) if speeds else steps * d.batch_size * d.bptt / max(seconds, 1e-9)
-    per_step = seconds / max(steps, 1)
-    curve = [{"step": s, "seconds": s * per_step, "val_loss": loss, "val_bpc": bpc} for s, loss, bpc in points]
+    curve: list[dict[str, float | None]] = [
+        {"step": s, "seconds": elapsed, "val_loss": loss, "val_bpc": bpc} for s, loss, bpc, elapsed in points]
     if best_step not in {p[0] for p in points}:  # the final weights were best (scored after the budget ran out)
-        curve.append({"step": best_step, "seconds": best_step * per_step, "val_loss": val["loss"],
+        curve.append({"step": best_step, "seconds": best_ckpt.get("elapsed_s"), "val_loss": val["loss"],
                       "val_bpc": val["bpc"]})
         curve.sort(key=lambda p: p["step"])
     result = RunResult(
@@ -640,7 +646,7 @@ def train_run(plan: PlannedRun, out: Path, scorer: _Scorer, console: Console | N
         val_loss=val["loss"], val_bpc=val["bpc"], val_ppl=val["perplexity"],
         test_loss=test["loss"], test_bpc=test["bpc"], test_ppl=test["perplexity"],
         train_seconds=seconds, train_chars_per_s=chars_per_s, best_step=best_step, steps=steps, curve=curve)
-    record["result"] = dataclasses.asdict(result)
+    record["result"], record["version"] = dataclasses.asdict(result), RECORD_VERSION
     atomic_write_text(record_path, json.dumps(record, indent=1))
     return result
 
@@ -661,7 +667,12 @@ def finished_result(plan: PlannedRun) -> RunResult | None:
     if diff:
         raise CharlmError(f"{plan.run_dir} was trained with other settings ({'; '.join(diff)}); re-run with the "
                           "same options to resume, or choose another --out")
-    return RunResult.from_dict(record["result"]) if record.get("result") else None
+    if not record.get("result"):
+        return None
+    result = RunResult.from_dict(record["result"])
+    if record.get("version", 1) < 2:  # its curve's times were placed in proportion to steps, not measured
+        result.curve = [{**point, "seconds": None} for point in result.curve]
+    return result
 
 
 # ------------------------------------------------------------------------------------ the comparison

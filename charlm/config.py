@@ -8,6 +8,7 @@ a :class:`CharlmError` that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -241,9 +242,40 @@ def from_dict(values: dict[str, Any]) -> Config:
     return apply(Config(), values, source="checkpoint config")
 
 
+SEED_MAX = 2**32 - 1  # the largest seed lightning.seed_everything accepts (numpy's uint32)
+
+
+def check_seed(value: int, name: str) -> None:
+    """Raise unless ``value`` is a seed Lightning's ``seed_everything`` (and numpy) accept: 0 to 2**32 - 1."""
+    if not 0 <= value <= SEED_MAX:
+        raise CharlmError(f"{name} must be a whole number from 0 to {SEED_MAX}, got {value}")
+
+
+def cell_registry_names(names: list[str], where: str = "") -> list[str]:
+    """Cell names as the registry spells them (case and surrounding spaces ignored: ``LSTM`` is ``lstm``).
+
+    The one check of cell names, for ``model.cell`` and ``compare --cells``: unknown names raise a
+    :class:`CharlmError` that lists them as given (``where`` says where they came from) and the valid ones.
+    """
+    from charlm.cells import cell_names  # late: the cell registry imports torch modules
+
+    valid = cell_names()
+    unknown = [n for n in names if n.strip().lower() not in valid]
+    if unknown:
+        listed = ", ".join(f"'{n}'" for n in unknown)
+        raise CharlmError(f"unknown cell{'s' if len(unknown) > 1 else ''} {listed}{where}; "
+                          f"valid cells: {', '.join(sorted(valid))}")
+    return [n.strip().lower() for n in names]
+
+
 def validate(config: Config) -> None:
-    """Range checks the types cannot express."""
+    """Range checks the types cannot express; ``model.cell`` is set to its registry spelling."""
     d, m, o, t, s = config.data, config.model, config.optim, config.train, config.sample
+    for section_name in _SECTION_CLASSES:  # first: NaN passes every comparison below
+        for key, value in dataclasses.asdict(getattr(config, section_name)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise CharlmError(f"config key '{section_name}.{key}' must be a finite number, got {value}")
+    check_seed(t.seed, "config key 'train.seed'")
     positive = {"data.batch_size": d.batch_size, "data.bptt": d.bptt, "data.eval_batch_size": d.eval_batch_size,
                 "model.embedding_size": m.embedding_size, "model.hidden_size": m.hidden_size,
                 "model.num_layers": m.num_layers, "train.num_nodes": t.num_nodes,
@@ -275,10 +307,7 @@ def validate(config: Config) -> None:
         raise CharlmError(f"config key 'train.max_time' must be positive seconds or null, got {t.max_time}")
     if t.max_epochs == -1 and t.max_steps == -1 and t.max_time is None:
         raise CharlmError("no stopping rule: set train.max_epochs, train.max_steps or train.max_time")
-    from charlm.cells import cell_names  # late: the cell registry imports torch modules
-
-    if m.cell not in cell_names():
-        raise CharlmError(f"unknown cell '{m.cell}'; valid cells: {', '.join(sorted(cell_names()))}")
+    m.cell = cell_registry_names([m.cell])[0]
 
 
 def dump_yaml(config: Config) -> str:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from charlm.cells import get_cell
 from charlm.cells.base import INITS, CellState, Params
+from charlm.config import ModelConfig
 from charlm.errors import CharlmError
 from charlm.regularizers import drop_weight
 
@@ -73,8 +74,8 @@ class RecurrentLayer(nn.Module):
         weight_drop_variational: drop whole rows of ``weight_hh`` instead of single weights.
         native: use the fused nn.LSTM / nn.GRU / nn.RNN kernel when the cell is exactly that kernel.
         init: "xavier" or "kaiming" for each input gate block (recurrent blocks are orthogonal).
-        forget_bias: initial forget-gate bias of the LSTM family (default 1.0, i.e. plain ``lstm``
-            starts as ``lstm-b``; pass 0.0 for Jozefowicz et al.'s "LSTM" row). ``lstm-b`` forces 1.0.
+        forget_bias: initial forget-gate bias of the LSTM family; the default is the config's
+            (``model.forget_bias``, :class:`charlm.config.ModelConfig`). ``lstm-b`` forces 1.0.
         compile: run the custom step through ``torch.compile`` (custom cells only; off by default).
 
     States are tuples of (D, B, S) tensors, D = 2 if bidirectional else 1, as nn.LSTM's h_0: (h,) for
@@ -93,7 +94,7 @@ class RecurrentLayer(nn.Module):
         weight_drop_variational: bool = False,
         native: bool = True,
         init: str = "xavier",
-        forget_bias: float = 1.0,
+        forget_bias: float = ModelConfig.forget_bias,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -103,7 +104,7 @@ class RecurrentLayer(nn.Module):
         if not 0.0 <= weight_drop < 1.0:
             raise CharlmError(f"weight_drop must be in [0, 1), got {weight_drop}")
         self.spec = spec
-        self.cell_name = cell
+        self.cell_name = spec.name
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bidirectional = bidirectional

@@ -50,6 +50,11 @@ class CharLMModule(L.LightningModule):
         self.last_window = 0  # length of the current training window (variable-length BPTT)
         self._resumed: dict[str, Any] | None = None  # carried state + RNG from a checkpoint, applied at step 1
         self._skipped_in_a_row = 0
+        self._lr_at_switch: float | None = None  # NT-ASGD: the scheduled rate when averaging began, held after
+        # Training wall time of earlier sessions (restored from the checkpoint); None after resuming from a
+        # checkpoint that did not keep it, so no made-up time is logged.
+        self._elapsed_before: float | None = 0.0
+        self._session_start: float | None = None  # perf_counter() when this session's training started
 
     # ----------------------------------------------------------------------------------- training
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -142,10 +147,19 @@ class CharLMModule(L.LightningModule):
         return min(1.0, max(parts))
 
     def learning_rate(self) -> float:
-        """Linear warm-up, then constant or cosine from ``lr`` to ``min_lr`` over the budget."""
+        """Linear warm-up, then constant or cosine from ``lr`` to ``min_lr`` over the budget.
+
+        NT-ASGD: once averaging has begun, the rate the schedule had reached at the switch is held
+        constant (AWD-LSTM's averaged SGD runs at a constant rate), so the rate never jumps at the switch.
+        """
         o = self.cfg.optim
         if self.ntasgd.switched:
-            return o.lr  # averaged SGD keeps the base rate (AWD-LSTM)
+            # a checkpoint from before the rate at the switch was kept: its run averaged at the base rate
+            return o.lr if self._lr_at_switch is None else self._lr_at_switch
+        return self._scheduled_rate()
+
+    def _scheduled_rate(self) -> float:
+        o = self.cfg.optim
         if o.warmup_steps and self.global_step < o.warmup_steps:
             return o.lr * (self.global_step + 1) / o.warmup_steps
         if o.schedule == "constant":
@@ -161,7 +175,7 @@ class CharLMModule(L.LightningModule):
                       {"params": no_decay, "weight_decay": 0.0}]
             return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
         sgd = torch.optim.SGD(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        return asgd_from(sgd, lr=o.lr) if self.ntasgd.switched else sgd
+        return asgd_from(sgd, lr=self.learning_rate()) if self.ntasgd.switched else sgd
 
     # --------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: Batch, batch_idx: int, metric: CharNLL) -> None:
@@ -196,13 +210,36 @@ class CharLMModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self._log_split("val", self.val_nll)
-        if self.trainer.sanity_checking or self.cfg.optim.optimizer != "ntasgd":
+        if self.trainer.sanity_checking:
             return
+        elapsed = self.elapsed_seconds()
+        if elapsed is not None:
+            self.log("elapsed_s", elapsed)
+        if self.cfg.optim.optimizer != "ntasgd":
+            return
+        rate = self._scheduled_rate()  # what the next step would get: the rate held from now on
         if self.ntasgd.step(loss):
+            self._lr_at_switch = rate
             self.print(f"NT-ASGD: validation stopped improving at step {self.global_step}; "
-                       "switching to averaged SGD")
-            self.trainer.strategy.optimizers = [asgd_from(self.trainer.optimizers[0], lr=self.cfg.optim.lr)]
+                       f"switching to averaged SGD at the rate reached, {rate:g}")
+            self.trainer.strategy.optimizers = [asgd_from(self.trainer.optimizers[0], lr=rate)]
         self.log("ntasgd_switched", float(self.ntasgd.switched))
+
+    # ---------------------------------------------------------------------------------- wall time
+    def on_train_start(self) -> None:
+        self._session_start = time.perf_counter()
+
+    def on_train_end(self) -> None:  # the clock stops: a checkpoint saved after training keeps this time
+        self._elapsed_before = self.elapsed_seconds()
+        self._session_start = None
+
+    def elapsed_seconds(self) -> float | None:
+        """Wall time spent training this run (validation included), over every resumed session so far;
+        ``None`` when resumed from a checkpoint that did not keep it."""
+        if self._elapsed_before is None:
+            return None
+        running = 0.0 if self._session_start is None else time.perf_counter() - self._session_start
+        return self._elapsed_before + running
 
     def on_validation_end(self) -> None:  # after ModelCheckpoint saved the averaged weights
         if self._raw_backup:
@@ -264,6 +301,11 @@ class CharLMModule(L.LightningModule):
                               f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so they were not saved. "
                               f"Last good checkpoint: {where}")
         checkpoint["ntasgd"] = self.ntasgd.state_dict()
+        if self._lr_at_switch is not None:
+            checkpoint["ntasgd_lr_at_switch"] = self._lr_at_switch
+        elapsed = self.elapsed_seconds()
+        if elapsed is not None:
+            checkpoint["elapsed_s"] = elapsed
         checkpoint["resume_state"] = self._resume_state()
         if self._raw_backup:  # saved while averages are swapped in: keep the raw weights to resume
             names = {id(p): n for n, p in self.named_parameters()}
@@ -272,6 +314,8 @@ class CharLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "ntasgd" in checkpoint:
             self.ntasgd.load_state_dict(checkpoint["ntasgd"])
+        self._lr_at_switch = checkpoint.get("ntasgd_lr_at_switch")
+        self._elapsed_before = checkpoint.get("elapsed_s")
         # applied at the first training batch, after everything that may draw random numbers on the way
         self._resumed = checkpoint.get("resume_state")
         if "raw_weights" in checkpoint:  # resume training from the raw (not averaged) weights

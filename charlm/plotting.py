@@ -23,16 +23,20 @@ class PlottingUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Curve:
-    """One training run's validation points. Runs with the same ``label`` share a colour and a legend entry."""
+    """One training run's validation points. Runs with the same ``label`` share a colour and a legend entry.
+
+    ``seconds`` is the training time logged with each point; a point whose time is ``None`` (not logged)
+    is drawn against its step only.
+    """
 
     label: str
     steps: Sequence[float]
-    seconds: Sequence[float]
+    seconds: Sequence[float | None]
     bpc: Sequence[float]
 
 
 def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None) -> Path:
-    """Write a two-panel PNG (val bpc vs. optimizer step, vs. wall time) to ``path``, atomically."""
+    """Write a two-panel PNG (val bpc vs. optimizer step, vs. logged training wall time) to ``path``, atomically."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -51,7 +55,8 @@ def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None
                  "marker": "o", "markersize": 3, "linewidth": 1.6, "alpha": 0.9}
         first = next(c for c in curves if c.label == curve.label) is curve
         by_step.plot(curve.steps, curve.bpc, label=curve.label if first else "_nolegend_", **style)
-        by_time.plot(curve.seconds, curve.bpc, label="_nolegend_", **style)
+        timed = [(t, b) for t, b in zip(curve.seconds, curve.bpc, strict=True) if t is not None]
+        by_time.plot([t for t, _ in timed], [b for _, b in timed], label="_nolegend_", **style)
     by_step.set_xlabel("optimizer step")
     by_time.set_xlabel("training wall time (s)")
     by_step.set_ylabel("validation bits per character")

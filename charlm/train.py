@@ -109,7 +109,7 @@ def quiet_lightning() -> None:
                     ".*The number of training batches.*is smaller than the logging interval.*",
                     ".*`training_step` returned `None`.*",  # a step skipped on purpose (train.on_nan=skip)
                     # val/test figures are summed over the ranks by the metric itself (see _log_split)
-                    r".*self\.log\('((val|test)_\w+|ntasgd_switched)', \.\.\., sync_dist=True\).*"):
+                    r".*self\.log\('((val|test)_\w+|ntasgd_switched|elapsed_s)', \.\.\., sync_dist=True\).*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

@@ -191,7 +191,7 @@ def test_cifg_ties_forget_to_one_minus_input() -> None:
 
 def test_forget_bias_init() -> None:
     assert torch.all(RecurrentLayer("lstm", IN, H, forget_bias=0.0).bias_ih_l0 == 0)
-    assert torch.all(RecurrentLayer("lstm", IN, H).bias_ih_l0[H : 2 * H] == 1.0)
+    assert torch.all(RecurrentLayer("lstm", IN, H, forget_bias=1.0).bias_ih_l0[H : 2 * H] == 1.0)
     forced = RecurrentLayer("lstm-b", IN, H, forget_bias=0.0)  # lstm-b forces 1.0
     assert torch.all(forced.bias_ih_l0[H : 2 * H] == 1.0) and torch.all(forced.bias_hh_l0 == 0)
     assert torch.all(forced.bias_ih_l0[:H] == 0) and torch.all(forced.bias_ih_l0[2 * H :] == 0)

@@ -1,7 +1,7 @@
 """``charlm compare``: the files and their rows, resuming, seeds, errors, and the no-matplotlib path.
 
-One two-cell comparison (smoke config, 6 steps, validation every 3) is trained once per module; the
-tests that change a comparison work on a copy of it.
+One two-cell comparison (smoke config, 6 steps at a rate high enough to learn the character frequencies,
+validation every 3) is trained once per module; the tests that change a comparison work on a copy of it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import shutil
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ import charlm.compare as compare_module
 from charlm.cells import cell_names
 from charlm.cli import app
 from charlm.compare import (
-    PRESET_OVERRIDES,
     PRESETS,
     RESULT_COLUMNS,
     RUN_COLUMNS,
@@ -49,7 +49,19 @@ LN2 = math.log(2.0)
 def compare_args(corpus: Path, out: Path, cells: str = "lstm,gru", *extra: str) -> list[str]:
     return ["compare", "--cells", cells, "--config", "smoke", "--data", str(corpus), "--out", str(out),
             "--max-steps", "6", "--set", "model.hidden_size=32", "--set", "train.val_every_steps=3",
-            "--set", "train.checkpoint_every_steps=3", *extra]
+            "--set", "train.checkpoint_every_steps=3", "--set", "optim.lr=0.03", "--set", "optim.warmup_steps=0",
+            *extra]
+
+
+def unigram_bpc(text: str) -> float:
+    """Bits per character of the best model that knows only the characters' frequencies."""
+    counts = Counter(text)
+    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+
+
+def logged_times(run_dir: Path, name: str = "metrics.csv") -> dict[int, float]:
+    """``{optimizer steps done: elapsed_s}`` of the validation rows the run logged."""
+    return {int(r["step"]) + 1: float(r["elapsed_s"]) for r in read_csv(run_dir / name)[1] if r.get("val_loss")}
 
 
 def invoke(args: list[str]) -> tuple[int, str]:
@@ -99,8 +111,11 @@ def copy_of(finished: tuple[Path, str], tmp_path: Path) -> Path:
     return target
 
 
-def test_two_cells_write_all_files(finished: tuple[Path, str]) -> None:
+def test_two_cells_write_all_files(finished: tuple[Path, str], corpus_file: Path) -> None:
     out, output = finished
+    text = corpus_file.read_text(encoding="utf-8")
+    uniform, unigram = math.log2(len(set(text))), unigram_bpc(text)
+    assert unigram < uniform - 0.4  # the bound below tells a model that learned from a uniform guess
     for name in ("results.csv", "runs.csv", "results.json", "results.md", "curves.png"):
         assert (out / name).is_file(), name
     for run in ("lstm-seed1234", "gru-seed1234"):
@@ -116,7 +131,7 @@ def test_two_cells_write_all_files(finished: tuple[Path, str]) -> None:
         assert float(r["val_bpc"]) == pytest.approx(float(r["val_loss"]) / LN2, rel=1e-5)
         assert float(r["test_bpc"]) == pytest.approx(float(r["test_loss"]) / LN2, rel=1e-5)
         assert float(r["test_ppl"]) == pytest.approx(math.exp(float(r["test_loss"])), rel=1e-5)
-        assert 0 < float(r["val_bpc"]) < math.log2(65) + 0.5  # learned something, from ~log2(vocab)
+        assert 0 < float(r["val_bpc"]) < unigram + 0.25  # learned the character frequencies at least
         assert float(r["train_seconds"]) > 0 and float(r["train_chars_per_s"]) > 0
         assert r["val_bpc_std"] == ""  # one seed: no spread
     assert int(rows[0]["parameters"]) > int(rows[1]["parameters"])  # four gate blocks against three
@@ -133,7 +148,9 @@ def test_two_cells_write_all_files(finished: tuple[Path, str]) -> None:
     for run in document["runs"]:
         steps = [p["step"] for p in run["curve"]]
         assert steps == [3, 6], steps  # validation fired at 3 and 6
-        assert run["curve"][-1]["seconds"] == pytest.approx(run["train_seconds"])
+        logged = logged_times(out / run["run_dir"])  # the training time the run itself logged
+        assert [p["seconds"] for p in run["curve"]] == [pytest.approx(logged[3]), pytest.approx(logged[6])]
+        assert 0 < logged[3] < logged[6] <= run["train_seconds"]
 
     md = (out / "results.md").read_text()
     assert "| cell | parameters | val loss | val bpc | test bpc | test ppl | training time |" in md
@@ -176,6 +193,10 @@ def test_resume_skips_finished_cells_and_resumes_the_unfinished_one(
     result = record["result"]
     assert result["steps"] == 6
     assert [p["step"] for p in result["curve"]] == [3, 6]  # stitched over the two segments
+    # each point at the time its own segment logged; the second segment's clock went on from the checkpoint's
+    first, second = logged_times(out / "gru-seed1234", "metrics.seg1.csv"), logged_times(out / "gru-seed1234")
+    assert [p["seconds"] for p in result["curve"]] == [pytest.approx(first[3]), pytest.approx(second[6])]
+    assert second[6] > first[3]
     _, rows = read_csv(out / "results.csv")
     assert [r["cell"] for r in rows] == ["lstm", "gru"]
 
@@ -296,16 +317,37 @@ def _with(model: ModelConfig, cell: str, hidden: int) -> ModelConfig:
     return dataclasses.replace(model, cell=cell, hidden_size=hidden)
 
 
-def test_jozefowicz_preset_separates_lstm_from_lstm_b() -> None:
+def compared_config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Any:
+    """The config ``charlm compare ARGS`` would train with (the comparison itself is not run)."""
+    seen: list[Any] = []
+
+    def record(base: Any, entries: Any, **kwargs: Any) -> Any:
+        seen.append(base)
+        raise CharlmError("recorded")
+
+    monkeypatch.setattr(compare_module, "run_comparison", record)
+    code, output = invoke(["compare", *args])
+    assert code == 2 and "recorded" in output, output
+    return seen[0]
+
+
+def test_jozefowicz_preset_separates_lstm_from_lstm_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from charlm.model import CharLM
 
-    cfg = load_config("smoke", PRESET_OVERRIDES["jozefowicz"])
+    config_file = tmp_path / "bias1.yaml"  # a config whose LSTMs start as LSTM-b
+    config_file.write_text("model:\n  forget_bias: 1.0\n  hidden_size: 16\n", encoding="utf-8")
+    assert compared_config(monkeypatch, ["--cells", "lstm", "--config", str(config_file)]).model.forget_bias == 1.0
+    cfg = compared_config(monkeypatch, ["--preset", "jozefowicz", "--config", str(config_file)])
+    assert cfg.model.forget_bias == 0.0  # the preset's rows, whatever the config file says
     h = cfg.model.hidden_size
     forget = {}
     for cell in ("lstm", "lstm-b"):
         layer = CharLM(65, _with(cfg.model, cell, h)).layers[0]
         forget[cell] = dict(layer.named_parameters())["bias_ih_l0"][h:2 * h]  # gate order i, f, g, o
     assert bool((forget["lstm"] == 0).all()) and bool((forget["lstm-b"] == 1).all())
+    cfg = compared_config(monkeypatch, ["--preset", "jozefowicz", "--config", str(config_file),
+                                        "--set", "model.forget_bias=0.5"])
+    assert cfg.model.forget_bias == 0.5  # the user's --set comes after the preset
 
 
 def test_result_files_are_readable_by_others(finished: tuple[Path, str]) -> None:
@@ -314,3 +356,30 @@ def test_result_files_are_readable_by_others(finished: tuple[Path, str]) -> None
     os.umask(mask)
     for name in ("results.csv", "runs.csv", "results.json", "results.md", "curves.png"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+@pytest.mark.parametrize(("seeds", "message"), [
+    ("-1", "each of --seeds must be a whole number from 0 to 4294967295, got -1"),
+    ("1,1180591620717411303424", "each of --seeds must be a whole number from 0 to 4294967295, "
+                                 "got 1180591620717411303424"),
+])
+def test_out_of_range_seeds_are_refused_before_anything_is_made(
+        seeds: str, message: str, tmp_path: Path, corpus_file: Path) -> None:
+    code, output = invoke(compare_args(corpus_file, tmp_path / "cmp", "lstm", f"--seeds={seeds}"))
+    assert code == 2 and "Traceback" not in output
+    assert f"error: {message}" in output
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_curves_of_runs_recorded_before_times_were_logged_have_no_times(
+        copy_of: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for run in ("lstm-seed1234", "gru-seed1234"):  # records of version 1 placed their times by step count
+        path = copy_of / run / RUN_RECORD
+        path.write_text(json.dumps({**json.loads(path.read_text()), "version": 1}))
+    calls = counting_train(monkeypatch)
+    code, output = invoke(compare_args(corpus_file, copy_of))
+    assert code == 0 and calls == [], output
+    runs = json.loads((copy_of / "results.json").read_text())["runs"]
+    assert [[p["seconds"] for p in r["curve"]] for r in runs] == [[None, None], [None, None]]
+    assert [[p["step"] for p in r["curve"]] for r in runs] == [[3, 6], [3, 6]]  # still drawn against steps
+    assert (copy_of / "curves.png").is_file()

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
+from charlm.config import load_config
+from charlm.lightning_module import CharLMModule
 from charlm.ntasgd import (
     NTASGD,
     asgd_from,
@@ -172,3 +177,66 @@ def test_averaged_weights_noop_without_asgd() -> None:
     with averaged_weights(opt):
         assert torch.equal(model.weight, before)
     assert torch.equal(model.weight, before)
+
+
+class LearningRates(L.Callback):
+    """(steps done, learning rate, optimizer class) at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, float, str]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.rows.append((trainer.global_step, optimizer.param_groups[0]["lr"], type(optimizer).__name__))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cosine_rate_is_continuous_at_the_switch_and_held_after(
+        corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Averaged SGD goes on at the rate the schedule had reached at the switch, held constant (AWD-LSTM
+    averages at a constant rate); it never jumps back to the base rate."""
+    from charlm import train as train_module
+
+    scripted = iter([3.0, 2.0, 2.5, 3.5, 1.0, 0.9])  # nonmono=1: 3.5 > min([3.0]) switches after step 20
+    original = CharLMModule._log_split
+    monkeypatch.setattr(CharLMModule, "_log_split", lambda self, split, metric: (original(self, split, metric),
+                                                                                   next(scripted))[1])
+    record = LearningRates()
+    build = train_module.build_trainer
+    monkeypatch.setattr(train_module, "build_trainer",
+                        lambda c, d, extra_callbacks=None: build(c, d, extra_callbacks=[record]))
+    lr, min_lr, steps = 1.0, 0.01, 30
+    cfg = load_config("smoke", ["optim.optimizer=ntasgd", f"optim.lr={lr}", f"optim.min_lr={min_lr}",
+                                "optim.schedule=cosine", "optim.warmup_steps=0", "optim.nonmono=1",
+                                "train.val_every_steps=5", f"train.max_steps={steps}", f"data.path={corpus_file}",
+                                f"train.out={tmp_path}", "train.name=nt", "sample.enabled=false"])
+    result = train_module.train(cfg)
+
+    def cosine(done: int) -> float:
+        return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * done / steps))
+
+    assert [(done, name) for done, _, name in record.rows] == [
+        (done, "SGD" if done < 20 else "ASGD") for done in range(steps)]
+    for done, rate, _ in record.rows:
+        assert rate == pytest.approx(cosine(min(done, 20))), done
+    ckpt = torch.load(result.run_dir / "last.ckpt", weights_only=True)
+    assert ckpt["ntasgd"]["switched_at"] == 3
+    assert ckpt["ntasgd_lr_at_switch"] == pytest.approx(cosine(20))  # kept for a resume
+
+
+def test_rate_at_the_switch_survives_a_checkpoint() -> None:
+    """A resumed module holds the saved rate; a checkpoint from before that rate was kept resumes at the
+    base rate, as its run had averaged."""
+    cfg = load_config("smoke", ["optim.optimizer=ntasgd", "optim.lr=2.0", "optim.nonmono=1"]).to_dict()
+    module = CharLMModule(cfg, "abc")
+    assert [module.ntasgd.step(loss) for loss in (3.0, 2.0, 3.5)] == [False, False, True]
+    module._lr_at_switch = 0.375
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["ntasgd_lr_at_switch"] == 0.375
+    resumed = CharLMModule(cfg, "abc")
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.ntasgd.switched and resumed.learning_rate() == 0.375
+    del checkpoint["ntasgd_lr_at_switch"]
+    old = CharLMModule(cfg, "abc")
+    old.on_load_checkpoint(checkpoint)
+    assert old.ntasgd.switched and old.learning_rate() == 2.0

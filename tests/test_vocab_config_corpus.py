@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import urllib.error
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from charlm import corpus as corpus_mod
-from charlm.config import load_config, parse_override
+from charlm.cells import cell_names
+from charlm.cli import app
+from charlm.config import SEED_MAX, ModelConfig, load_config, parse_override
 from charlm.errors import CharlmError
 from charlm.vocab import Vocab
 
@@ -55,11 +59,73 @@ def test_override_parses_yaml_values() -> None:
     ("model.tie_weights=3", "config key 'model.tie_weights' must be bool, got 3"),
     ("model.cell=lstmm", "unknown cell 'lstmm'; valid cells: "),
     ("hidden_size", "--set expects section.key=value, got 'hidden_size'"),
+    ("optim.lr=.nan", "config key 'optim.lr' must be a finite number, got nan"),
+    ("sample.temperature=.nan", "config key 'sample.temperature' must be a finite number, got nan"),
+    ("train.max_time=.inf", "config key 'train.max_time' must be a finite number, got inf"),
+    ("model.dropout=-.inf", "config key 'model.dropout' must be a finite number, got -inf"),
+    ("train.seed=-1", "config key 'train.seed' must be a whole number from 0 to 4294967295, got -1"),
+    ("train.seed=4294967296", "config key 'train.seed' must be a whole number from 0 to 4294967295, got 4294967296"),
 ])
 def test_bad_config_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(CharlmError) as info:
         load_config("default", [override])
     assert str(info.value).startswith(message)
+
+
+def test_seed_bounds_are_lightnings() -> None:
+    from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
+
+    assert (min_seed_value, max_seed_value) == (0, SEED_MAX)
+    assert load_config("default", ["train.seed=0"]).train.seed == 0
+    assert load_config("default", [f"train.seed={SEED_MAX}"]).train.seed == SEED_MAX
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--seed", "-1"], "config key 'train.seed' must be a whole number from 0 to 4294967295, got -1"),
+    (["--seed", str(2**70)], f"config key 'train.seed' must be a whole number from 0 to 4294967295, got {2**70}"),
+    (["--set", "optim.lr=.nan"], "config key 'optim.lr' must be a finite number, got nan"),
+    (["--set", "sample.temperature=.nan"], "config key 'sample.temperature' must be a finite number, got nan"),
+])
+def test_train_refuses_bad_values_before_anything_is_made(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", "--config", "smoke", "--out", str(tmp_path / "runs"), *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert " ".join(result.output.split()) == f"error: {message}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cell_names_follow_one_rule_in_train_and_compare(monkeypatch: pytest.MonkeyPatch) -> None:
+    from charlm import train as train_module
+    from charlm.compare import resolve_entries
+
+    seen: list[str] = []
+
+    def record(config: Any, **kwargs: Any) -> Any:
+        seen.append(config.model.cell)
+        raise CharlmError("recorded")
+
+    monkeypatch.setattr(train_module, "train", record)
+    result = CliRunner().invoke(app, ["train", "--config", "smoke", "--cell", "LSTM"])
+    assert result.exit_code == 2 and "recorded" in result.output and seen == ["lstm"]  # the registry's name
+    assert [e.cell for e in resolve_entries("LSTM,Gru", None)] == ["lstm", "gru"]  # as compare --cells
+    valid = ", ".join(sorted(cell_names()))
+    with pytest.raises(CharlmError) as train_error:
+        load_config("default", ["model.cell=LSTMX"])
+    with pytest.raises(CharlmError) as compare_error:
+        resolve_entries("LSTMX", None)
+    assert str(train_error.value) == f"unknown cell 'LSTMX'; valid cells: {valid}"
+    assert str(compare_error.value) == f"unknown cell 'LSTMX' in --cells; valid cells: {valid}"
+
+
+def test_forget_bias_has_one_default() -> None:
+    from charlm.engine import RecurrentLayer
+    from charlm.model import CharLM
+
+    default = ModelConfig().forget_bias
+    layer = RecurrentLayer("lstm", 4, 8)  # no forget_bias given: the config's default
+    assert bool((layer.bias_ih_l0[8:16] == default).all())  # gate order i, f, g, o
+    model = CharLM(5, load_config("smoke", ["model.hidden_size=8", "model.embedding_size=8"]).model)
+    assert bool((model.layers[0].bias_ih_l0[8:16] == default).all())
+    assert bool((RecurrentLayer("lstm-b", 4, 8).bias_ih_l0[8:16] == 1.0).all())  # lstm-b forces 1
 
 
 def test_unknown_config_name_lists_known() -> None:

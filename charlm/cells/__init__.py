@@ -15,7 +15,6 @@ from charlm.cells.lstm import GateConfig, GatedLSTMCell, GateRecurrentLSTMCell
 from charlm.cells.mut import MUT1Cell, MUT2Cell, MUT3Cell
 from charlm.cells.norm import BatchNormLSTMCell, LayerNormLSTMCell
 from charlm.cells.rnn import ElmanCell, LinearCell
-from charlm.errors import CharlmError
 
 __all__ = ["CELLS", "Cell", "CellSpec", "cell_names", "describe_cells", "get_cell"]
 
@@ -96,8 +95,8 @@ def describe_cells() -> list[tuple[str, str]]:
 
 
 def get_cell(name: str) -> CellSpec:
-    """The spec for ``name``; an unknown name raises CharlmError listing the valid ones."""
-    try:
-        return CELLS[name]
-    except KeyError:
-        raise CharlmError(f"unknown cell '{name}'; valid cells: {', '.join(sorted(CELLS))}") from None
+    """The spec for ``name``, spelled as :func:`charlm.config.cell_registry_names` allows (which raises,
+    listing the valid names, for an unknown one)."""
+    from charlm.config import cell_registry_names
+
+    return CELLS[cell_registry_names([name])[0]]
