@@ -11,6 +11,7 @@ import torch
 
 from charlm.config import load_config
 from charlm.lightning_module import CharLMModule
+from charlm.streams import Batch
 from charlm.train import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -70,54 +71,96 @@ def test_variable_bptt_scales_the_learning_rate_by_window_length(
         assert lr == pytest.approx(0.01 * length / 20)
 
 
-@pytest.mark.parametrize("variational", [False, True])
-def test_every_regularizer_on_trains_and_evaluates_deterministically(variational: bool) -> None:
-    cfg = load_config("smoke", ["model.dropout=0.3", "model.dropouth=0.3", "model.dropouti=0.2",
-                                "model.dropoute=0.1", "model.weight_drop=0.4", "model.layer_norm=true",
-                                f"model.weight_drop_variational={str(variational).lower()}",
-                                "optim.alpha=2", "optim.beta=1"])
+VOCAB = "abcdefghij"
+ALL_OFF = ("model.dropout=0", "model.dropouth=0", "model.dropouti=0", "model.dropoute=0", "model.weight_drop=0",
+           "optim.alpha=0", "optim.beta=0")
+DROPOUTS = ("model.dropout=0.3", "model.dropouth=0.3", "model.dropouti=0.2", "model.dropoute=0.2",
+            "model.weight_drop=0.4")
+
+
+def _module(*overrides: str, like: CharLMModule | None = None) -> CharLMModule:
+    """A smoke-sized module, every regularizer off but ``overrides``; with ``like``'s weights if given."""
     torch.manual_seed(0)
-    module = CharLMModule(cfg.to_dict(), "abcdefghij")
-    x = torch.randint(0, 10, (4, 16))
-    y = torch.roll(x, -1, 1).reshape(-1)
+    module = CharLMModule(load_config("smoke", [*ALL_OFF, *overrides]).to_dict(), VOCAB)
+    if like is not None:
+        module.load_state_dict(like.state_dict())
+    return module
+
+
+def _batch() -> Batch:
+    torch.manual_seed(3)
+    x = torch.randint(0, len(VOCAB), (4, 16))
+    return Batch(x, torch.roll(x, -1, 1))
+
+
+@pytest.mark.parametrize("knobs", ["model.dropout=0.5", "model.dropouth=0.5", "model.dropouti=0.5",
+                                   "model.dropoute=0.5", "model.weight_drop=0.5",
+                                   "model.weight_drop=0.5 model.weight_drop_variational=true"])
+def test_each_regularizer_acts_in_training_and_eval_uses_the_raw_weights(knobs: str) -> None:
+    """Each dropout and weight drop changes the training forward; eval equals the same weights with none."""
+    regularized = _module(*knobs.split())
+    plain = _module(like=regularized)
+    x = _batch().x
+    with torch.no_grad():
+        reference = plain.eval().model(x).logits
+        assert torch.equal(plain.train().model(x).logits, reference)  # so a difference below is the knob's
+        assert not torch.equal(regularized.train().model(x).logits, reference)
+        torch.testing.assert_close(regularized.eval().model(x).logits, reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_ar_tar_enter_the_training_loss_and_its_gradient(variational: bool) -> None:
+    """AR on the dropped last-layer output, TAR on the raw one (Merity et al. 2017), every dropout on."""
+    regs = (*DROPOUTS, f"model.weight_drop_variational={str(variational).lower()}", "model.layer_norm=true")
+    module = _module(*regs, "optim.alpha=2", "optim.beta=3")
+    without = _module(*regs, like=module)
+    batch = _batch()
+    params = list(module.model.parameters())
+
+    def loss_and_grads(m: CharLMModule) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        torch.manual_seed(1)  # the same dropout masks for every forward below
+        loss = m.train().training_step(batch, 0)
+        assert loss is not None
+        return loss, torch.autograd.grad(loss, list(m.model.parameters()))
+
+    total, grads = loss_and_grads(module)
+    nll_only, grads_without = loss_and_grads(without)
+    torch.manual_seed(1)
+    out = module.model(batch.x)
+    nll = torch.nn.functional.cross_entropy(out.logits.reshape(-1, len(VOCAB)), batch.y.reshape(-1))
+    dropped, raw = out.dropped_last, out.raw_last
+    assert not torch.equal(dropped, raw)  # the dropout is live, so AR and TAR on the wrong output would show
+    penalties = 2 * dropped.pow(2).mean() + 3 * (raw[:, 1:] - raw[:, :-1]).pow(2).mean()
+    torch.testing.assert_close(nll_only, nll)
+    torch.testing.assert_close(total, nll + penalties)
+    penalty_grads = torch.autograd.grad(penalties, params, allow_unused=True)
+    assert max(float(g.abs().max()) for g in penalty_grads if g is not None) > 1e-3
+    for g, g0, gp in zip(grads, grads_without, penalty_grads, strict=True):
+        torch.testing.assert_close(g, g0 if gp is None else g0 + gp)
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_every_regularizer_on_still_trains_every_weight(variational: bool) -> None:
+    """Every dropout, weight drop, AR and TAR on, through training_step: the loss falls, every weight moves."""
+    module = _module(*DROPOUTS, f"model.weight_drop_variational={str(variational).lower()}",
+                     "optim.alpha=2", "optim.beta=1", "optim.weight_decay=0")  # only gradients move weights
+    batch = _batch()
 
     def eval_loss() -> float:
-        module.eval()
         with torch.no_grad():
-            value = torch.nn.functional.cross_entropy(module.model(x).logits.reshape(-1, 10), y).item()
-        module.train()
-        return value
+            logits = module.eval().model(batch.x).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, len(VOCAB)), batch.y.reshape(-1)).item()
 
     before = eval_loss()
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    start = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    opt = module.configure_optimizers()
+    module.train()
     for _ in range(40):
-        loss = torch.nn.functional.cross_entropy(module.model(x).logits.reshape(-1, 10), y)
+        loss = module.training_step(batch, 0)
+        assert loss is not None
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert eval_loss() < before - 0.4
-    module.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(module.model(x).logits, module.model(x).logits, rtol=0, atol=0)
-    module.train()
-    with torch.no_grad():
-        assert not torch.equal(module.model(x).logits, module.model(x).logits)  # dropout is live in training
-
-
-def test_ar_tar_enter_the_training_loss() -> None:
-    from charlm.regularizers import ar_penalty, tar_penalty
-    from charlm.streams import Batch
-
-    cfg = load_config("smoke", ["optim.alpha=2", "optim.beta=3"])
-    torch.manual_seed(0)
-    module = CharLMModule(cfg.to_dict(), "abcdefgh")
-    module.eval()  # no dropout: the same forward twice
-    x, y = torch.randint(0, 8, (2, 12)), torch.randint(0, 8, (2, 12))
-    with pytest.warns(UserWarning):
-        total = module.training_step(Batch(x, y), 0)
-    out = module.model(x)
-    nll = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 8), y.reshape(-1))
-    expected = nll + ar_penalty(out.dropped_last, 2.0) + tar_penalty(out.raw_last, 3.0)
-    assert total is not None
-    torch.testing.assert_close(total, expected)
-    assert float(expected - nll) > 0
+    for name, p in module.model.named_parameters():
+        assert not torch.equal(p, start[name]), name

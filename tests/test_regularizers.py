@@ -68,9 +68,9 @@ def test_locked_identity_in_eval_and_p0() -> None:
 
 def test_locked_rejects_bad_input() -> None:
     """A rate outside [0, 1) or a non-sequence input is an error, not garbage (Gal & Ghahramani 2016)."""
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1.0"):
         LockedDropout(1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expects batch-first \(B, T, F\) input, got shape \(4, 5\)"):
         locked_dropout(torch.ones(4, 5), 0.5)
 
 
@@ -86,16 +86,22 @@ def test_locked_gradient_uses_mask() -> None:
 # ---------------------------------------------------------------- weight drop
 
 
-def test_drop_weight_fixed_within_call_redrawn_next() -> None:
-    """One mask per call, shared by every step using it; a new one next call (Merity et al. 2017)."""
-    w = torch.randn(40, 30)
-    a = drop_weight(w, 0.5)
-    x = torch.randn(30)
-    assert torch.equal(a @ x, a @ x)  # the returned tensor is fixed: every step sees the same weights
-    b = drop_weight(w, 0.5)
-    assert not torch.equal(a == 0, b == 0)
+@pytest.mark.parametrize("variational", [False, True], ids=["elementwise", "variational"])
+def test_drop_weight_drops_a_fraction_p_scales_the_rest_and_redraws_each_call(variational: bool) -> None:
+    """About p of the weights (rows when variational) are zeroed, the others are the raw ones times
+    1/(1-p), and each call draws a new mask (Merity et al. 2017). That one call's matrix serves every
+    step of a forward is checked against nn.LSTM in test_engine.py."""
+    p = 0.3
+    w = torch.rand(10000, 20) + 0.5  # no zero weight: a zero in the output is a dropped one
+    a = drop_weight(w, p, variational=variational)
     kept = a != 0
-    assert torch.allclose(a[kept], w[kept] * 2.0)
+    torch.testing.assert_close(a[kept], w[kept] / (1 - p), rtol=1e-6, atol=0)
+    units = kept.all(dim=1) if variational else kept
+    if variational:
+        assert torch.equal(units, kept.any(dim=1))  # rows all kept or all dropped
+    assert (1 - units.float().mean()).item() == pytest.approx(p, abs=0.02)
+    b = drop_weight(w, p, variational=variational)
+    assert not torch.equal(kept, b != 0)
 
 
 def test_drop_weight_element_vs_variational() -> None:
@@ -152,6 +158,16 @@ def test_embedding_dropout_drops_whole_rows() -> None:
             kept_chars.add(c)
             assert torch.allclose(vecs, ref[words == c] / (1 - p))
     assert dropped_chars and kept_chars
+
+
+def test_embedding_dropout_drops_a_fraction_p_of_the_characters() -> None:
+    """Each character type is dropped with probability p, independently (Merity et al. 2017)."""
+    p = 0.3
+    embed = nn.Embedding(10000, 4)
+    out = embedding_dropout(embed, torch.arange(10000)[None], p, training=True)[0]
+    dropped = (out == 0).all(dim=1)
+    assert dropped.float().mean().item() == pytest.approx(p, abs=0.02)
+    torch.testing.assert_close(out[~dropped], embed.weight[~dropped] / (1 - p), rtol=1e-6, atol=0)
 
 
 def test_embedding_dropout_eval_identity_and_grad() -> None:
