@@ -197,7 +197,8 @@ def test_a_second_process_waits_for_a_build_in_progress_and_says_so(built: None)
         os.utime(torch_lock, (old, old))
         proc = subprocess.Popen([sys.executable, "-c", "from charlm.cells import native; print(native.available())"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        watchdog = threading.Timer(120, proc.kill)
+        watchdog = threading.Timer(120, proc.kill)  # a process that never says it waits is not waited for
+        watchdog.daemon = True
         watchdog.start()
         try:
             assert proc.stderr is not None
@@ -208,8 +209,9 @@ def test_a_second_process_waits_for_a_build_in_progress_and_says_so(built: None)
         except BaseException:
             proc.kill()
             raise
-    out, err = proc.communicate()
-    watchdog.cancel()
+        finally:
+            watchdog.cancel()
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and out.split() == ["True"], err
     assert "left by a build" not in err
 
