@@ -20,6 +20,10 @@ on every call once ``weight_hh`` is swapped for a dropped copy (the pitfall of t
 WeightDrop); gradients reach every weight in the list, so the raw ``weight_hh`` gets its gradient
 through the dropout mask.
 
+Under CPU autocast (``--precision bf16-mixed``) a native op that has no kernel in the autocast dtype on this
+CPU (oneDNN's bfloat16 LSTM needs AVX-512) runs in float32 instead, after one warning
+(:func:`cpu_autocast_runs`); GPUs are not probed.
+
 Weight drop (DropConnect on ``weight_hh``, Merity et al. 2017): one mask per forward call, shared by
 every time step (and a separate one per direction); eval uses the raw weights.
 """
@@ -27,6 +31,7 @@ every time step (and a separate one per direction); eval uses the raw weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -61,6 +66,47 @@ def _quiet_uncompacted_weights(active: bool) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_UNCOMPACTED, category=UserWarning)
         yield
+
+
+def _native_op(kind: str, x: Tensor, state: State, weights: list[Tensor], train: bool, bidirectional: bool
+               ) -> tuple[Tensor, State]:
+    """The ATen op behind nn.LSTM / nn.GRU / nn.RNN, batch-first, one layer: output and final state."""
+    args = (weights, True, 1, 0.0, train, bidirectional, True)
+    if kind == "LSTM":
+        out, h, c = torch.lstm(x, (state[0], state[1]), *args)
+        return out, (h, c)
+    fn = {"GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[kind]
+    out, h = fn(x, state[0], *args)
+    return out, (h,)
+
+
+@functools.cache
+def cpu_autocast_runs(kind: str, dtype: torch.dtype) -> bool:
+    """Whether the CPU's ``kind`` op (``"LSTM"``, ``"GRU"``, ...) trains under ``torch.autocast("cpu", dtype)``.
+
+    Under CPU autocast ``torch.lstm`` runs oneDNN's LSTM in ``dtype``, which oneDNN has only for some CPUs
+    (bfloat16 needs AVX-512; float16 was missing even on an AVX-512 FP16 CPU with PyTorch 2.13); elsewhere
+    it raises "could not create a primitive descriptor". Probed once per process and kind with a one-step
+    call, forward and backward, through the public op; a warning says when the layers fall back to float32."""
+    gates = {"LSTM": 4, "GRU": 3}.get(kind, 1)
+    try:  # (the first call may come inside a validation, where gradients are off)
+        with torch.inference_mode(False), torch.enable_grad():
+            weights = [torch.full((gates, 1), 0.5, requires_grad=True) for _ in range(2)]
+            weights += [torch.zeros(gates, requires_grad=True) for _ in range(2)]
+            state = (torch.zeros(1, 1, 1),) * (2 if kind == "LSTM" else 1)
+            with torch.autocast("cpu", dtype=dtype):
+                out, _ = _native_op(kind, torch.ones(1, 1, 1), state, weights, True, False)
+            out.float().sum().backward()
+    except RuntimeError:
+        low = str(dtype).removeprefix("torch.")
+        warnings.warn(
+            f"charlm: this CPU has no {low} {kind} kernel, so under mixed precision the {kind} layers run in "
+            f"float32 (the rest of the model in {low}).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 class RecurrentLayer(nn.Module):
@@ -240,15 +286,15 @@ class RecurrentLayer(nn.Module):
         for d in range(self.num_directions):
             p = self._params(d)
             weights.extend(p[name] for name in _NATIVE_WEIGHTS)
-        kind = self.spec.native
-        args = (weights, True, 1, 0.0, self.training, self.bidirectional, True)
+        kind = self.spec.native or ""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_autocast_runs(
+                kind, torch.get_autocast_dtype("cpu")):
+            # the op has no kernel in the autocast dtype on this CPU: run it in float32, which is exact
+            with torch.autocast("cpu", enabled=False):
+                return _native_op(kind, x.float(), tuple(s.float() for s in state), [w.float() for w in weights],
+                                  self.training, self.bidirectional)
         with _quiet_uncompacted_weights(x.is_cuda):
-            if kind == "LSTM":
-                out, h, c = torch.lstm(x, (state[0], state[1]), *args)
-                return out, (h, c)
-            fn = {"GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}[kind or ""]
-            out, h = fn(x, state[0], *args)
-            return out, (h,)
+            return _native_op(kind, x, state, weights, self.training, self.bidirectional)
 
     def step(self, x: Tensor, state: State | None = None, *, t: int | None = None) -> tuple[Tensor, State]:
         """One time step (unidirectional layers): x (B, in) -> output (B, H) and the new state.

@@ -141,6 +141,10 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
                       f"({config.optim.schedule}, not scaled with the batch)  [bold]precision[/] {t.precision}")
         if resume is not None:
             console.print(f"[bold]resuming[/] from {resume}")
+    # the C++ kernel of lstm-ln / lstm-bn is built (once per machine) here, not in the first timed step
+    from charlm.cells.native import build_before_training
+    build_before_training(config.model.cell, trainer.strategy.root_device)
+
     start = dt.datetime.now()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     seconds = (dt.datetime.now() - start).total_seconds()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,15 @@ def shakespeare_text(n_chars: int = 120_000) -> str:
             return candidate.read_text(encoding="utf-8")[:n_chars]
     line = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n"
     return (line * (n_chars // len(line) + 1))[:n_chars]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_build_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The C++ kernel of lstm-ln / lstm-bn is built once per test session in a temporary folder (the
+    subprocesses of the tests inherit it), never in the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARLM_NATIVE_DIR", str(tmp_path_factory.mktemp("native")))
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,16 +6,21 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from filelock import FileLock
 from torch import Tensor
 
 from charlm.cells import native
 from charlm.cells.fused_norm import FusedNormLSTM, NativeNormLSTM, StepNorm
+from charlm.config import load_config
 from charlm.engine import RecurrentLayer
+from charlm.train import train
 
 # odd sizes: H = 37 leaves a vector tail in every loop, B = 5 splits unevenly between two threads
 T, B, H, STEPS_KEPT = 9, 5, 37, 12
@@ -116,11 +121,11 @@ def test_layers_run_the_cpp_kernel_unless_it_is_off(built: None, cell: str) -> N
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # float32, 20 steps
 
 
-def in_fresh_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+def in_fresh_python(code: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a new interpreter: a process loads the library once (PyTorch's builder would try a
     second build under a new name, whose ops could not register again)."""
     return subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -130,6 +135,7 @@ import warnings
 import torch
 from charlm.cells import native
 from charlm.engine import RecurrentLayer
+from charlm.train import train
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     first, second = native.available(), native.available()
@@ -147,15 +153,84 @@ print(caught[0].message)
     assert message.endswith("or set CHARLM_NATIVE=0 to skip the build.")
 
 
+def test_the_suite_builds_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    assert native.build_directory().is_relative_to(tmp_path_factory.getbasetemp())
+
+
+def test_the_build_folder_is_keyed_by_the_source_and_the_flags(
+        built: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Checkouts with different sources keep a build each; with the same source they share one, built from
+    the folder's copy (a build from the checkout's path would be redone for every checkout)."""
+    here = native.build_directory()
+    assert (here / native.SOURCE.name).read_bytes() == native.SOURCE.read_bytes()
+    assert str(native.SOURCE) not in (here / "build.ninja").read_text()
+    other = tmp_path / native.SOURCE.name
+    monkeypatch.setattr(native, "SOURCE", other)
+    other.write_bytes((here / native.SOURCE.name).read_bytes())
+    assert native.build_directory() == here  # another checkout, the same source
+    other.write_text(other.read_text() + "// changed\n")
+    changed = native.build_directory()
+    assert changed != here and changed.parent == here.parent
+    cflags, ldflags = native.compile_flags()
+    monkeypatch.setattr(native, "compile_flags", lambda: ([*cflags, "-DCHANGED"], ldflags))
+    assert native.build_directory() not in (here, changed)
+
+
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(built: None) -> None:
-    """PyTorch's builder waits for its lock file to go away; an old one (a build killed half-way) is removed."""
-    lock = native.build_directory() / "lock"
+    """PyTorch's builder waits for its lock file to go away; one found while we hold our lock is stale,
+    however recent (a build killed a moment ago)."""
+    lock = native.build_directory() / native.TORCH_LOCK_NAME
     lock.touch()
-    old = lock.stat().st_mtime - native.STALE_LOCK_S - 60
-    os.utime(lock, (old, old))
-    run = in_fresh_python("from charlm.cells import native; print(native.available())")
+    run = in_fresh_python("from charlm.cells import native; print(native.available())", timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr
     assert not lock.exists() and "left by a build that did not finish" in run.stderr
+
+
+def test_a_second_process_waits_for_a_build_in_progress_and_says_so(built: None) -> None:
+    """While a build holds the folder's lock, another process waits, says so in one line, and leaves the
+    build's files alone, however long it takes; it loads the library once the build is done."""
+    directory = native.build_directory()
+    torch_lock = directory / native.TORCH_LOCK_NAME
+    with FileLock(directory / native.LOCK_NAME):  # a build in progress, slower than any age limit
+        torch_lock.touch()
+        old = torch_lock.stat().st_mtime - 3600
+        os.utime(torch_lock, (old, old))
+        proc = subprocess.Popen([sys.executable, "-c", "from charlm.cells import native; print(native.available())"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        watchdog = threading.Timer(120, proc.kill)  # a process that never says it waits is not waited for
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            assert proc.stderr is not None
+            waiting = next((line for line in iter(proc.stderr.readline, "") if "waiting" in line), "")
+            assert waiting == f"charlm: waiting for another process building or loading the C++ kernel in {directory}\n"
+            assert torch_lock.exists() and proc.poll() is None
+            torch_lock.unlink()  # the build finishes
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            watchdog.cancel()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.split() == ["True"], err
+    assert "left by a build" not in err
+
+
+def test_training_builds_the_kernel_before_the_trainer_starts(
+        corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build is no part of the first step, nor of the run's time budget (Lightning's clock starts with fit)."""
+    events: list[str] = []
+
+    class FitStart(L.Callback):
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            events.append("fit")
+
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(native, "_build_and_load", lambda: events.append("build"))
+    config = load_config("smoke", [f"data.path={corpus_file}", "model.cell=lstm-ln", "train.accelerator=cpu",
+                                   "train.max_steps=1", "train.val_every_steps=1", "sample.enabled=false"])
+    train(config, run_dir=tmp_path / "run", callbacks=[FitStart()])
+    assert events == ["build", "fit"]
 
 
 def test_charlm_native_0_skips_the_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -7,8 +7,15 @@ cell norm), split between the threads, and call back into PyTorch only for the s
 
 The library is built once per machine by PyTorch's extension builder (a C++ compiler and ninja;
 about 15 s) into ``$XDG_CACHE_HOME/charlm/native`` (or ``$CHARLM_NATIVE_DIR``), one folder per
-PyTorch version, Python version and instruction set, and loaded as ``torch.ops.charlm`` ops (a plain
-shared library: no Python module, nothing runs at load but the ops' registration).
+PyTorch version, Python version, instruction set and hash of the source and the compiler flags (so
+two checkouts with different sources keep one build each), from a copy of the source kept in that
+folder (so checkouts with the same source share it), and loaded as ``torch.ops.charlm`` ops (a plain
+shared library: no Python module, nothing runs at load but the ops' registration). ``charlm train``
+builds it before training starts, so the build does not count against ``--max-time``.
+
+Builds and loads hold an OS lock on the folder (``filelock``; the kernel releases it when its holder
+dies): a second process waits for the first, saying so, and a lock file of PyTorch's builder found
+while holding it was left by a killed build and is removed (PyTorch's builder would wait on it for ever).
 
 Where it cannot be built (no compiler, a failed build) the Python kernel runs instead, after one
 warning that says why; ``CHARLM_NATIVE=0`` turns the C++ kernel off without trying to build it.
@@ -16,16 +23,17 @@ warning that says why; ``CHARLM_NATIVE=0`` turns the C++ kernel off without tryi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_lstm.cpp"
 NAME = "charlm_norm_lstm"
@@ -35,22 +43,28 @@ ARCH_FLAGS = {
     "AVX2": ["-mavx2", "-mfma"],
 }
 
-# PyTorch's builder takes a lock file in the build folder and waits, without end, while one exists; a build
-# killed half-way (Ctrl-C) leaves it behind. A build takes about 15 s, so a lock this old is stale.
-STALE_LOCK_S = 600
+# The cells that run the C++ loops (on the CPU, where it builds).
+CELLS = ("lstm-ln", "lstm-bn")
+# Ours, held while building or loading; PyTorch's builder takes the other one, its own "lock" file, and
+# waits without end while one exists (a build killed half-way leaves it behind).
+LOCK_NAME = "charlm-build.lock"
+TORCH_LOCK_NAME = "lock"
 
 _loaded: bool | None = None  # None: not tried in this process yet
 _enabled = True
 
 
 def build_directory() -> Path:
-    """Where the library is built and cached."""
+    """Where the library is built and cached: a folder per PyTorch, Python, instruction set, source and flags."""
     root = os.environ.get("CHARLM_NATIVE_DIR")
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm" / "native")
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     arch = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}".lower()
-    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}"
+    cflags, ldflags = compile_flags()
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update("\0".join(["cflags", *cflags, "ldflags", *ldflags]).encode())
+    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}-{key.hexdigest()[:12]}"
 
 
 def compile_flags() -> tuple[list[str], list[str]]:
@@ -64,28 +78,53 @@ def compile_flags() -> tuple[list[str], list[str]]:
     return cflags, []
 
 
+@contextmanager
+def _folder_lock(directory: Path) -> Iterator[None]:
+    """Hold the build folder's lock (an OS lock, released by the kernel if this process dies), saying so
+    when another process holds it."""
+    lock = FileLock(directory / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"charlm: waiting for another process building or loading the C++ kernel in {directory}",
+              file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        print(f"charlm: removing {lock}, left by a build that did not finish", file=sys.stderr)
-        lock.unlink(missing_ok=True)
-    if not any(directory.glob(f"{NAME}.*")):
-        print(f"charlm: building the C++ kernel of lstm-ln / lstm-bn (once) in {directory}", file=sys.stderr)
-    cflags, ldflags = compile_flags()
-    saved_path = os.environ.get("PATH", "")
-    # ninja from pip lives beside this Python, which need not be on PATH (a venv used without activating it)
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
-    try:
-        cpp_extension.load(
-            name=NAME, sources=[str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags,
-            build_directory=str(directory), is_python_module=False, verbose=False,
-        )
-    finally:
-        os.environ["PATH"] = saved_path
+    with _folder_lock(directory):
+        # with our lock held no other build runs here: a lock file of PyTorch's was left by a killed one
+        torch_lock = directory / TORCH_LOCK_NAME
+        if torch_lock.exists():
+            print(f"charlm: removing {torch_lock}, left by a build that did not finish", file=sys.stderr)
+            torch_lock.unlink(missing_ok=True)
+        # built from a copy kept here: the build does not depend on the checkout's path
+        source = directory / SOURCE.name
+        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+            partial = source.with_suffix(".partial")
+            partial.write_bytes(SOURCE.read_bytes())
+            partial.replace(source)
+        if not any(directory.glob(f"{NAME}.*")):
+            print(f"charlm: building the C++ kernel of lstm-ln / lstm-bn (once) in {directory}", file=sys.stderr)
+        cflags, ldflags = compile_flags()
+        saved_path = os.environ.get("PATH", "")
+        # ninja from pip lives beside this Python, which need not be on PATH (a venv used without activating it)
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
+        try:
+            cpp_extension.load(
+                name=NAME, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
+                build_directory=str(directory), is_python_module=False, verbose=False,
+            )
+        finally:
+            os.environ["PATH"] = saved_path
 
 
 def build_error(err: Exception) -> str:
@@ -118,6 +157,13 @@ def available() -> bool:
                 stacklevel=2,
             )
     return _loaded
+
+
+def build_before_training(cell: str, device: torch.device) -> None:
+    """Build (or load) the library now if a run of ``cell`` on ``device`` will use it, so that the build
+    does not happen inside the first training step (nor count against the run's time budget)."""
+    if cell in CELLS and device.type == "cpu":
+        available()
 
 
 @contextmanager

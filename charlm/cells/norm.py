@@ -170,12 +170,14 @@ class BatchNormLSTMCell(Cell):
         return (v - mean) * torch.rsqrt(var + EPS)
 
     def _update(self, q: Params, key: str, t: int, mean: Tensor, var: Tensor, n: int) -> None:
-        """Running statistics of steps t.. (rows of mean / var) with momentum; unbiased variance."""
+        """Running statistics of steps t.. (rows of mean / var) with momentum; unbiased variance.
+        (Under autocast the batch statistics come in bfloat16; the buffers keep their own dtype.)"""
         with torch.no_grad():
             rows = slice(t, t + mean.shape[0])
-            q[f"bn_{key}_mean"][rows].lerp_(mean.detach(), self.momentum)
-            unbiased = var.detach() * (n / (n - 1)) if n > 1 else var.detach()
-            q[f"bn_{key}_var"][rows].lerp_(unbiased, self.momentum)
+            run_mean, run_var = q[f"bn_{key}_mean"], q[f"bn_{key}_var"]
+            run_mean[rows].lerp_(mean.detach().to(run_mean.dtype), self.momentum)
+            unbiased = var.detach().to(run_var.dtype) * (n / (n - 1) if n > 1 else 1.0)
+            run_var[rows].lerp_(unbiased, self.momentum)
 
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if not (self.training and self.use_fused(x) and x.shape[1] > 1):
