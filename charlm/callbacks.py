@@ -109,8 +109,9 @@ class StopOnInterrupt(Callback):
     training runs (installed at ``on_train_start``, after Lightning installed its own): the first one
     only sets a flag; at the end of the training step under way (after its validation, if one follows:
     see :class:`LastCheckpoint`) the checkpoint is saved and :class:`TrainingInterrupted` (whose message
-    gives the resume command; exit code 130 for Ctrl-C, 143 for SIGTERM) ends ``fit``. A second signal stops at once, as Lightning would on Ctrl-C, without saving
-    (``on_exception`` then names the last checkpoint there is).
+    gives the resume command; exit code 130 for Ctrl-C, 143 for SIGTERM) ends ``fit``. A second signal
+    stops at once, as Lightning would on Ctrl-C, without saving (``on_exception`` then names the last
+    checkpoint there is).
     Under DDP the processes agree at each step end, so when any of them got the signal they all save and
     stop together.
     """

@@ -1,6 +1,6 @@
 """The run folder ``<out>/<name>``: its name, its creation, and the lock held while a run writes to it.
 
-One run, one folder: a new run never reuses a folder that holds something (``--resume`` continues one),
+One run, one folder: a new run never reuses a folder that holds a run's work (``--resume`` continues one),
 every process of a DDP run agrees on the folder's name, and only one ``charlm train`` at a time writes
 to a folder (an OS lock on ``<run>/.lock``, held from the first file written until training ends).
 """
@@ -23,6 +23,8 @@ from charlm.errors import CharlmError
 # --name passes the name its first process chose to them through the environment.
 RUN_NAME_ENV = "CHARLM_RUN_NAME"
 LOCK_FILE = ".lock"
+# what a run that failed before its first step leaves: a new run may take such a folder over
+NO_WORK = frozenset({LOCK_FILE, "config.yaml"})
 
 
 def check_run_name(name: str) -> str:
@@ -54,19 +56,23 @@ def _not_writable(path: Path, exc: OSError) -> CharlmError:
     return CharlmError(f"output folder {path} is not writable ({exc.strerror or exc}); choose another with --out")
 
 
+def _holds_work(run_dir: Path) -> bool:
+    return any(p.name not in NO_WORK for p in run_dir.iterdir())
+
+
 def _exists_message(run_dir: Path) -> str:
     return (f"run folder {run_dir} already exists; choose another --name, or continue that run with "
             f"`charlm train --resume {run_dir / 'last.ckpt'}`")
 
 
 def _create(run_dir: Path, *, new: bool) -> None:
-    """Create the folder (a new run: unless it exists already, empty) and prove it is writable."""
+    """Create the folder (a new run: unless it exists without any work in it) and prove it is writable."""
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             run_dir.mkdir()
         except FileExistsError:
-            if not run_dir.is_dir() or (new and any(run_dir.iterdir())):
+            if not run_dir.is_dir() or (new and _holds_work(run_dir)):
                 raise CharlmError(_exists_message(run_dir)) from None
         with tempfile.TemporaryFile(dir=run_dir):
             pass
@@ -76,7 +82,7 @@ def _create(run_dir: Path, *, new: bool) -> None:
 
 @contextmanager
 def hold_run_folder(run_dir: Path, *, new: bool, writer: bool = True) -> Iterator[Path]:
-    """Hold ``run_dir`` for a run: created (``new``: refused if it holds anything), locked until the block
+    """Hold ``run_dir`` for a run: created (``new``: refused if it holds a run's work), locked until the block
     ends, its name passed to processes started meanwhile (see :data:`RUN_NAME_ENV`).
 
     Only the ``writer`` (the first DDP process) creates and locks; the others write nothing there.
@@ -93,7 +99,7 @@ def hold_run_folder(run_dir: Path, *, new: bool, writer: bool = True) -> Iterato
                               ) from None
         except OSError as exc:
             raise _not_writable(run_dir, exc) from None
-        if new and any(p.name != LOCK_FILE for p in run_dir.iterdir()):  # another run got there first
+        if new and _holds_work(run_dir):  # another run got there first
             lock.release()
             raise CharlmError(_exists_message(run_dir))
     previous = os.environ.get(RUN_NAME_ENV)

@@ -80,6 +80,16 @@ def test_a_finished_run_is_never_overwritten(tmp_path: Path, corpus_file: Path, 
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+def test_a_folder_left_by_a_failed_start_can_be_taken_over(tmp_path: Path, corpus_file: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("left by a run that failed before its first step\n")
+    (run / runs.LOCK_FILE).touch()
+    code, output = invoke(*train_args(corpus_file, tmp_path, "--name", "run", "--max-steps", "2"))
+    assert code == 0, output
+    assert "max_steps: 2" in (run / "config.yaml").read_text() and (run / "last.ckpt").is_file()
+
+
 def test_a_run_folder_in_use_is_refused(tmp_path: Path, trained_run: Path) -> None:
     run = tmp_path / "smoke"
     shutil.copytree(trained_run, run)
