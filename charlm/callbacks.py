@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import shlex
 import signal
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
-from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.callbacks import Callback, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
 from rich.markup import escape
 
 from charlm.errors import TrainingInterrupted
@@ -33,7 +29,7 @@ class ProgressBar(RichProgressBar):
         return text
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Refresh ``last.ckpt`` every ``every_n_steps`` steps, at each epoch end and at the end of training.
 
     The epoch-end copy is written after the epoch's last batch (``on_train_batch_end``), not in
@@ -41,11 +37,19 @@ class LastCheckpoint(Callback):
     ``on_train_epoch_end`` by training one extra batch in the finished epoch, while from a batch-end
     checkpoint it starts the next epoch exactly. ``on_train_epoch_end`` is only the fallback for an epoch
     that ended without Lightning seeing its last batch coming.
+
+    When a validation follows the step, the checkpoint is written at the end of that validation instead,
+    so that it holds the step's validation: Lightning resumes from a checkpoint of a step whose validation
+    was due as if that validation had run, so one written before it (then a kill during the validation)
+    would lose that validation for good. As a :class:`Checkpoint`, Lightning runs this callback after the
+    others, ``best.ckpt``'s ``ModelCheckpoint`` included, so the saved state holds their view of that
+    validation too (the best score so far, NT-ASGD's decision).
     """
 
     def __init__(self, path: Path, every_n_steps: int) -> None:
         self.path, self.every_n_steps = path, every_n_steps
         self._saved_at = -1
+        self._after_validation = False
 
     def save(self, trainer: L.Trainer) -> None:
         if trainer.global_step != self._saved_at:
@@ -58,6 +62,19 @@ class LastCheckpoint(Callback):
                            batch_idx: int) -> None:
         last_of_epoch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         if last_of_epoch or (self.every_n_steps and trainer.global_step % self.every_n_steps == 0):
+            self.save_now_or_after_validation(trainer)
+
+    def save_now_or_after_validation(self, trainer: L.Trainer) -> bool:
+        """Save at the end of this step's validation if one follows (``True``), else now (``False``)."""
+        if validation_follows(trainer):
+            self._after_validation = True
+            return True
+        self.save(trainer)
+        return False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation and not trainer.sanity_checking:
+            self._after_validation = False
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -67,44 +84,14 @@ class LastCheckpoint(Callback):
         self.save(trainer)
 
 
-class _KeepingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing ``metrics.csv``; this one continues it (a resumed run),
-    dropping only the rows from the first step the new session logs onward (logged again now)."""
-
-    def _check_log_dir_exists(self) -> None:
-        self._pending_trim = self._fs.isfile(self.metrics_file_path)
-        if self._pending_trim:
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                header = next(csv.reader(file), [])
-            self.metrics_keys = sorted(header)
-
-    def save(self) -> None:
-        if self.metrics and self._pending_trim:
-            self._pending_trim = False
-            first = min(float(m["step"]) for m in self.metrics)
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                rows = [r for r in csv.DictReader(file) if not r.get("step") or float(r["step"]) < first]
-            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(rows)
-        super().save()
-
-
-class RunCSVLogger(CSVLogger):
-    """``CSVLogger`` writing ``<run>/metrics.csv``; with ``keep`` (a resumed run) it continues the file."""
-
-    def __init__(self, run_dir: Path, *, keep: bool = False) -> None:
-        super().__init__(run_dir, name="", version="")
-        self.keep = keep
-
-    @property  # type: ignore[misc]
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None and self.keep:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
-        return super().experiment
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether Lightning validates right after the training step that just ended (asked in
+    ``on_train_batch_end``), by Lightning's own rule. Private API, checked with Lightning 2.6:
+    ``_TrainingEpochLoop._should_check_val_fx`` and ``_FitLoop._data_fetcher``;
+    tests/test_resume.py::test_a_run_killed_during_a_validation_validates_again_on_resume fails if they change.
+    """
+    fit_loop = trainer.fit_loop
+    return bool(fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher))
 
 
 def resume_command(checkpoint: Path) -> str:
@@ -113,54 +100,83 @@ def resume_command(checkpoint: Path) -> str:
 
 
 class StopOnInterrupt(Callback):
-    """Ctrl-C stops training cleanly: the step under way finishes, ``last.ckpt`` is saved, the run stops.
+    """Ctrl-C or SIGTERM stops training cleanly: the step under way finishes, ``last.ckpt`` is saved, the
+    run stops with the resume command.
 
-    Lightning's own answer to Ctrl-C (``KeyboardInterrupt`` wherever it lands, then ``sys.exit(1)``) can
-    catch the run half-way through an optimizer step, so a checkpoint saved then could hold a torn
-    state. This callback takes SIGINT while ``fit`` runs: the first Ctrl-C only sets a flag; at the end
-    of the training step under way the checkpoint is saved and :class:`TrainingInterrupted` (whose
-    message gives the resume command; exit code 130) ends ``fit``. A second Ctrl-C stops at once, as
-    Lightning would, without saving (``on_exception`` then names the last checkpoint there is).
-    Under DDP every process gets the signal; the processes agree at each step end, so they save and
+    Lightning's own answers can catch the run half-way through an optimizer step (Ctrl-C: a
+    ``KeyboardInterrupt`` wherever it lands, then ``sys.exit(1)``) or stop it without saving and with exit
+    code 0 (SIGTERM, what ``kill`` and job schedulers send). This callback takes both signals while
+    training runs (installed at ``on_train_start``, after Lightning installed its own): the first one
+    only sets a flag; at the end of the training step under way (after its validation, if one follows:
+    see :class:`LastCheckpoint`) the checkpoint is saved and :class:`TrainingInterrupted` (whose message
+    gives the resume command; exit code 130 for Ctrl-C, 143 for SIGTERM) ends ``fit``. A second signal
+    stops at once, as Lightning would on Ctrl-C, without saving (``on_exception`` then names the last
+    checkpoint there is).
+    Under DDP the processes agree at each step end, so when any of them got the signal they all save and
     stop together.
     """
 
+    SIGNALS: ClassVar[dict[signal.Signals, tuple[str, int]]] = {signal.SIGINT: ("Ctrl-C", 130),
+                                                                signal.SIGTERM: ("SIGTERM", 143)}
+
     def __init__(self, last: LastCheckpoint) -> None:
         self.last = last
-        self.requested = False
-        self._previous: Any = None
+        self.requested: signal.Signals | None = None
+        self._stopping: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
         self._installed = False
         self._speaks = True  # the first DDP process only
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._speaks = trainer.is_global_zero
+        self.requested = self._stopping = None
         if stage == "fit" and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            # the handlers in place before Lightning's, put back when training ends
+            self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._previous and not self._installed:
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._on_signal)
             self._installed = True
 
     def _restore(self) -> None:
         if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
             self._installed = False
 
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested:  # the second Ctrl-C: stop now
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:  # the second signal: stop now
             signal.default_int_handler(signum, frame)
-        self.requested = True
+        self.requested = signal.Signals(signum)
         if self._speaks:
-            print("\nCtrl-C: finishing this step, then saving last.ckpt and stopping (Ctrl-C again: stop at "
+            what = self.SIGNALS[self.requested][0]
+            print(f"\n{what}: finishing this step, then saving last.ckpt and stopping ({what} again: stop at "
                   "once, without saving)", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         requested = self.requested
+        stop = requested is not None
         if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        if not requested:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
             return
-        self.last.save(trainer)
-        raise TrainingInterrupted(f"training interrupted by Ctrl-C at step {trainer.global_step}; saved "
-                                  f"{self.last.path}.\nResume with: {resume_command(self.last.path)}")
+        self._stopping = requested or signal.SIGTERM  # another process got it: a scheduler's stop
+        if not self.last.save_now_or_after_validation(trainer):
+            self._stop(trainer)
+        # else the step's validation runs first (a checkpoint before it would lose it), then this stops
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._stopping is not None:  # the validation has run and last.ckpt holds it
+            self._stop(trainer)
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        what, code = self.SIGNALS[self._stopping or signal.SIGTERM]
+        raise TrainingInterrupted(f"training interrupted by {what} at step {trainer.global_step}; saved "
+                                  f"{self.last.path}.\nResume with: {resume_command(self.last.path)}", code)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()

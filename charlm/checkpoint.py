@@ -8,9 +8,8 @@ reads it: unpickling can build tensors and plain containers, never call arbitrar
 from __future__ import annotations
 
 import errno
-import os
+import io
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,54 +18,24 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from charlm import __version__
+from charlm.atomic import atomic_write_bytes
 from charlm.errors import CharlmError
 
 FORMAT_VERSION = 1  # bump when a checkpoint of the previous layout can no longer be read
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+    """``torch.save`` into memory, then the bytes written atomically (see :mod:`charlm.atomic`).
 
-    A kill at any moment leaves either the old file or the new one, never a torn one; a full disk
-    raises here and leaves the old file untouched.
+    A kill at any moment leaves either the old file or the new one, never a torn one. Serialising to
+    memory first keeps the file system out of torch's zip writer, which reports a failed write (a full
+    disk) as a bare ``unexpected pos`` error; here the write's own ``OSError`` (``ENOSPC``) comes out.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_ERROR = re.compile(r"WeightsUnpickler error: (.+)")
 
@@ -121,15 +90,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             atomic_torch_save(checkpoint, path)
         except OSError as exc:
-            kept = "the previous checkpoint there is unchanged" if Path(path).is_file() else "nothing was written"
-            raise CharlmError(f"could not save checkpoint {path}: {exc.strerror or exc} "
-                              f"({errno.errorcode.get(exc.errno or 0, 'OSError')}); {kept}. Free some space "
-                              "or choose another --out, then resume with `charlm train --resume`") from None
+            raise save_failure(Path(path), exc) from None
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
         # clear errors for every bad file; tensors land on the CPU and Lightning moves them where they belong
         return safe_load(path)
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def save_failure(path: Path, exc: OSError) -> CharlmError:
+    """One sentence for a checkpoint that could not be written: why, what is kept, what to do."""
+    kept = "the previous checkpoint there is unchanged" if path.is_file() else "nothing was written"
+    if exc.errno in _NO_SPACE:
+        advice = "Free some space, then resume with `charlm train --resume`"
+    elif exc.errno in _NOT_WRITABLE:
+        advice = (f"{path.parent} is not writable: make it writable, then resume with `charlm train --resume`, "
+                  "or train again with another --out")
+    else:
+        advice = "Check the disk, then resume with `charlm train --resume`, or train again with another --out"
+    return CharlmError(f"could not save checkpoint {path}: {exc.strerror or exc} "
+                       f"({errno.errorcode.get(exc.errno or 0, 'OSError')}); {kept}. {advice}")
 
 
 def newest_run_checkpoint(out_dir: str | Path = "checkpoints", name: str = "best.ckpt",

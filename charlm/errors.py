@@ -8,6 +8,14 @@ class CharlmError(Exception):
 
 
 class TrainingInterrupted(CharlmError):
-    """Training stopped on Ctrl-C after saving ``last.ckpt``; the message says how to resume."""
+    """Training stopped on Ctrl-C or SIGTERM after saving ``last.ckpt``; the message says how to resume.
 
-    exit_code = 130  # 128 + SIGINT, what a shell reports for a program stopped by Ctrl-C
+    The exit code is what a shell reports for a program the signal stopped: 128 + its number (130 for
+    SIGINT, 143 for SIGTERM).
+    """
+
+    exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -8,11 +8,11 @@ touches pyplot's global state or the user's interactive backend.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from charlm.atomic import atomic_file
 
 INSTALL_HINT = 'pip install "charlm[plot]"  (or: pip install matplotlib)'
 
@@ -69,17 +69,6 @@ def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None
         fig.legend(loc="outside right upper", title="cell", fontsize="small")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, "wb") as fh:
+        fig.savefig(fh, dpi=120, format="png")
+    return Path(path)

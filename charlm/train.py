@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import tempfile
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +15,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
+from charlm.atomic import atomic_write_text
 from charlm.callbacks import (
     LastCheckpoint,
     PrintSample,
     ProgressBar,
-    RunCSVLogger,
     StopOnInterrupt,
     TrackBestPath,
 )
@@ -29,8 +29,10 @@ from charlm.datamodule import CharDataModule, eval_streams
 from charlm.errors import CharlmError
 from charlm.evaluate import evaluate_ids
 from charlm.lightning_module import CharLMModule
+from charlm.metrics_csv import MetricsCSV
 from charlm.model import count_parameters
 from charlm.ntasgd import restore_raw_weights, swap_in_averages
+from charlm.runs import hold_run_folder, new_run_dir
 
 
 @dataclass
@@ -43,27 +45,12 @@ class TrainResult:
     parameters: int
 
 
-def run_name(config: Config) -> str:
-    return config.train.name or f"{config.model.cell}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-
-
-def prepare_run_dir(path: Path) -> Path:
-    """Create the run folder and prove it is writable before any training time is spent."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise CharlmError(f"output folder {path} is not writable ({exc.strerror}); "
-                          "choose another with --out") from None
-    return path
-
-
 def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Callback] | None = None
                   ) -> tuple[L.Trainer, ModelCheckpoint]:
     t = config.train
     best = ModelCheckpoint(dirpath=run_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-                           save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
+                           save_last=False, enable_version_counter=False, auto_insert_metric_name=False,
+                           save_on_train_epoch_end=False)  # after validations only: a resumed epoch has no val_loss
     last = LastCheckpoint(run_dir / "last.ckpt", t.checkpoint_every_steps)
     callbacks: list[L.Callback] = [best, last, TrackBestPath(run_dir / "best.ckpt", run_dir / "last.ckpt"),
                                    StopOnInterrupt(last)]
@@ -82,20 +69,30 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
             precision=t.precision,  # type: ignore[arg-type]
             max_epochs=t.max_epochs, max_steps=t.max_steps,
             max_time=None if t.max_time is None else dt.timedelta(seconds=t.max_time),
-            gradient_clip_val=config.optim.clip or None, logger=RunCSVLogger(run_dir),
+            gradient_clip_val=config.optim.clip or None, logger=MetricsCSV(run_dir),
             callbacks=callbacks, enable_progress_bar=t.progress, log_every_n_steps=t.log_every_steps,
             use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
             enable_model_summary=False, default_root_dir=run_dir, **val_kwargs)  # type: ignore[arg-type]
-    except (MisconfigurationException, ValueError, TypeError) as exc:  # e.g. --accelerator foo, --devices 0
+    # e.g. --accelerator foo, --devices 0; ImportError: --accelerator tpu without torch_xla
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as exc:
         raise CharlmError(f"invalid device settings (train.accelerator={t.accelerator!r}, devices={t.devices!r}, "
                           f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}): "
                           f"{' '.join(str(exc).split())[:300]}") from None
     return trainer, best
 
 
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: one per logical CPU of this machine."""
+    return os.cpu_count() or 1
+
+
 def fast_cpu_math(threads: int = 0) -> None:
     """Flush denormal floats to zero (a carried LSTM state drifts into denormals, which made training
-    2-3x slower on this CPU) and set the thread count when asked."""
+    2-3x slower on this CPU) and set the thread count when asked (refused above :func:`max_threads`:
+    far more threads than CPUs only slows a run down, and torch crashes on absurd counts)."""
+    if threads > max_threads():
+        raise CharlmError(f"config key 'train.threads' must be at most {max_threads()}, the number of CPUs "
+                          f"here (or 0: torch's choice), got {threads}")
     torch.set_flush_denormal(True)
     if threads:
         torch.set_num_threads(threads)
@@ -115,19 +112,32 @@ def quiet_lightning() -> None:
 
 def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = None,
           console: Console | None = None, callbacks: list[L.Callback] | None = None) -> TrainResult:
-    """Train a model as ``config`` says (or continue ``resume``) and return where the best one is."""
+    """Train a model as ``config`` says (or continue ``resume``) and return where the best one is.
+
+    ``run_dir`` is the folder to write (it may exist: a resumed run, a comparison's run); without it a new
+    folder ``<out>/<name>`` is made, refused if it exists. Everything that can be checked is checked before
+    the folder is touched; it is locked while the run writes to it.
+    """
     t = config.train
+    run_dir, new = (run_dir, False) if run_dir is not None else (new_run_dir(config), True)
     quiet_lightning()
     fast_cpu_math(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
     data = CharDataModule(config.data, seed=t.seed)
-    run_dir = prepare_run_dir(run_dir or Path(t.out) / run_name(config))
-    config_file = run_dir / "config.yaml"
-    config_file.write_text(dump_yaml(config), encoding="utf-8")
     module = CharLMModule(config.to_dict(), data.vocab.chars)
     trainer, best = build_trainer(config, run_dir, extra_callbacks=callbacks)
-    if resume is not None and isinstance(trainer.logger, RunCSVLogger):
-        trainer.logger.keep = True  # continue the run's metrics.csv (its writer is made when fit starts)
+    if resume is not None and isinstance(trainer.logger, MetricsCSV):
+        trainer.logger.resumed = True  # continue the run's metrics.csv
+    with hold_run_folder(run_dir, new=new, writer=trainer.is_global_zero):
+        if trainer.is_global_zero:
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
+        return _fit(config, trainer, best, module, data, run_dir, resume=resume, console=console)
+
+
+def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: CharLMModule, data: CharDataModule,
+         run_dir: Path, *, resume: Path | None, console: Console | None) -> TrainResult:
+    """Run ``trainer.fit``, then score the final weights and keep them if they are the best."""
+    t = config.train
     if console is not None and trainer.is_global_zero:
         m, d = config.model, config.data
         console.print(f"[bold]run[/] {run_dir}  [bold]corpus[/] {data.corpus.path} "

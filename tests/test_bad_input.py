@@ -8,6 +8,7 @@ test_reliability.py.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,9 +87,17 @@ def test_bad_config_file(tmp_path: Path, corpus_file: Path, text: str, message: 
     (["--devices", "0", "--accelerator", "cpu"], "invalid device settings (train.accelerator='cpu', devices=0, "),
     (["--precision", "64-bits"], "invalid device settings (train.accelerator='auto', devices='auto', "
                                  "strategy='auto', num_nodes=1, precision='64-bits'): Precision '64-bits' is invalid"),
-], ids=["accelerator", "devices", "precision"])
+    (["--accelerator", "tpu"], "invalid device settings (train.accelerator='tpu', devices='auto', strategy='auto', "
+                               "num_nodes=1, precision='32-true'): Requirement 'torch_xla"),
+    (["--strategy", "nosuch"], "invalid device settings (train.accelerator='auto', devices='auto', "
+                               "strategy='nosuch', num_nodes=1, precision='32-true'): You selected an invalid "
+                               "strategy name: `strategy='nosuch'`"),
+    (["--set", "train.threads=100000"], f"config key 'train.threads' must be at most {os.cpu_count()}, the number "
+                                        "of CPUs here (or 0: torch's choice), got 100000"),
+], ids=["accelerator", "devices", "precision", "tpu", "strategy", "threads"])
 def test_bad_device_settings(tmp_path: Path, corpus_file: Path, extra: list[str], message: str) -> None:
     check(train_args(corpus_file, tmp_path, *extra), message)
+    assert list(tmp_path.iterdir()) == []  # refused before the run folder was made
 
 
 def test_output_folder_not_writable(tmp_path: Path, corpus_file: Path) -> None:

@@ -38,7 +38,9 @@ runner = CliRunner()
 WINDOWS_PER_EPOCH = 22  # 6,000 chars: 5,400 train chars / 8 streams = 674 columns / bptt 32 -> 22 windows
 
 KILLER = textwrap.dedent('''
-    """The charlm CLI, SIGKILL-ing itself right after training step $KILL_AT (a crash, nothing cleaned up)."""
+    """The charlm CLI, SIGKILL-ing itself right after training step $KILL_AT (a crash, nothing cleaned up),
+    or with KILL_IN=validation in the middle of the validation after that step, or with KILL_IN=metrics
+    while it writes metrics.csv for the first time."""
     import os
     import signal
     import sys
@@ -50,9 +52,24 @@ KILLER = textwrap.dedent('''
 
     class KillAt(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == int(os.environ["KILL_AT"]):
+            if os.environ.get("KILL_IN", "train") == "train" and trainer.global_step == int(os.environ["KILL_AT"]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            if os.environ.get("KILL_IN") == "validation" and trainer.global_step == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+    if os.environ.get("KILL_IN") == "metrics":  # right after metrics.csv's rows are written out, before any close
+        import csv
+
+        _writerows = csv.DictWriter.writerows
+
+        def writerows(self, rows):
+            _writerows(self, rows)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        csv.DictWriter.writerows = writerows
 
     original = train_module.build_trainer
 
@@ -100,10 +117,26 @@ def train_losses(run: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
 
 
+def val_losses(run: Path) -> list[tuple[int, float]]:
+    rows = csv.DictReader((run / "metrics.csv").open())
+    return [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+
+
 def largest_difference(a: Path, b: Path) -> float:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def kill_run(out: Path, corpus: Path, name: str, kill_at: int, kill_in: str = "train", *overrides: str) -> Path:
+    """Run ``name`` under the killer script until it SIGKILLs itself; its folder."""
+    script = out / "killer.py"
+    script.write_text(KILLER, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script), *run_args(corpus, out, name, *overrides)],
+                          env={**os.environ, "KILL_AT": str(kill_at), "KILL_IN": kill_in}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return out / name
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +144,8 @@ def killed(tmp_path_factory: pytest.TempPathFactory, short_corpus: Path) -> dict
     """A reference run, and a copy of the same run SIGKILLed after step 33 (its last.ckpt is step 30's)."""
     out = tmp_path_factory.mktemp("killed")
     invoke(run_args(short_corpus, out, "reference"))
-    script = out / "killer.py"
-    script.write_text(KILLER, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(script), *run_args(short_corpus, out, "cut")],
-                          env={**os.environ, "KILL_AT": "33"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     pristine = out / "cut-at-kill"
-    shutil.copytree(out / "cut", pristine)
+    shutil.copytree(kill_run(out, short_corpus, "cut", 33), pristine)
     return {"reference": out / "reference", "cut": pristine, "out": out}
 
 
@@ -177,6 +205,81 @@ def test_the_comparison_notices_a_missing_piece(killed: dict[str, Path],
                                                 forget: Callable[[dict[str, Any]], None]) -> None:
     run = resumed_copy(killed, f"without-{forget.__name__}", forget)
     assert largest_difference(run / "last.ckpt", killed["reference"] / "last.ckpt") > 1e-4
+
+
+def test_a_run_killed_during_a_validation_validates_again_on_resume(killed: dict[str, Path],
+                                                                   short_corpus: Path) -> None:
+    """SIGKILL in the middle of the validation after step 20 (a checkpoint step too): the resumed run
+    validates at step 20, and ends as the run that never stopped (metrics, best.ckpt, weights)."""
+    reference = killed["reference"]
+    run = kill_run(killed["out"], short_corpus, "cut-in-validation", 20, "validation")
+    assert val_losses(run) == []  # killed before the validation was logged
+    saved_at = torch.load(run / "last.ckpt", weights_only=True)["global_step"]
+    invoke(["train", "--resume", str(run / "last.ckpt")])
+    assert val_losses(run) == val_losses(reference) and [s for s, _ in val_losses(run)] == [19, 39]
+    assert saved_at == 10  # step 20's last.ckpt waited for its validation, which never ended
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
+    assert torch.load(run / "best.ckpt", weights_only=True)["global_step"] == \
+        torch.load(reference / "best.ckpt", weights_only=True)["global_step"]
+
+
+def test_a_kill_while_metrics_csv_is_written_keeps_its_history(killed: dict[str, Path]) -> None:
+    """A resumed run rewrites metrics.csv (it drops the rows it logs again): killed in the middle of that
+    write, the file still holds the whole history."""
+    run = killed["out"] / "killed-writing-metrics"
+    shutil.copytree(killed["cut"], run)
+    before = (run / "metrics.csv").read_bytes()
+    assert before.count(b"\n") == 8  # the header and 7 rows (steps 4 to 29, a validation at 19)
+    proc = subprocess.run([sys.executable, str(killed["out"] / "killer.py"), "train", "--resume",
+                           str(run / "last.ckpt")], env={**os.environ, "KILL_AT": "-1", "KILL_IN": "metrics"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (run / "metrics.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize(("kill_at", "overrides", "saved_at", "validations"), [
+    (21, [], 20, 2),  # step 20: a checkpoint and a validation
+    (25, ["train.val_every_steps=0", "train.checkpoint_every_steps=0"], WINDOWS_PER_EPOCH, 1),  # epoch end: both
+], ids=["mid-epoch", "epoch-end"])
+def test_a_checkpoint_written_after_its_validation_resumes_exactly(tmp_path: Path, short_corpus: Path, kill_at: int,
+                                                                    overrides: list[str], saved_at: int,
+                                                                    validations: int) -> None:
+    """When a validation follows a checkpoint step, last.ckpt is written after it: resumed from there, the
+    run neither repeats nor skips that validation and ends as the run that never stopped."""
+    reference = tmp_path / "reference"
+    invoke(run_args(short_corpus, tmp_path, "reference", *overrides))
+    run = kill_run(tmp_path, short_corpus, "cut", kill_at, "train", *overrides)
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == saved_at
+    invoke(["train", "--resume", str(run / "last.ckpt")])
+    assert val_losses(run) == val_losses(reference) and len(val_losses(run)) == validations
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (["--cell", "gru"], "model.cell='gru' (the checkpoint's: 'lstm')"),
+    (["--set", "model.hidden_size=128"], "model.hidden_size=128 (the checkpoint's: 64)"),
+], ids=["cell", "size"])
+def test_resuming_with_another_model_is_refused_before_anything_is_written(tmp_path: Path, trained_run: Path,
+                                                                            change: list[str], message: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = runner.invoke(app, ["train", "--resume", str(run / "last.ckpt"), "--max-steps", "45", *change])
+    assert result.exit_code == 2, result.output
+    assert " ".join(result.output.split()) == (
+        f"error: cannot resume {run / 'last.ckpt'} with {message}: the checkpoint holds another model; resume "
+        "without changing the model, or train a new run under another --name")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # config.yaml included
+
+
+def test_resuming_with_other_regularisation_is_allowed(tmp_path: Path, trained_run: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    invoke(["train", "--resume", str(run / "last.ckpt"), "--max-steps", "42", "--set", "model.dropout=0.3"])
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 42
+    assert "dropout: 0.3" in (run / "config.yaml").read_text()
 
 
 class CrashAt(L.Callback):
