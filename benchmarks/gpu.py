@@ -1,6 +1,6 @@
 """The GPU path, measured: charlm's AWD-LSTM recipe against a plain cuDNN ``nn.LSTM`` loop, same run.
 
-    python -m benchmarks.gpu                                  # configs/awd-lstm.yaml, 300 s per system
+    python -m benchmarks.gpu                                  # charlm/configs/awd-lstm.yaml, 300 s per system
     python -m benchmarks.gpu --seconds 120 --json gpu.json
     python -m benchmarks.gpu --set model.cell=peephole --set model.compile=true   # torch.compile'd cell
     python -m benchmarks.gpu --plain-fp32                      # also the plain loop without autocast
@@ -39,7 +39,7 @@ def _no_cuda_message() -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="awd-lstm", help="charlm config (name in configs/ or a YAML file)")
+    p.add_argument("--config", default="awd-lstm", help="charlm config (name in charlm/configs/ or a YAML file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override, as `charlm train --set`")
     p.add_argument("--seconds", type=float, default=300.0, help="training wall clock per system")

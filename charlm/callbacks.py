@@ -19,7 +19,15 @@ from charlm.sampling import generate
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich bar, whose epoch reads "Epoch 3" when the run has no epoch limit (not "Epoch 3/-2")."""
+    """Lightning's rich bar, whose epoch reads "Epoch 3" when the run has no epoch limit (not "Epoch 3/-2").
+
+    Lightning up to 2.6.6 (the newest release, checked) appends ``/{max_epochs - 1}`` whenever
+    ``max_epochs`` is not None, and a time- or step-limited run has ``max_epochs == -1``. The fix is merged
+    upstream (Lightning-AI/pytorch-lightning#21924, for 2.7); once charlm requires a release that has it,
+    use ``RichProgressBar`` itself. The override of the private ``_get_train_description`` is the one
+    place; ``tests/test_training.py::test_progress_bar_epoch_reads_without_a_negative_limit`` reads the
+    bar's output from a real run and fails if it breaks.
+    """
 
     def _get_train_description(self, current_epoch: int) -> str:
         text = super()._get_train_description(current_epoch)

@@ -19,7 +19,7 @@ import yaml
 
 from charlm.errors import CharlmError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the named configs, shipped in the package
 
 
 @dataclass
@@ -210,14 +210,14 @@ def parse_override(text: str) -> dict[str, dict[str, Any]]:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or a name from ``configs/`` (``smoke`` -> ``configs/smoke.yaml``)."""
-    candidates = [Path(name_or_path)]
-    if not name_or_path.endswith((".yaml", ".yml")):
-        candidates += [Path("configs") / f"{name_or_path}.yaml", REPO_ROOT / "configs" / f"{name_or_path}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+    """A path to a YAML file, or the name of a config in the package (``smoke``: ``charlm/configs/smoke.yaml``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if Path(name_or_path).name == name_or_path and packaged.is_file():
+        return packaged
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     raise CharlmError(f"config '{name_or_path}' not found; give a YAML file or one of: {', '.join(known)}")
 
 

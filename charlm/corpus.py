@@ -1,8 +1,10 @@
 """Finding, fetching and reading the corpus.
 
-Resolution order (DESIGN.md section 2): an explicit path; ``$CHARLM_DATA_DIR/tinyshakespeare.txt``;
-``data/tinyshakespeare.txt``; a download from the char-rnn repository, checked against its sha256 and
-written atomically. Offline with no copy: one :class:`CharlmError` that says where to put the file.
+Resolution order (the README's Data section): an explicit path (``--data FILE``);
+``$CHARLM_DATA_DIR/tinyshakespeare.txt``; ``data/tinyshakespeare.txt`` of the working directory; the
+user's cache folder (:func:`cache_dir`); else a download from the char-rnn repository into that cache
+folder, checked against its sha256 and written atomically. Offline with no copy: one
+:class:`CharlmError` that says where to put the file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from charlm.config import REPO_ROOT
 from charlm.errors import CharlmError
 
 CORPUS_NAME = "tinyshakespeare.txt"
@@ -40,10 +41,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def default_data_dir() -> Path:
-    """``data/`` of the working directory if it exists, else the repository's own."""
-    local = Path("data")
-    return local if local.is_dir() else REPO_ROOT / "data"
+def cache_dir() -> Path:
+    """Where a downloaded corpus is kept: ``$CHARLM_CACHE_DIR``, else ``$XDG_CACHE_HOME/charlm``, else
+    ``~/.cache/charlm`` (never the installed package, never the working directory)."""
+    override = os.environ.get("CHARLM_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: relative is ignored
+    return base / "charlm"
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
@@ -67,13 +73,15 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
 
 def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: bool = True,
                         option: str = "--data") -> Path:
-    """The corpus file to use, downloading tiny Shakespeare only when no copy is found.
+    """The corpus file to use, downloading tiny Shakespeare into :func:`cache_dir` only when no copy is found.
 
     ``option`` is the command-line flag an explicit path came from, named in the error."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if path.is_dir():
-            path = path / CORPUS_NAME
+            raise CharlmError(f"{option} {path} is a folder; give a text file")
+        if path.exists() and not path.is_file():  # /dev/null, a pipe, a socket
+            raise CharlmError(f"{option} {path} is not a regular file; give a text file")
         if not path.is_file():
             raise CharlmError(f"corpus file {path} does not exist; give {option} an existing text file")
         return path
@@ -82,15 +90,18 @@ def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: b
         path = Path(env_dir).expanduser() / CORPUS_NAME
         if path.is_file():
             return path
-    local = default_data_dir() / CORPUS_NAME
+    local = Path("data") / CORPUS_NAME
     if local.is_file():
         return local
+    cached = cache_dir() / CORPUS_NAME
+    if cached.is_file():
+        return cached
     if not allow_download:
-        raise CharlmError(f"no corpus found; put {CORPUS_NAME} in {local.parent}/ or set CHARLM_DATA_DIR")
+        raise CharlmError(f"no corpus found; put {CORPUS_NAME} in {cached.parent}/ or set CHARLM_DATA_DIR")
     try:
-        return download(CORPUS_URL, local, CORPUS_SHA256)
+        return download(CORPUS_URL, cached, CORPUS_SHA256)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        where = f"$CHARLM_DATA_DIR ({env_dir}) or {local.parent}/" if env_dir else f"{local.parent}/"
+        where = f"$CHARLM_DATA_DIR ({env_dir}) or {cached.parent}/" if env_dir else f"{cached.parent}/"
         raise CharlmError(
             f"tiny Shakespeare is not on this machine and could not be downloaded ({exc}).\n"
             f"Download {CORPUS_URL}\nand save it as {CORPUS_NAME} in {where}, "

@@ -1,26 +1,36 @@
-"""Shared fixtures: a small corpus on disk and one smoke-trained checkpoint per session."""
+"""Shared fixtures: a small corpus on disk (real Shakespeare, shipped in ``tests/data/``), one smoke-trained
+checkpoint per session, and an environment with no corpus configured."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from charlm.corpus import CORPUS_NAME
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / CORPUS_NAME
+SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-excerpt.txt"
 
 
-def shakespeare_text(n_chars: int = 120_000) -> str:
-    """The first ``n_chars`` of tiny Shakespeare when a copy is around, else a repetitive stand-in."""
-    for candidate in (Path(os.environ.get("CHARLM_DATA_DIR", "/nonexistent")) / CORPUS_NAME, SHARED):
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")[:n_chars]
-    line = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n"
-    return (line * (n_chars // len(line) + 1))[:n_chars]
+def shakespeare_text(n_chars: int | None = None) -> str:
+    """The first ``n_chars`` (default: all) of the tiny-Shakespeare excerpt shipped in ``tests/data/``.
+
+    Always this file, never ``$CHARLM_DATA_DIR`` or a downloaded corpus: the tests' numbers do not
+    depend on where they run."""
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    if n_chars is not None and n_chars > len(text):
+        raise ValueError(f"{SHAKESPEARE.name} has {len(text)} characters, not {n_chars}")
+    return text[:n_chars]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_corpus_configured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No ``$CHARLM_DATA_DIR`` and an empty cache folder of our own, in this process and in the ones it
+    starts: a test that wants a corpus configured sets one itself."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("CHARLM_DATA_DIR", raising=False)
+        mp.setenv("CHARLM_CACHE_DIR", str(tmp_path_factory.mktemp("charlm-cache")))
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

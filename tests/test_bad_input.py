@@ -41,9 +41,8 @@ def test_bad_corpus(tmp_path: Path, content: bytes, message: str) -> None:
     check(train_args(corpus, tmp_path), f"corpus {corpus} {message}")
 
 
-def test_corpus_folder_without_the_file(tmp_path: Path) -> None:
-    check(train_args(tmp_path, tmp_path),
-          f"corpus file {tmp_path / 'tinyshakespeare.txt'} does not exist; give --data an existing text file")
+def test_corpus_folder_is_called_a_folder(tmp_path: Path) -> None:
+    check(train_args(tmp_path, tmp_path), f"--data {tmp_path} is a folder; give a text file")
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -115,3 +115,10 @@ def test_round_trip_in_a_fresh_process(trained_run: Path) -> None:
     sampled = subprocess.run([sys.executable, "-m", "charlm", "sample", "--checkpoint", ckpt, "--prime", "KING",
                               "--length", "20", "--seed", "2"], capture_output=True, text=True, check=True)
     assert sampled.stdout.startswith("KING") and len(sampled.stdout) >= 24
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "data", "compare"])
+def test_help_of_each_command(command: str) -> None:
+    """``--help`` renders (Typer and Click versions that do not fit together fail here first)."""
+    code, output = invoke(command, "--help")
+    assert code == 0 and "Usage:" in output and "--help" in output, output

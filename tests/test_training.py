@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from charlm.callbacks import ProgressBar
 from charlm.config import load_config
+from charlm.datamodule import split_ids
 from charlm.evaluate import evaluate_ids
 from charlm.lightning_module import CharLMModule
 from charlm.metrics import LN2
@@ -89,7 +88,12 @@ def test_evaluation_is_exact_whatever_the_window_split(batch_size: int) -> None:
     assert abs(expected - _streams_scored_in_one_go(model, ids, batch_size + 1)) > 1e-3
 
 
-def test_smoke_training_lowers_the_loss(trained_run: Path) -> None:
+def test_smoke_training_lowers_the_loss(trained_run: Path, corpus_file: Path) -> None:
+    """The training loss falls, and the held-out loss ends far below that of an untrained network of its shape.
+
+    The smoke run's two validations (steps 20 and 40) both come after the network has learned the
+    character frequencies, and the 40 steps are too few to learn much more: which of the two is lower
+    is not something the smoke run decides, so the held-out check compares with the untrained network."""
     import csv
 
     rows = list(csv.DictReader((trained_run / "metrics.csv").open()))
@@ -97,14 +101,34 @@ def test_smoke_training_lowers_the_loss(trained_run: Path) -> None:
     val_losses = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
     assert len(train_losses) >= 4 and len(val_losses) >= 2
     assert train_losses[-1] < train_losses[0] - 0.5
-    assert val_losses[-1] < val_losses[0]
-    vocab_size = len(Vocab(torch.load(trained_run / "best.ckpt", weights_only=True)["hyper_parameters"]["vocab"]))
-    assert val_losses[-1] < torch.log(torch.tensor(float(vocab_size))).item()  # better than uniform
+    cfg = load_config(str(trained_run / "config.yaml"))
+    vocab = Vocab(torch.load(trained_run / "best.ckpt", weights_only=True)["hyper_parameters"]["vocab"])
+    val_ids = split_ids(vocab.encode(corpus_file.read_text(encoding="utf-8")), cfg.data.val_fraction,
+                        cfg.data.test_fraction).val
+    torch.manual_seed(cfg.train.seed)
+    untrained = CharLM(len(vocab), cfg.model).eval()
+    before = evaluate_ids(untrained, val_ids, batch_size=cfg.data.eval_batch_size, bptt=cfg.data.bptt)["loss"]
+    assert before > torch.log(torch.tensor(float(len(vocab)))).item() - 0.1  # untrained: about uniform
+    assert val_losses[-1] < before - 0.5
 
 
-@pytest.mark.parametrize(("max_epochs", "expected"), [(-1, "Epoch 3"), (5, "Epoch 3/4")])
-def test_progress_bar_epoch_reads_without_a_negative_limit(max_epochs: int, expected: str) -> None:
-    """Time- or step-limited runs have max_epochs = -1: Lightning's bar would print "Epoch 3/-2"."""
-    bar = ProgressBar()
-    bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # type: ignore[assignment]
-    assert bar._get_train_description(3).strip() == expected
+def _train_with_progress_bar(corpus: Path, out: Path, *limits: str) -> str:
+    from typer.testing import CliRunner
+
+    from charlm.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--config", "smoke", "--data", str(corpus), "--out", str(out),
+                                      "--set", "train.progress=true", "--set", "sample.enabled=false", *limits])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    (("--set", "train.max_steps=3"), "Epoch 0 "),  # max_epochs -1: no epoch limit
+    (("--set", "train.max_steps=3", "--set", "train.max_epochs=2"), "Epoch 0/1 "),
+])
+def test_progress_bar_epoch_reads_without_a_negative_limit(
+        corpus_file: Path, tmp_path: Path, limits: tuple[str, ...], expected: str) -> None:
+    """Time- or step-limited runs have max_epochs = -1: Lightning 2.6's own bar would print "Epoch 0/-2"."""
+    output = _train_with_progress_bar(corpus_file, tmp_path, *limits)
+    assert expected in output and "/-" not in output, output

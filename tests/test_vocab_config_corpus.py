@@ -135,6 +135,7 @@ def test_unknown_config_name_lists_known() -> None:
 
 
 def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data FILE, then $CHARLM_DATA_DIR, then ./data/ of the working directory, then the cache folder."""
     explicit = tmp_path / "mine.txt"
     explicit.write_text("hello world\n")
     env_dir = tmp_path / "env"
@@ -143,26 +144,35 @@ def test_resolution_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     local_dir = tmp_path / "work"
     (local_dir / "data").mkdir(parents=True)
     (local_dir / "data" / "tinyshakespeare.txt").write_text("from data/\n")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "tinyshakespeare.txt").write_text("from the cache\n")
     monkeypatch.chdir(local_dir)
     monkeypatch.setenv("CHARLM_DATA_DIR", str(env_dir))
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(cache))
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _no_network)
     assert corpus_mod.resolve_corpus_path(explicit) == explicit
     assert corpus_mod.resolve_corpus_path() == env_dir / "tinyshakespeare.txt"
     monkeypatch.delenv("CHARLM_DATA_DIR")
     assert corpus_mod.resolve_corpus_path() == Path("data") / "tinyshakespeare.txt"
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    assert corpus_mod.resolve_corpus_path() == cache / "tinyshakespeare.txt"
+
+
+def _no_network(*args: object, **kwargs: object) -> None:
+    raise urllib.error.URLError("no network")
 
 
 def test_offline_without_copy_says_where_to_put_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data").mkdir()
-    monkeypatch.delenv("CHARLM_DATA_DIR", raising=False)
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", offline)
-    with pytest.raises(CharlmError, match=r"(?s)could not be downloaded.*save it as tinyshakespeare.txt in data/"):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(cache))
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _no_network)
+    with pytest.raises(CharlmError, match=rf"(?s)could not be downloaded.*save it as tinyshakespeare.txt in {cache}/, "
+                                          r"set CHARLM_DATA_DIR to its folder, or pass --data FILE"):
         corpus_mod.resolve_corpus_path()
-    assert list((tmp_path / "data").iterdir()) == []  # no partial file left behind
+    assert list(cache.iterdir()) == []  # no partial file left behind
+    assert list(tmp_path.iterdir()) == [cache]  # nothing written to the working directory
 
 
 class _FakeResponse:
@@ -205,3 +215,93 @@ def test_bad_corpus_files(tmp_path: Path) -> None:
         corpus_mod.load_corpus(latin)
     with pytest.raises(CharlmError, match="does not exist; give --data an existing text file"):
         corpus_mod.load_corpus(tmp_path / "missing.txt")
+
+
+def test_cache_folder_is_charlm_cache_dir_else_xdg_else_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CHARLM_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert corpus_mod.cache_dir() == tmp_path / "home" / ".cache" / "charlm"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec: a relative path is ignored
+    assert corpus_mod.cache_dir() == tmp_path / "home" / ".cache" / "charlm"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert corpus_mod.cache_dir() == tmp_path / "xdg" / "charlm"
+    monkeypatch.setenv("CHARLM_CACHE_DIR", str(tmp_path / "mine"))
+    assert corpus_mod.cache_dir() == tmp_path / "mine"
+
+
+def test_download_lands_in_the_cache_folder_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not in the working directory's data/, not beside the installed package: in the user's cache."""
+    import hashlib
+
+    import charlm
+
+    payload = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    monkeypatch.setattr(corpus_mod, "CORPUS_SHA256", hashlib.sha256(payload).hexdigest())
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", lambda *a, **k: _FakeResponse(payload))
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("CHARLM_CACHE_DIR")
+    package = Path(charlm.__file__).parent
+    before = sorted(package.parent.iterdir())
+    path = corpus_mod.resolve_corpus_path()
+    assert path == tmp_path / "xdg" / "charlm" / "tinyshakespeare.txt" and path.read_bytes() == payload
+    assert list((work / "data").iterdir()) == [] and sorted(package.parent.iterdir()) == before
+    assert not (package / "data").exists() and not (package.parent / "data" / "tinyshakespeare.txt").exists()
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _no_network)
+    assert corpus_mod.resolve_corpus_path() == path  # found there next time, offline
+
+
+@pytest.mark.parametrize("option", ["--data", "--text"])
+def test_a_folder_or_a_device_is_not_called_missing(tmp_path: Path, option: str) -> None:
+    (tmp_path / "tinyshakespeare.txt").write_text("a corpus in the folder is not used\n")
+    with pytest.raises(CharlmError) as info:
+        corpus_mod.resolve_corpus_path(tmp_path, option=option)
+    assert str(info.value) == f"{option} {tmp_path} is a folder; give a text file"
+    with pytest.raises(CharlmError) as info:
+        corpus_mod.resolve_corpus_path("/dev/null", option=option)
+    assert str(info.value) == f"{option} /dev/null is not a regular file; give a text file"
+    with pytest.raises(CharlmError) as info:
+        corpus_mod.resolve_corpus_path(tmp_path / "nope.txt", option=option)
+    assert str(info.value) == f"corpus file {tmp_path / 'nope.txt'} does not exist; give {option} an existing text file"
+
+
+def test_the_cli_says_what_a_folder_or_a_device_given_as_corpus_is(tmp_path: Path, trained_run: Path) -> None:
+    from typer.testing import CliRunner
+
+    from charlm.cli import app
+
+    runner = CliRunner()
+    for args, message in [
+        (["train", "--config", "smoke", "--data", str(tmp_path), "--out", str(tmp_path / "runs")],
+         f"error: --data {tmp_path} is a folder; give a text file"),
+        (["data", "--data", "/dev/null"], "error: --data /dev/null is not a regular file; give a text file"),
+        (["eval", "--checkpoint", str(trained_run / "best.ckpt"), "--text", str(tmp_path)],
+         f"error: --text {tmp_path} is a folder; give a text file"),
+        (["eval", "--checkpoint", str(trained_run / "best.ckpt"), "--text", "/dev/null"],
+         "error: --text /dev/null is not a regular file; give a text file"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.output.strip() == message, (args, result.output)
+    assert not (tmp_path / "runs").exists()  # no run folder made for a bad corpus
+
+
+def test_named_configs_ship_inside_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config NAME`` reads charlm/configs/NAME.yaml beside the code, wherever the package is
+    installed and whatever the working directory; ``--config PATH`` reads any file."""
+    import charlm
+    from charlm.config import resolve_config_path
+
+    monkeypatch.chdir(tmp_path)
+    package_configs = Path(charlm.__file__).resolve().parent / "configs"
+    for name in ("default", "smoke", "awd-lstm"):
+        assert resolve_config_path(name) == package_configs / f"{name}.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model:\n  hidden_size: 48\n")
+    assert load_config(str(mine)).model.hidden_size == 48
+    assert load_config("mine.yaml").model.hidden_size == 48  # relative to the working directory
+    with pytest.raises(CharlmError, match="config 'sub/smoke' not found"):
+        load_config("sub/smoke")  # a path is a path, not a name
