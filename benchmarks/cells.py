@@ -1,6 +1,6 @@
 """Training throughput of every cell against native nn.LSTM of the same size, in one run.
 
-Each model is a small char LM (embedding -> RecurrentStack -> linear decoder) trained with
+Each model is a small char LM (embedding -> recurrent layers -> linear decoder) trained with
 AdamW on random characters (or windows of a real text file with --data). The models take turns,
 one training step each, so a busy shared CPU slows them all alike; the figure per model is the
 median step time over --steps steps after --warmup steps (``--stat min`` takes the fastest step
@@ -16,9 +16,10 @@ Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 ``model.compile=true`` runs it; the first warm-up step pays the compilation), ``lstm[no-onednn]`` (the
 hand-written forward/backward-through-time kernel with PyTorch's own matmuls), ``lstm[custom]`` (that
 kernel with oneDNN's products, as charlm runs it). ``lstm-ln[python]`` / ``lstm-bn[python]`` run the
-normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`charlm.cells.native`).
+normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`charlm.cells.norm_lstm_cpp`).
 ``nn.LSTM`` is the reference; ``CELL[autograd]`` runs any cell with a kernel through the engine's
-autograd loop instead.
+autograd loop instead. Paths: ``torch`` (a torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
+hand-written forward/backward-through-time kernel), ``c++``, ``compiled``, ``autograd``, ``naive``.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charlm.cells import CELLS, native
-from charlm.cells.gemm import onednn_off
-from charlm.engine import RecurrentStack
+from charlm.cells import CELLS, norm_lstm_cpp
+from charlm.cells.onednn_matmul import onednn_off
+from charlm.engine import RecurrentLayer
 
 REFERENCE = "nn.LSTM"
 NORM_CELLS = ("lstm-ln", "lstm-bn")  # the cells with a C++ kernel
@@ -65,8 +66,21 @@ class NaiveLSTM(nn.Module):
         return x, None
 
 
+class Stack(nn.Module):
+    """``layers`` RecurrentLayers of one cell, hidden -> hidden, run one after another."""
+
+    def __init__(self, cell: str, hidden: int, layers: int, **layer_kwargs: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(RecurrentLayer(cell, hidden, hidden, **layer_kwargs) for _ in range(layers))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        for layer in self.layers:
+            x, _ = layer(x)
+        return x, None
+
+
 class CharLM(nn.Module):
-    """Embedding -> recurrent stack -> linear decoder."""
+    """Embedding -> recurrent layers -> linear decoder."""
 
     def __init__(self, rnn: nn.Module, vocab: int, hidden: int) -> None:
         super().__init__()
@@ -83,17 +97,18 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     """The model for one table row and a word on which path it runs."""
     h, layers = args.hidden, args.layers
     if row == REFERENCE:
-        return CharLM(nn.LSTM(h, h, layers, batch_first=True), args.vocab, h), "native"
+        return CharLM(nn.LSTM(h, h, layers, batch_first=True), args.vocab, h), "torch"
     if row == "lstm[naive]":
         return CharLM(NaiveLSTM(h, layers), args.vocab, h), "naive"
     cell, _, variant = row.partition("[")
-    stack = RecurrentStack(cell, h, h, layers, native=not variant, compile=variant == "compile]")
+    stack = Stack(cell, h, layers, torch_rnn=not variant, compile=variant == "compile]")
     for layer in stack.layers:
-        layer.cell.fused = variant not in ("autograd]", "compile]")
+        layer.cell.kernel_on = variant not in ("autograd]", "compile]")
     first = stack.layers[0]
-    fused = first.cell.has_fused and first.cell.fused and first.cell.step_fn is None
-    path = "native" if first.native else "fused" if fused else "compiled" if first.cell.step_fn else "autograd"
-    if fused and cell in NORM_CELLS and variant != "python]" and native.available():
+    kernel = first.cell.uses_kernel(torch.empty(0))  # for float32 outside autocast, as the rows run
+    compiled = first.cell.step_compiled
+    path = "torch" if first.torch_rnn else "kernel" if kernel else "compiled" if compiled else "autograd"
+    if kernel and cell in NORM_CELLS and variant != "python]" and norm_lstm_cpp.available():
         path = "c++"
     return CharLM(stack, args.vocab, h), path
 
@@ -102,7 +117,7 @@ def switch_off(row: str) -> AbstractContextManager[None]:
     """What a row runs without: oneDNN's products (``[no-onednn]``) or the C++ kernel (``[python]``)."""
     if row.endswith("[no-onednn]"):
         return onednn_off()
-    return native.native_off() if row.endswith("[python]") else nullcontext()
+    return norm_lstm_cpp.cpp_off() if row.endswith("[python]") else nullcontext()
 
 
 def batches(args: argparse.Namespace) -> tuple[Tensor, Tensor]:

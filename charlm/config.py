@@ -51,7 +51,7 @@ class ModelConfig:
     weight_drop: float = 0.0  # DropConnect on the hidden-to-hidden matrices
     weight_drop_variational: bool = False  # drop whole rows instead of elements
     layer_norm: bool = False  # LayerNorm on each recurrent layer's output
-    native: bool = True  # use nn.LSTM / nn.GRU / nn.RNN kernels where the cell allows
+    torch_rnn: bool = True  # use the torch RNN kernels (nn.LSTM / nn.GRU / nn.RNN's) where the cell is one
     init: Literal["xavier", "kaiming"] = "xavier"
     forget_bias: float = 0.0  # LSTM-family forget-gate bias at init (lstm-b always uses 1)
     compile: bool = False  # torch.compile the custom cells' step
@@ -126,6 +126,11 @@ _SECTION_CLASSES: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "
                                      "train": TrainConfig, "sample": SampleConfig}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in _SECTION_CLASSES.items()}
 
+# Keys renamed since checkpoints were first written: the old dotted name -> the new one. A checkpoint's
+# config is read under the new names (from_dict); in a config file or --set the old name is an error
+# that gives the new one.
+RENAMED_KEYS = {"model.native": "model.torch_rnn"}
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -187,6 +192,8 @@ def apply(config: Config, values: dict[str, Any], source: str = "config") -> Con
         hints = _HINTS[section_name]
         for key, value in entries.items():
             dotted = f"{section_name}.{key}"
+            if dotted in RENAMED_KEYS:
+                raise CharlmError(f"config key '{dotted}' is now called '{RENAMED_KEYS[dotted]}'; use that name")
             if key not in hints:
                 raise CharlmError(
                     f"unknown config key '{dotted}'; keys of '{section_name}': {', '.join(hints)}")
@@ -237,9 +244,25 @@ def load_config(name_or_path: str | None = "default", overrides: list[str] | Non
     return config
 
 
+def _renamed_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every key of :data:`RENAMED_KEYS` under its new name (one given under both: the new)."""
+    if not isinstance(values, dict):
+        return values  # apply() says what is wrong with it
+    out = {name: dict(entries) if isinstance(entries, dict) else entries for name, entries in values.items()}
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        entries = out.get(section)
+        if isinstance(entries, dict) and old_key in entries:
+            value = entries.pop(old_key)
+            entries.setdefault(new_key, value)
+    return out
+
+
 def from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a config saved in a checkpoint (unknown keys are an error: an incompatible version)."""
-    return apply(Config(), values, source="checkpoint config")
+    """Rebuild a config saved in a checkpoint (unknown keys are an error: an incompatible version), keys saved
+    under an earlier name (:data:`RENAMED_KEYS`) read under their present one."""
+    return apply(Config(), _renamed_keys(values), source="checkpoint config")
 
 
 SEED_MAX = 2**32 - 1  # the largest seed lightning.seed_everything accepts (numpy's uint32)

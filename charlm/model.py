@@ -42,7 +42,7 @@ class CharLM(nn.Module):
         sizes.append(c.embedding_size if c.tie_weights else c.hidden_size)
         self.layers = nn.ModuleList(
             RecurrentLayer(c.cell, sizes[i], sizes[i + 1], weight_drop=c.weight_drop,
-                           weight_drop_variational=c.weight_drop_variational, native=c.native, init=c.init,
+                           weight_drop_variational=c.weight_drop_variational, torch_rnn=c.torch_rnn, init=c.init,
                            forget_bias=c.forget_bias, compile=c.compile)
             for i in range(c.num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(sizes[i + 1]) if c.layer_norm else nn.Identity()

@@ -152,7 +152,7 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
         if resume is not None:
             console.print(f"[bold]resuming[/] from {resume}")
     # the C++ kernel of lstm-ln / lstm-bn is built (once per machine) here, not in the first timed step
-    from charlm.cells.native import build_before_training
+    from charlm.cells.norm_lstm_cpp import build_before_training
     build_before_training(config.model.cell, trainer.strategy.root_device)
 
     start = dt.datetime.now()

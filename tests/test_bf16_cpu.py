@@ -1,5 +1,5 @@
-"""bf16-mixed on every CPU: where oneDNN has no bfloat16 LSTM (CPUs without AVX-512) the native layers run in
-float32; the bf16 tests of the suite pass with oneDNN limited to AVX2 as well."""
+"""bf16-mixed on every CPU: where oneDNN has no bfloat16 LSTM (CPUs without AVX-512) the layers that run a torch
+RNN kernel run in float32; the bf16 tests of the suite pass with oneDNN limited to AVX2 as well."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_lstm_bn_trains_and_evaluates_under_autocast() -> None:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_native_layers_without_a_low_precision_kernel_run_in_float32(
+def test_torch_rnn_layers_without_a_low_precision_kernel_run_in_float32(
         cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the probe says no, the op runs in float32 under autocast: exactly the float32 result."""
     monkeypatch.setattr(engine, "cpu_autocast_runs", lambda kind, dtype: False)

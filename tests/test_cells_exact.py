@@ -1,4 +1,5 @@
-"""Custom cells against the native modules holding the same weights: outputs, states and gradients."""
+"""Custom cells against the torch modules (nn.LSTM / nn.GRU / nn.RNN) holding the same weights: outputs, states
+and gradients."""
 
 from __future__ import annotations
 
@@ -6,17 +7,39 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from charlm.engine import RecurrentLayer, RecurrentStack
+from charlm.engine import RecurrentLayer, State
 
 B, T, IN, H = 3, 5, 4, 6
 TOL = 1e-5
 
-NATIVE = {
-    "lstm": lambda layers, bi: nn.LSTM(IN, H, layers, batch_first=True, bidirectional=bi),
-    "gru": lambda layers, bi: nn.GRU(IN, H, layers, batch_first=True, bidirectional=bi),
-    "rnn": lambda layers, bi: nn.RNN(IN, H, layers, batch_first=True, bidirectional=bi),
-    "irnn": lambda layers, bi: nn.RNN(IN, H, layers, nonlinearity="relu", batch_first=True, bidirectional=bi),
+TORCH_MODULES = {
+    "lstm": lambda layers: nn.LSTM(IN, H, layers, batch_first=True),
+    "gru": lambda layers: nn.GRU(IN, H, layers, batch_first=True),
+    "rnn": lambda layers: nn.RNN(IN, H, layers, batch_first=True),
+    "irnn": lambda layers: nn.RNN(IN, H, layers, nonlinearity="relu", batch_first=True),
 }
+
+
+def layers_of(ref: nn.RNNBase, cell: str) -> list[RecurrentLayer]:
+    """Custom (torch_rnn=False) float64 layers holding the weights of a multi-layer torch module: its
+    ``weight_ih_l1`` is the second layer's ``weight_ih_l0``."""
+    layers = []
+    for k in range(ref.num_layers):
+        layer = RecurrentLayer(cell, ref.input_size if k == 0 else ref.hidden_size, ref.hidden_size,
+                               torch_rnn=False).double()
+        layer.load_state_dict({name.replace(f"_l{k}", "_l0"): value for name, value in ref.state_dict().items()
+                               if name.endswith(f"_l{k}")})
+        layers.append(layer)
+    return layers
+
+
+def run_layers(layers: list[RecurrentLayer], x: Tensor, states: list[State]) -> tuple[Tensor, list[State]]:
+    """The layers one after another (as the language model runs them), each from its own state."""
+    finals = []
+    for layer, state in zip(layers, states, strict=True):
+        x, final = layer(x, state)
+        finals.append(final)
+    return x, finals
 
 
 def _loss(out: Tensor, states: list[Tensor]) -> Tensor:
@@ -28,29 +51,26 @@ def _loss(out: Tensor, states: list[Tensor]) -> Tensor:
     return total
 
 
-def _initial(cell: str, layers: int, d: int) -> list[Tensor]:
-    """Carried (non-zero) initial states in the native layout (layers*D, B, H); c too for the LSTM."""
+def _initial(cell: str, layers: int) -> list[Tensor]:
+    """Carried (non-zero) initial states in the torch module's layout (layers, B, H); c too for the LSTM."""
     g = torch.Generator().manual_seed(3)
     n = 2 if cell == "lstm" else 1
-    return [torch.randn(layers * d, B, H, generator=g, dtype=torch.float64).requires_grad_() for _ in range(n)]
+    return [torch.randn(layers, B, H, generator=g, dtype=torch.float64).requires_grad_() for _ in range(n)]
 
 
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "irnn"])
-def test_custom_matches_native_module(cell: str, layers: int, bidirectional: bool) -> None:
+def test_custom_matches_torch_module(cell: str, layers: int) -> None:
     torch.manual_seed(0)
-    d = 2 if bidirectional else 1
-    ref = NATIVE[cell](layers, bidirectional).double()
+    ref = TORCH_MODULES[cell](layers).double()
     with torch.no_grad():  # move away from any special init so every weight matters
         for p in ref.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    ours = RecurrentStack(cell, IN, H, layers, bidirectional=bidirectional, native=False).double()
-    ours.load_native_state_dict(ref.state_dict())
-    assert not any(layer.native for layer in ours.layers)
+    ours = layers_of(ref, cell)
+    assert not any(layer.torch_rnn for layer in ours)
 
     x = torch.randn(B, T, IN, dtype=torch.float64, requires_grad=True)
-    init_ref = _initial(cell, layers, d)
+    init_ref = _initial(cell, layers)
     init_ours = [t.detach().clone().requires_grad_() for t in init_ref]
 
     out_ref, st_ref = ref(x, tuple(init_ref) if cell == "lstm" else init_ref[0])
@@ -60,8 +80,8 @@ def test_custom_matches_native_module(cell: str, layers: int, bidirectional: boo
     gx_ref = x.grad.clone()
     x.grad = None
 
-    per_layer = [tuple(t[k * d : (k + 1) * d] for t in init_ours) for k in range(layers)]
-    out, states = ours(x, per_layer)
+    per_layer = [tuple(t[k : k + 1] for t in init_ours) for k in range(layers)]
+    out, states = run_layers(ours, x, per_layer)
     finals = [torch.cat([s[k] for s in states]) for k in range(len(init_ours))]
     torch.testing.assert_close(out, out_ref, atol=TOL, rtol=0)
     for a, b in zip(finals, st_ref, strict=True):
@@ -72,7 +92,7 @@ def test_custom_matches_native_module(cell: str, layers: int, bidirectional: boo
     for a, b in zip(init_ours, init_ref, strict=True):
         torch.testing.assert_close(a.grad, b.grad, atol=TOL, rtol=0)
     ours_grads = {}
-    for k, layer in enumerate(ours.layers):
+    for k, layer in enumerate(ours):
         for n, p in layer.named_parameters():
             ours_grads[n.replace("_l0", f"_l{k}")] = p.grad
     assert ours_grads.keys() == grads_ref.keys()
@@ -81,13 +101,13 @@ def test_custom_matches_native_module(cell: str, layers: int, bidirectional: boo
 
 
 @pytest.mark.parametrize("cell", ["lstm", "lstm-b", "np", "gru", "rnn", "irnn"])
-def test_native_path_is_taken_and_exact(cell: str) -> None:
-    """The automatic native path computes what the custom path computes (same weights)."""
+def test_torch_rnn_path_is_taken_and_exact(cell: str) -> None:
+    """The automatic torch RNN kernel computes what the custom path computes (same weights)."""
     torch.manual_seed(1)
     fast = RecurrentLayer(cell, IN, H).double()
-    slow = RecurrentLayer(cell, IN, H, native=False).double()
+    slow = RecurrentLayer(cell, IN, H, torch_rnn=False).double()
     slow.load_state_dict(fast.state_dict())
-    assert fast.native and not slow.native
+    assert fast.torch_rnn and not slow.torch_rnn
     x = torch.randn(B, T, IN, dtype=torch.float64)
     state = fast.initial_state(B)
     state = tuple(torch.randn_like(s) for s in state)
@@ -98,10 +118,10 @@ def test_native_path_is_taken_and_exact(cell: str) -> None:
         torch.testing.assert_close(a, b, atol=TOL, rtol=0)
 
 
-def test_state_dict_moves_to_native_module_and_back() -> None:
+def test_state_dict_moves_to_torch_module_and_back() -> None:
     torch.manual_seed(2)
-    layer = RecurrentLayer("lstm", IN, H, bidirectional=True, native=False)
-    ref = nn.LSTM(IN, H, batch_first=True, bidirectional=True)
+    layer = RecurrentLayer("lstm", IN, H, torch_rnn=False)
+    ref = nn.LSTM(IN, H, batch_first=True)
     ref.load_state_dict(layer.state_dict())  # same names, same shapes
     assert set(layer.state_dict()) == set(ref.state_dict())
     x = torch.randn(B, T, IN)
@@ -110,11 +130,11 @@ def test_state_dict_moves_to_native_module_and_back() -> None:
     gru.load_state_dict(nn.GRU(IN, H).state_dict())
 
 
-def test_fp32_custom_lstm_close_to_native() -> None:
-    """The fused float32 kernel (sigmoid-based tanh for g) stays within float32 rounding of nn.LSTM."""
+def test_fp32_custom_lstm_close_to_torch() -> None:
+    """The hand-written float32 kernel (sigmoid-based tanh for g) stays within float32 rounding of nn.LSTM."""
     torch.manual_seed(3)
     ref = nn.LSTM(8, 16, batch_first=True)
-    layer = RecurrentLayer("lstm", 8, 16, native=False)
+    layer = RecurrentLayer("lstm", 8, 16, torch_rnn=False)
     layer.load_state_dict(ref.state_dict())
     x = torch.randn(4, 40, 8, requires_grad=True)
     out_ref = ref(x)[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from charlm.cells import CELLS, cell_names, describe_cells, native
+from charlm.cells import CELLS, cell_names, describe_cells, norm_lstm_cpp
 from charlm.engine import RecurrentLayer
 from charlm.errors import CharlmError
 
@@ -27,23 +27,23 @@ def tanh(v: Tensor) -> Tensor:
     return (torch.exp(v) - torch.exp(-v)) / (torch.exp(v) + torch.exp(-v))
 
 
-# lstm-ln / lstm-bn have two hand-written kernels: C++ (where it builds, see test_native.py) and Python
+# lstm-ln / lstm-bn have two hand-written kernels: C++ (where it builds, see test_norm_lstm_cpp.py) and Python
 KERNELS = ("c++", "python", "autograd")
 
 
 @contextmanager
 def use_kernel(layer: RecurrentLayer, kernel: str) -> Iterator[None]:
-    """Inside the block the layer runs the given path: a hand-written kernel ("fused": the cell's,
+    """Inside the block the layer runs the given path: a hand-written kernel ("kernel": the cell's,
     "c++" / "python": the normalised LSTMs') or autograd through the step."""
-    layer.cell.fused = kernel != "autograd"
-    with native.native_off() if kernel == "python" else nullcontext():
+    layer.cell.kernel_on = kernel != "autograd"
+    with norm_lstm_cpp.cpp_off() if kernel == "python" else nullcontext():
         yield
 
 
 def make(cell: str, **kw: object) -> RecurrentLayer:
     """A float64 layer with every parameter (peepholes, gains, ...) moved to a random non-trivial value."""
     torch.manual_seed(sum(map(ord, cell)))
-    layer = RecurrentLayer(cell, IN, H, native=False, **kw).double()  # type: ignore[arg-type]
+    layer = RecurrentLayer(cell, IN, H, torch_rnn=False, **kw).double()  # type: ignore[arg-type]
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.5 * torch.randn_like(p))
@@ -120,22 +120,22 @@ def gated_reference(layer: RecurrentLayer, x: Tensor, state: tuple[Tensor, ...],
     return torch.stack(outs, 1)
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "autograd"])
 @pytest.mark.parametrize("cell", list(GATED))
-def test_gated_variants_follow_their_equations(cell: str, fused: bool) -> None:
+def test_gated_variants_follow_their_equations(cell: str, kernel: bool) -> None:
     layer = make(cell)
-    layer.cell.fused = fused
+    layer.cell.kernel_on = kernel
     x, state = rand_inputs(layer)
     check(layer, gated_reference(layer, x, state, GATED[cell]), x, state)
 
 
 @pytest.mark.parametrize("cell", [*GATED, "fgr", "lstm-ln", "lstm-bn"])
-def test_fused_kernel_gradients_match_autograd(cell: str) -> None:
+def test_kernel_gradients_match_autograd(cell: str) -> None:
     """The hand-written backward through time equals autograd through the step, for every input."""
     layer = make(cell)
     x, state = rand_inputs(layer, steps=6)
     results = []
-    for kernel in KERNELS if cell in ("lstm-ln", "lstm-bn") else ("fused", "autograd"):
+    for kernel in KERNELS if cell in ("lstm-ln", "lstm-bn") else ("kernel", "autograd"):
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         st = tuple(s.clone().requires_grad_() for s in state)
@@ -212,10 +212,10 @@ def blocks_h(v: Tensor, h: int) -> list[Tensor]:
     return list(v.reshape(-1, h, v.shape[1]).unbind(0))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autograd"])
-def test_fgr_gate_recurrence(fused: bool) -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "autograd"])
+def test_fgr_gate_recurrence(kernel: bool) -> None:
     layer = make("fgr")
-    layer.cell.fused = fused
+    layer.cell.kernel_on = kernel
     assert layer.num_states == 3 and layer.weight_gg_l0.shape == (3 * H, 3 * H)
     x, state = rand_inputs(layer)
     W = blocks(layer.weight_ih_l0, 4)
@@ -446,8 +446,8 @@ def test_batch_norm_lstm_training_eval_and_beyond_length(kernel: str) -> None:
     torch.testing.assert_close(other(x_long, state_long)[0], layer(x_long, state_long)[0], atol=TOL, rtol=0)
 
 
-def test_batch_norm_fused_kernel_moves_the_running_statistics_like_the_step_loop() -> None:
-    """Every per-step statistic (of W x, U h and c') after two training calls, fused against autograd."""
+def test_batch_norm_kernel_moves_the_running_statistics_like_the_step_loop() -> None:
+    """Every per-step statistic (of W x, U h and c') after two training calls, kernels against autograd."""
     x, state = rand_inputs(make("lstm-bn"))
     buffers = []
     for kernel in KERNELS:

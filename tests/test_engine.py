@@ -1,18 +1,23 @@
-"""The engine: weight drop, native/custom agreement, state handling, stacks, errors."""
+"""The engine: weight drop, torch-kernel/custom agreement, state handling, compiled steps, errors."""
 
 from __future__ import annotations
 
 import copy
 import io
 import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import charlm.engine as engine
-from charlm.engine import RecurrentLayer, RecurrentStack
+from charlm.checkpoint import FORMAT_VERSION, load_model
+from charlm.config import Config, ModelConfig, from_dict, load_config
+from charlm.engine import RecurrentLayer, State
 from charlm.errors import CharlmError
+from charlm.model import CharLM
 from charlm.regularizers import drop_weight
 
 B, T, IN, H = 3, 7, 4, 5
@@ -47,10 +52,10 @@ def lstm_with(layer: RecurrentLayer, weight_hh: Tensor | None = None) -> nn.LSTM
     return ref
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "custom"])
-def test_weight_drop_one_mask_per_forward(recorder: Recorder, native: bool) -> None:
+@pytest.mark.parametrize("torch_rnn", [True, False], ids=["torch", "custom"])
+def test_weight_drop_one_mask_per_forward(recorder: Recorder, torch_rnn: bool) -> None:
     torch.manual_seed(0)
-    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, native=native).double().train()
+    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, torch_rnn=torch_rnn).double().train()
     x = torch.randn(B, T, IN, dtype=torch.float64)
     out1, _ = layer(x)
     assert len(recorder.calls) == 1  # one mask for the whole sequence
@@ -63,10 +68,10 @@ def test_weight_drop_one_mask_per_forward(recorder: Recorder, native: bool) -> N
     assert not torch.allclose(out1, out2)
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "custom"])
-def test_weight_drop_eval_uses_raw_weights(native: bool) -> None:
+@pytest.mark.parametrize("torch_rnn", [True, False], ids=["torch", "custom"])
+def test_weight_drop_eval_uses_raw_weights(torch_rnn: bool) -> None:
     torch.manual_seed(1)
-    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, native=native).double()
+    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, torch_rnn=torch_rnn).double()
     layer(torch.randn(B, T, IN, dtype=torch.float64))  # a training call first must leave nothing behind
     layer.eval()
     x = torch.randn(B, T, IN, dtype=torch.float64)
@@ -75,12 +80,12 @@ def test_weight_drop_eval_uses_raw_weights(native: bool) -> None:
 
 
 @pytest.mark.parametrize("variational", [False, True], ids=["elementwise", "variational"])
-@pytest.mark.parametrize("native", [True, False], ids=["native", "custom"])
-def test_weight_drop_gradient_reaches_raw_weight(recorder: Recorder, native: bool, variational: bool) -> None:
+@pytest.mark.parametrize("torch_rnn", [True, False], ids=["torch", "custom"])
+def test_weight_drop_gradient_reaches_raw_weight(recorder: Recorder, torch_rnn: bool, variational: bool) -> None:
     torch.manual_seed(2)
     p = 0.4
     layer = RecurrentLayer(
-        "lstm", IN, H, weight_drop=p, weight_drop_variational=variational, native=native
+        "lstm", IN, H, weight_drop=p, weight_drop_variational=variational, torch_rnn=torch_rnn
     ).double()
     x = torch.randn(B, T, IN, dtype=torch.float64)
     out, _ = layer(x)
@@ -101,17 +106,17 @@ def test_weight_drop_gradient_reaches_raw_weight(recorder: Recorder, native: boo
 
 def test_weight_drop_zero_is_the_plain_module() -> None:
     torch.manual_seed(3)
-    for native in (True, False):
-        layer = RecurrentLayer("lstm", IN, H, weight_drop=0.0, native=native).train()
+    for torch_rnn in (True, False):
+        layer = RecurrentLayer("lstm", IN, H, weight_drop=0.0, torch_rnn=torch_rnn).train()
         x = torch.randn(B, T, IN)
         torch.testing.assert_close(layer(x)[0], lstm_with(layer)(x)[0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_native_and_custom_draw_the_same_masks(cell: str) -> None:
+def test_torch_rnn_and_custom_draw_the_same_masks(cell: str) -> None:
     torch.manual_seed(4)
-    a = RecurrentLayer(cell, IN, H, weight_drop=0.3, bidirectional=True).double()
-    b = RecurrentLayer(cell, IN, H, weight_drop=0.3, bidirectional=True, native=False).double()
+    a = RecurrentLayer(cell, IN, H, weight_drop=0.3).double()
+    b = RecurrentLayer(cell, IN, H, weight_drop=0.3, torch_rnn=False).double()
     b.load_state_dict(a.state_dict())
     x = torch.randn(B, T, IN, dtype=torch.float64)
     torch.manual_seed(9)
@@ -119,12 +124,6 @@ def test_native_and_custom_draw_the_same_masks(cell: str) -> None:
     torch.manual_seed(9)
     out_b = b(x)[0]
     torch.testing.assert_close(out_a, out_b, atol=1e-12, rtol=0)
-
-
-def test_bidirectional_gets_a_mask_per_direction(recorder: Recorder) -> None:
-    layer = RecurrentLayer("gru", IN, H, weight_drop=0.5, bidirectional=True)
-    layer(torch.randn(B, T, IN))
-    assert len(recorder.calls) == 2
 
 
 def test_state_dict_round_trip_and_to() -> None:
@@ -149,56 +148,45 @@ def test_state_dict_round_trip_and_to() -> None:
     assert moved.weight_hh_l0.grad is not None and moved.weight_hh_l0.grad.dtype == torch.float64
 
 
-def test_no_warnings_from_native_or_custom_paths() -> None:
+def test_no_warnings_from_torch_rnn_or_custom_paths() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for native in (True, False):
+        for torch_rnn in (True, False):
             for _ in range(3):
-                layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, native=native)
+                layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, torch_rnn=torch_rnn)
                 out, _ = layer(torch.randn(B, T, IN))
                 out.sum().backward()
     assert not caught, [str(w.message) for w in caught]
 
 
 def test_initial_state_and_shapes() -> None:
-    bi = RecurrentLayer("lstm", IN, H, bidirectional=True)
-    st = bi.initial_state(B)
-    assert bi.num_states == 2 and [s.shape for s in st] == [(2, B, H), (2, B, H)]
+    lstm = RecurrentLayer("lstm", IN, H)
+    st = lstm.initial_state(B)
+    assert lstm.num_states == 2 and [s.shape for s in st] == [(1, B, H), (1, B, H)]
     assert all(torch.all(s == 0) for s in st)
-    out, final = bi(torch.randn(B, T, IN))
-    assert out.shape == (B, T, 2 * H) and [s.shape for s in final] == [(2, B, H)] * 2
+    out, final = lstm(torch.randn(B, T, IN))
+    assert out.shape == (B, T, H) and [s.shape for s in final] == [(1, B, H)] * 2
     gru = RecurrentLayer("gru", IN, H)
     assert gru.num_states == 1 and gru.initial_state(B, dtype=torch.float64)[0].dtype == torch.float64
     fgr = RecurrentLayer("fgr", IN, H)
     assert [s.shape for s in fgr.initial_state(B)] == [(1, B, H), (1, B, H), (1, B, 3 * H)]
-    with pytest.raises(CharlmError, match="bidirectional"):
-        bi.step(torch.randn(B, IN))
     with pytest.raises(CharlmError, match="batch, time, features"):
         gru(torch.randn(T, IN))
-
-
-def test_stack_layers_between_and_states() -> None:
-    torch.manual_seed(6)
-    calls = []
-
-    class Tap(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            calls.append(x.shape)
-            return x * 2.0
-
-    stack = RecurrentStack("gru", IN, H, 3, between=Tap(), bidirectional=True, weight_drop=0.2)
-    assert [layer.input_size for layer in stack.layers] == [IN, 2 * H, 2 * H]
-    x = torch.randn(B, T, IN)
-    out, states = stack(x)
-    assert out.shape == (B, T, 2 * H) and len(states) == 3 and len(calls) == 2
-    assert [s[0].shape for s in states] == [(2, B, H)] * 3
 
 
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "gru-cho", "mut2"])
 def test_carried_state_splits_a_sequence(cell: str) -> None:
     """Truncated BPTT: running two halves with the state carried equals running the whole."""
     torch.manual_seed(8)
-    stack = RecurrentStack(cell, IN, H, 2, native=False).eval()
+    layers = [RecurrentLayer(cell, IN, H, torch_rnn=False).eval(), RecurrentLayer(cell, H, H, torch_rnn=False).eval()]
+
+    def stack(x: Tensor, states: list[State] | None = None) -> tuple[Tensor, list[State]]:
+        finals = []
+        for k, layer in enumerate(layers):
+            x, final = layer(x, None if states is None else states[k])
+            finals.append(final)
+        return x, finals
+
     x = torch.randn(B, T, IN)
     whole, st_whole = stack(x)
     a, st = stack(x[:, :3])
@@ -229,18 +217,67 @@ def test_awd_style_layers_with_step_sampling() -> None:
 def test_layer_options_are_checked() -> None:
     with pytest.raises(CharlmError, match="weight_drop"):
         RecurrentLayer("lstm", IN, H, weight_drop=1.0)
-    with pytest.raises(CharlmError, match="num_layers"):
-        RecurrentStack("lstm", IN, H, 0)
-    assert not RecurrentLayer("peephole", IN, H).native
-    assert RecurrentLayer("lstm-b", IN, H).native and not RecurrentLayer("lstm", IN, H, native=False).native
+    assert not RecurrentLayer("peephole", IN, H).torch_rnn
+    assert RecurrentLayer("lstm-b", IN, H).torch_rnn and not RecurrentLayer("lstm", IN, H, torch_rnn=False).torch_rnn
     assert "weight_drop=0.5" in repr(RecurrentLayer("lstm", IN, H, weight_drop=0.5))
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "custom"])
-def test_weight_drop_under_torch_compile_matches_eager(native: bool) -> None:
+def test_a_checkpoint_config_with_model_native_is_read_as_model_torch_rnn(tmp_path: Path) -> None:
+    """Checkpoints written before the rename keep ``model.native`` in their config; loading one reads it as
+    ``model.torch_rnn`` (sampling, evaluating and resuming all read it through ``config.from_dict``)."""
+    config = Config()
+    config.model = ModelConfig(cell="gru", embedding_size=4, hidden_size=4, num_layers=1, torch_rnn=False)
+    saved = config.to_dict()
+    saved["model"] = {("native" if k == "torch_rnn" else k): v for k, v in saved["model"].items()}
+    model = CharLM(3, config.model)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"config": saved, "vocab": "abc", "format_version": FORMAT_VERSION}},
+               tmp_path / "old.ckpt")
+    loaded, _, loaded_config, _ = load_model(tmp_path / "old.ckpt")
+    assert loaded_config.model.torch_rnn is False and not loaded.layers[0].torch_rnn
+    assert from_dict({"model": {"native": True}}).model.torch_rnn is True
+    with pytest.raises(CharlmError) as err:  # a config file or --set names the key as it is now
+        load_config(None, ["model.native=false"])
+    assert str(err.value) == "config key 'model.native' is now called 'model.torch_rnn'; use that name"
+
+
+def test_compile_runs_the_cells_own_compiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compile=True: the cell compiles its own step, which forward's time loop (in place of the hand-written
+    kernel) and step() call, with eager's results; cells with a torch RNN kernel ignore it."""
+    calls: list[int] = []
+    real_compile = torch.compile
+
+    def counting_compile(fn: Any) -> Any:
+        compiled = real_compile(fn, backend="eager")  # Dynamo's tracing without code generation: fast
+
+        def call(*args: Any) -> Any:
+            calls.append(1)
+            return compiled(*args)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    torch.manual_seed(9)
+    layer = RecurrentLayer("peephole", IN, H, compile=True).double()
+    eager = RecurrentLayer("peephole", IN, H).double()
+    eager.load_state_dict(layer.state_dict())
+    x = torch.randn(B, T, IN, dtype=torch.float64)
+    assert layer.cell.step_compiled and not layer.cell.uses_kernel(x) and eager.cell.uses_kernel(x)
+    out, _ = layer(x)
+    assert len(calls) == T
+    torch.testing.assert_close(out, eager(x)[0], atol=1e-12, rtol=0)
+    layer.eval()
+    eager.eval()
+    torch.testing.assert_close(layer.step(x[:, 0])[0], eager.step(x[:, 0])[0], atol=1e-12, rtol=0)
+    assert len(calls) == T + 1
+    assert not RecurrentLayer("lstm", IN, H, compile=True).cell.step_compiled
+
+
+@pytest.mark.parametrize("torch_rnn", [True, False], ids=["torch", "custom"])
+def test_weight_drop_under_torch_compile_matches_eager(torch_rnn: bool) -> None:
     """torch.compile (Dynamo + AOTAutograd, no C++ codegen) draws a fresh mask per call, as eager does."""
     torch.manual_seed(6)
-    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, native=native).double()
+    layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5, torch_rnn=torch_rnn).double()
     compiled = torch.compile(layer, backend="aot_eager")
     x = torch.randn(B, T, IN, dtype=torch.float64)
     results = []

@@ -12,8 +12,8 @@ from functools import partial
 from charlm.cells.base import Cell, CellSpec
 from charlm.cells.gru import GRUCell
 from charlm.cells.lstm import GateConfig, GatedLSTMCell, GateRecurrentLSTMCell
-from charlm.cells.mut import MUT1Cell, MUT2Cell, MUT3Cell
-from charlm.cells.norm import BatchNormLSTMCell, LayerNormLSTMCell
+from charlm.cells.mut_cells import MUT1Cell, MUT2Cell, MUT3Cell
+from charlm.cells.norm_lstm import BatchNormLSTMCell, LayerNormLSTMCell
 from charlm.cells.rnn import ElmanCell, LinearCell
 
 __all__ = ["CELLS", "Cell", "CellSpec", "cell_names", "describe_cells", "get_cell"]
@@ -30,23 +30,23 @@ def _gated(**kw: bool) -> partial[Cell]:
 
 def _spec(
     name: str, summary: str, paper: str, num_states: int, build: Callable[[int, int], Cell],
-    native: str | None = None, forget_bias: float | None = None,
+    torch_rnn: str | None = None, forget_bias: float | None = None,
 ) -> CellSpec:
-    return CellSpec(name, summary, paper, num_states, build, native, forget_bias)
+    return CellSpec(name, summary, paper, num_states, build, torch_rnn, forget_bias)
 
 
 _SPECS = [
     _spec("rnn", "tanh RNN: h' = tanh(W x + U h + b)", "Elman 1990, 'Finding structure in time'", 1,
-          ElmanCell, native="RNN_TANH"),
+          ElmanCell, torch_rnn="RNN_TANH"),
     _spec("irnn", "ReLU RNN, U initialised to the identity, b = 0", "Le, Jaitly & Hinton 2015", 1,
-          partial(ElmanCell, relu=True, identity_init=True), native="RNN_RELU"),
+          partial(ElmanCell, relu=True, identity_init=True), torch_rnn="RNN_RELU"),
     _spec("linear", "linear state-space recurrence: h' = A h + B x + b", "Kalman 1960 (state update)", 1,
           LinearCell),
     _spec("lstm", "LSTM as nn.LSTM (gates i, f, g, o; no peepholes)", _HOCHREITER, 2, _gated(),
-          native="LSTM"),
+          torch_rnn="LSTM"),
     _spec("peephole", "LSTM with diagonal peepholes p_i*c, p_f*c, p_o*c'", _GERS, 2, _gated(peephole=True)),
     _spec("gru", "GRU as nn.GRU: n = tanh(W_n x + r*(U_n h + b_hn))", "Cho et al. 2014 (nn.GRU form)", 1,
-          GRUCell, native="GRU"),
+          GRUCell, torch_rnn="GRU"),
     _spec("gru-cho", "GRU with the reset inside the matmul: n = tanh(W_n x + U_n(r*h))",
           "Cho et al. 2014, 'Learning Phrase Representations using RNN Encoder-Decoder'", 1,
           partial(GRUCell, reset_inside=True)),
@@ -58,7 +58,7 @@ _SPECS = [
     _spec("lstm-f", "LSTM without forget gate (f = 1)", _JOZ, 2, _gated(forget_gate=False)),
     _spec("lstm-i", "LSTM without input gate (i = 1)", _JOZ, 2, _gated(input_gate=False)),
     _spec("lstm-o", "LSTM without output gate (o = 1)", _JOZ, 2, _gated(output_gate=False)),
-    _spec("lstm-b", "LSTM with forget-gate bias initialised to 1", _JOZ, 2, _gated(), native="LSTM",
+    _spec("lstm-b", "LSTM with forget-gate bias initialised to 1", _JOZ, 2, _gated(), torch_rnn="LSTM",
           forget_bias=1.0),
     _spec("mut1", "MUT1: z = s(Wz x), h' = tanh(Uh(r*h) + tanh(Px)) z + h(1-z)", _JOZ, 1, MUT1Cell),
     _spec("mut2", "MUT2: r = s(Px + Ur h), h' = tanh(Uh(r*h) + Wh x) z + h(1-z)", _JOZ, 1, MUT2Cell),
@@ -74,7 +74,7 @@ _SPECS = [
           _gated(peephole=True, g_tanh=False)),
     _spec("noaf", "peephole LSTM, no output activation (h' = o*c')", _GREFF, 2,
           _gated(peephole=True, out_tanh=False)),
-    _spec("np", "LSTM without peepholes (the same model as lstm)", _GREFF, 2, _gated(), native="LSTM"),
+    _spec("np", "LSTM without peepholes (the same model as lstm)", _GREFF, 2, _gated(), torch_rnn="LSTM"),
     _spec("cifg", "peephole LSTM, coupled input and forget gate (f = 1 - i)", _GREFF, 2,
           _gated(peephole=True, forget_gate=False, coupled=True)),
     _spec("fgr", "peephole LSTM, full gate recurrence (R [i,f,o] of the previous step)", _GREFF, 3,

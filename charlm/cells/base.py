@@ -1,10 +1,14 @@
 """The cell contract shared by every recurrence, plus the per-gate-block initialisation.
 
-A cell is the arithmetic of one direction of one recurrent layer: which parameters it needs, how
-to initialise them, how to project the whole input sequence in one matmul, and one time step.
-The parameters themselves live on :class:`charlm.engine.RecurrentLayer` under nn.LSTM-style names
-(``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``), so one cell
-object serves both directions and weights move freely between a custom cell and the native module.
+A cell is the arithmetic of one recurrent layer: which parameters it needs, how to initialise them,
+how to project the whole input sequence in one matmul, and one time step. The parameters themselves
+live on :class:`charlm.engine.RecurrentLayer` under nn.LSTM-style names (``weight_ih_l0``,
+``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``), so weights move freely between a custom cell and
+the nn.LSTM / nn.GRU / nn.RNN module of the same cell.
+
+Cells with a hand-written forward/backward-through-time kernel (the LSTM family) say so through
+:meth:`Cell.has_kernel_for`; this module knows no kernel. The input projection goes through
+:func:`charlm.cells.onednn_matmul.linear`, the matrix-product layer under every cell and kernel.
 
 Shapes (time-major inside the engine): the projected input ``xw`` is (T, B, K); a state is a tuple
 of (B, S) tensors whose first entry is the output h.
@@ -18,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from charlm.cells.fused import fused_available
-from charlm.cells.gemm import linear
+from charlm.cells.onednn_matmul import linear
 from charlm.errors import CharlmError
 
 Params = dict[str, Tensor]
 CellState = tuple[Tensor, ...]
+StepFn = Callable[[Tensor, CellState, Params, int], CellState]
 
 INITS = ("xavier", "kaiming")
 
@@ -32,8 +36,9 @@ INITS = ("xavier", "kaiming")
 class CellSpec:
     """Registry entry for one cell name.
 
-    ``native`` names the fused kernel that computes exactly this cell ("LSTM", "GRU", "RNN_TANH",
-    "RNN_RELU") or is None; ``forget_bias`` forces the forget-gate bias initialisation (lstm-b).
+    ``torch_rnn`` names the torch RNN kernel (the ATen op behind nn.LSTM / nn.GRU / nn.RNN, by nn.RNNBase's
+    mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU") that computes exactly this cell, or is None;
+    ``forget_bias`` forces the forget-gate bias initialisation (lstm-b).
     """
 
     name: str
@@ -41,29 +46,28 @@ class CellSpec:
     paper: str
     num_states: int
     build: Callable[[int, int], Cell] = field(repr=False, compare=False)
-    native: str | None = None
+    torch_rnn: str | None = None
     forget_bias: float | None = None
 
 
 class Cell(nn.Module):
-    """Base class: one direction's recurrence. Holds no parameters of its own.
+    """Base class: one layer's recurrence. Holds no parameters of its own.
 
     Subclasses set ``num_states`` and implement :meth:`param_shapes`, :meth:`step` and, where the
-    default does not fit, :meth:`project`, :meth:`reset_parameters` and :meth:`sequence`.
+    default does not fit, :meth:`project`, :meth:`reset_parameters`, :meth:`sequence` and, for a cell
+    with a hand-written kernel, :meth:`run` and :meth:`has_kernel_for`.
     It is an ``nn.Module`` only so that ``train()`` / ``eval()`` reach it (batch norm reads
     ``self.training``); its state_dict is empty.
     """
 
     num_states: int = 1
-    has_fused: bool = False  # True where run() / sequence() have a hand-written forward/backward kernel
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
-        # A replacement for step in the generic time loop (the layer's torch.compile'd step), or None.
-        self.step_fn: Callable[[Tensor, CellState, Params, int], CellState] | None = None
-        self.fused = True  # cells with a hand-written sequence kernel may use it when True
+        self.kernel_on = True  # a cell with a hand-written kernel runs it when True (off: the autograd loop)
+        self._compiled_step: StepFn | None = None  # set by compile_step()
 
     # -- parameters ---------------------------------------------------------------------------
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -109,10 +113,34 @@ class Cell(nn.Module):
                 p["bias_ih"][k * h : (k + 1) * h].fill_(sign * forget_bias)
 
     # -- computation --------------------------------------------------------------------------
-    def use_fused(self, x: Tensor) -> bool:
-        """Whether run() / sequence() use the hand-written kernel: one exists, it is on, the step is not
-        compiled, and x is float32/float64 outside autocast."""
-        return self.has_fused and self.fused and self.step_fn is None and fused_available(x)
+    def has_kernel_for(self, x: Tensor) -> bool:
+        """Whether this cell has a hand-written forward/backward-through-time kernel that runs on ``x``
+        (its dtype, device, autocast); a cell with a kernel overrides this. None here."""
+        return False
+
+    def uses_kernel(self, x: Tensor) -> bool:
+        """Whether :meth:`run` takes the hand-written kernel for ``x``: the cell has one that runs on x, it is
+        on (:attr:`kernel_on`), and the step is not compiled."""
+        return self.kernel_on and self._compiled_step is None and self.has_kernel_for(x)
+
+    def compile_step(self) -> None:
+        """Run :meth:`step` through ``torch.compile`` from now on, in the generic time loop (which then
+        takes the place of any hand-written kernel) and in the layer's single steps."""
+        # Dynamo keeps its variants per code object, shared by every layer of this cell: layer sizes x
+        # train/eval x fresh/carried state x the one-row eval tail already make ~12, past its default
+        # limit of 8, after which the step silently runs eager. Allow enough for a whole model.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._compiled_step = torch.compile(self.step)
+
+    @property
+    def step_compiled(self) -> bool:
+        """Whether :meth:`compile_step` was called."""
+        return self._compiled_step is not None
+
+    @property
+    def step_fn(self) -> StepFn:
+        """:meth:`step`, or its compiled version after :meth:`compile_step`."""
+        return self._compiled_step or self.step
 
     def prepare(self, p: Params) -> Params:
         """Per-forward-call preparation (transposes, folded biases); ``p`` already weight-dropped."""
@@ -135,7 +163,7 @@ class Cell(nn.Module):
 
     def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         """Run every step of ``xw`` (T, B, K); returns outputs (T, B, H) and the last state."""
-        step = self.step_fn or self.step
+        step = self.step_fn
         outs: list[Tensor] = []
         for t, xt in enumerate(xw.unbind(0)):
             state = step(xt, state, q, t)

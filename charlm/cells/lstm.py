@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.fused import FusedGatedLSTM
+from charlm.cells.lstm_kernel import GatedLSTMKernel, kernel_runs_on
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,6 @@ class GatedLSTMCell(Cell):
     """
 
     num_states = 2
-    has_fused = True
 
     def __init__(self, input_size: int, hidden_size: int, config: GateConfig | None = None) -> None:
         super().__init__(input_size, hidden_size)
@@ -134,12 +133,17 @@ class GatedLSTMCell(Cell):
         h_new = torch.sigmoid(pre("o", c_new)) * a if "o" in blk else a
         return h_new, c_new
 
+    def has_kernel_for(self, x: Tensor) -> bool:
+        return kernel_runs_on(x)
+
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if not self.use_fused(x):
+        """The whole sequence in :class:`charlm.cells.lstm_kernel.GatedLSTMKernel` where it runs, else the
+        autograd loop over :meth:`step`."""
+        if not self.uses_kernel(x):
             return super().run(x, state, q)
         # FGR (a third state entry: the previous gates) also hands the kernel its gate recurrence
         gates0, w_gg = (state[2], q["weight_gg"]) if len(state) == 3 else (None, None)
-        hs, *final = FusedGatedLSTM.apply(
+        hs, *final = GatedLSTMKernel.apply(
             x, q["weight_ih"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"],
             q.get("peephole", x.new_empty(0)), self.config, gates0, w_gg,
         )

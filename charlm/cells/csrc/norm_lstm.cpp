@@ -3,7 +3,8 @@
 // over the step's B rows, split between the threads: the three norms (of W x, U h and c'), the gate
 // nonlinearities and the cell update going forward; the norms' backward, the gates' derivatives and the
 // step's share of the gains' gradients going back. The math is that of the Python kernel in
-// charlm/cells/fused_norm.py, which the tests hold this one to; the Python wrapper there adds dW_hh.
+// charlm/cells/norm_lstm_kernel.py, which the tests hold this one to; the Python wrapper in
+// charlm/cells/norm_lstm_cpp.py adds dW_hh.
 //
 // Layer norm (Ba et al. 2016): statistics per row, over the 4H (W x, U h) or H (c') features.
 // Batch norm (Cooijmans et al. 2016): statistics per feature, over the B rows; the running rows of
@@ -32,7 +33,7 @@ namespace {
 // exp for float as Cephes' polynomial (about 1 ulp), written so that the compiler vectorises the loops
 // that call it (std::exp would be a call per element): n = round(x / ln 2) by the 1.5 * 2^23 trick, 2^n
 // put together in the exponent bits. (The clamp's two compares vectorise with -fno-trapping-math, which
-// native.py passes.) Doubles (the tests' checks) use the library's exp.
+// norm_lstm_cpp.py passes.) Doubles (the tests' checks) use the library's exp.
 inline float fast_exp(float x) {
   x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;

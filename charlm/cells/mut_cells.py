@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.gemm import linear
+from charlm.cells.onednn_matmul import linear
 
 
 class MUT1Cell(Cell):

@@ -10,17 +10,19 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from charlm.cells import native
+from charlm.cells import norm_lstm_cpp
 from charlm.cells.base import Cell, CellState, Params, standard_shapes
-from charlm.cells.fused_norm import FusedNormLSTM, NativeNormLSTM, StepNorm, batch_norm_over_steps
-from charlm.cells.gemm import linear
+from charlm.cells.lstm_kernel import kernel_runs_on
+from charlm.cells.norm_lstm_cpp import CppNormLSTMKernel
+from charlm.cells.norm_lstm_kernel import NormLSTMKernel, StepNorm, batch_norm_over_steps
+from charlm.cells.onednn_matmul import linear
 
 EPS = 1e-5
 
 
 def _kernel(x: Tensor) -> type[torch.autograd.Function]:
-    """The compiled kernel on the CPU where it is built, else the Python one."""
-    return NativeNormLSTM if x.device.type == "cpu" and native.available() else FusedNormLSTM
+    """The C++ kernel on the CPU where it is built, else the Python one."""
+    return CppNormLSTMKernel if x.device.type == "cpu" and norm_lstm_cpp.available() else NormLSTMKernel
 
 
 def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Tensor]:
@@ -42,12 +44,11 @@ class LayerNormLSTMCell(Cell):
     ``ln_ih_weight``, ``ln_hh_weight`` [4H] (init 1) and no shift of its own (b = ``bias_ih`` +
     ``bias_hh`` is the shift); the cell norm has ``ln_c_weight`` (1) and ``ln_c_bias`` (0) [H].
     The unnormalised c' is carried to the next step. On float32/float64 without autocast the whole
-    sequence runs in a hand-written kernel: on the CPU the C++ loops of :mod:`charlm.cells.native`
-    (where they build), else the Python kernel of :mod:`charlm.cells.fused_norm`.
+    sequence runs in a hand-written kernel: on the CPU the C++ loops of :mod:`charlm.cells.norm_lstm_cpp`
+    (where they build), else the Python kernel of :mod:`charlm.cells.norm_lstm_kernel`.
     """
 
     num_states = 2
-    has_fused = True
 
     @property
     def _gates(self) -> tuple[int]:
@@ -81,8 +82,11 @@ class LayerNormLSTMCell(Cell):
         h_new = o * torch.tanh(F.layer_norm(c_new, (hs,), q["ln_c_weight"], q["ln_c_bias"], EPS))
         return h_new, c_new
 
+    def has_kernel_for(self, x: Tensor) -> bool:
+        return kernel_runs_on(x)
+
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if not self.use_fused(x):
+        if not self.uses_kernel(x):
             return super().run(x, state, q)
         hs, h, c = _kernel(x).apply(
             linear(x, q["weight_ih"]), q["ln_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1],
@@ -108,11 +112,11 @@ class BatchNormLSTMCell(Cell):
     training yet (L = 0) they are mean 0, variance 1. ``RecurrentLayer.step`` continues the time
     index of the previous ``forward``/``step`` call and restarts it at 0 when given no state.
     Training on float32/float64 (batch > 1, no autocast) runs in a hand-written kernel: the C++ loops
-    of :mod:`charlm.cells.native` on the CPU (where they build), else :mod:`charlm.cells.fused_norm`'s.
+    of :mod:`charlm.cells.norm_lstm_cpp` on the CPU (where they build), else
+    :mod:`charlm.cells.norm_lstm_kernel`'s.
     """
 
     num_states = 2
-    has_fused = True
     momentum = 0.1
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -179,12 +183,15 @@ class BatchNormLSTMCell(Cell):
             unbiased = var.detach().to(run_var.dtype) * (n / (n - 1) if n > 1 else 1.0)
             run_var[rows].lerp_(unbiased, self.momentum)
 
+    def has_kernel_for(self, x: Tensor) -> bool:
+        return kernel_runs_on(x)
+
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
-        if not (self.training and self.use_fused(x) and x.shape[1] > 1):
+        if not (self.training and self.uses_kernel(x) and x.shape[1] > 1):
             return super().run(x, state, q)
         running = tuple(q[f"bn_{k}_{s}"] for k in ("ih", "hh", "c") for s in ("mean", "var"))
         kernel = _kernel(x)
-        if kernel is NativeNormLSTM:  # the C++ loop normalises each step's rows itself: time-major
+        if kernel is CppNormLSTMKernel:  # the C++ loop normalises each step's rows itself: time-major
             v = linear(x, q["weight_ih"])
         else:  # batch-major underneath, for one native_batch_norm over every step
             v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import nullcontext
 
 import pytest
@@ -10,18 +9,18 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from charlm.cells import gemm
-from charlm.engine import RecurrentLayer, RecurrentStack
+from charlm.cells import onednn_matmul
+from charlm.engine import RecurrentLayer
 
-needs_onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="this PyTorch build has no oneDNN linear ops")
+needs_onednn = pytest.mark.skipif(onednn_matmul._ONEDNN is None, reason="this PyTorch build has no oneDNN linear ops")
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32: oneDNN and MKL sum in different orders
 
 
 @pytest.fixture
 def onednn_always(monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN for every size, so that the small test problems take the path big ones take."""
-    monkeypatch.setattr(gemm, "MIN_CALLS", 1)
-    monkeypatch.setattr(gemm, "MIN_ROWS", 1)
+    monkeypatch.setattr(onednn_matmul, "MIN_CALLS", 1)
+    monkeypatch.setattr(onednn_matmul, "MIN_ROWS", 1)
 
 
 def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -31,29 +30,29 @@ def randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> Ten
 @needs_onednn
 def test_onednn_only_where_packing_pays() -> None:
     w = randn(12, 5)
-    assert gemm.StepProduct(w, 32, 16).packed is not None  # a kernel's 16+ steps
-    assert gemm.StepProduct(w, 4096, 1).packed is not None  # one projection of many rows
-    assert gemm.StepProduct(w, 32, 15).packed is None
-    assert gemm.StepProduct(w, 1, 1).packed is None  # sampling: one row at a time
+    assert onednn_matmul.StepProduct(w, 32, 16).packed is not None  # a kernel's 16+ steps
+    assert onednn_matmul.StepProduct(w, 4096, 1).packed is not None  # one projection of many rows
+    assert onednn_matmul.StepProduct(w, 32, 15).packed is None
+    assert onednn_matmul.StepProduct(w, 1, 1).packed is None  # sampling: one row at a time
 
 
 @needs_onednn
 @pytest.mark.usefixtures("onednn_always")
 def test_step_product_matches_addmm() -> None:
     w, x, out = randn(12, 5, seed=1), randn(4, 5, seed=2), randn(4, 12, seed=3)
-    product = gemm.StepProduct(w, 4, 1)
+    product = onednn_matmul.StepProduct(w, 4, 1)
     assert product.packed is not None
     torch.testing.assert_close(product(x), x @ w.t(), **TOL)
     torch.testing.assert_close(product.add_to(out.clone(), x), torch.addmm(out, x, w.t()), **TOL)
     torch.testing.assert_close(product.write(torch.empty_like(out), x), x @ w.t(), **TOL)
     # a transposed (non-contiguous) weight, as the backward passes use
-    back = gemm.StepProduct(w.t(), 4, 1)
+    back = onednn_matmul.StepProduct(w.t(), 4, 1)
     torch.testing.assert_close(back(out), out @ w, **TOL)
 
 
 def test_step_product_falls_back_to_addmm_outside_float32() -> None:
     w, x, out = (randn(*s, seed=k, dtype=torch.float64) for k, s in enumerate(((12, 5), (4, 5), (4, 12))))
-    product = gemm.StepProduct(w, 4, 100)
+    product = onednn_matmul.StepProduct(w, 4, 100)
     assert product.packed is None
     assert torch.equal(product.add_to(out.clone(), x), torch.addmm(out, x, w.t()))
 
@@ -65,7 +64,7 @@ def test_projection_matches_f_linear_in_value_and_gradient() -> None:
     x0, w0, b0 = randn(3, 7, 5, seed=4).transpose(0, 1), randn(12, 5, seed=5), randn(12, seed=6)
     dy = randn(7, 3, 12, seed=7)
     grads = []
-    for fn in (gemm.linear, F.linear):
+    for fn in (onednn_matmul.linear, F.linear):
         x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
         y = fn(x, w, b)
         (y * dy).sum().backward()
@@ -77,18 +76,17 @@ def test_projection_matches_f_linear_in_value_and_gradient() -> None:
 
 @needs_onednn
 @pytest.mark.usefixtures("onednn_always")
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "noaf", "fgr", "lstm-ln", "lstm-bn", "gru-cho"])
-def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool) -> None:
+def test_cells_agree_with_and_without_onednn(cell: str) -> None:
     """Outputs, final state and every gradient, float32, with oneDNN on and off (MKL's addmm)."""
     torch.manual_seed(0)
-    layer = RecurrentLayer(cell, 6, 8, native=False, bidirectional=bidirectional)
+    layer = RecurrentLayer(cell, 6, 8, torch_rnn=False)
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))  # peepholes, fgr's gate recurrence: away from zero
     x0 = randn(4, 9, 6, seed=8)
     results = []
-    for context in (nullcontext, gemm.onednn_off):
+    for context in (nullcontext, onednn_matmul.onednn_off):
         with context():
             layer.zero_grad()
             x = x0.clone().requires_grad_()
@@ -102,45 +100,48 @@ def test_cells_agree_with_and_without_onednn(cell: str, bidirectional: bool) -> 
 
 def test_charlm_onednn_0_turns_onednn_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHARLM_ONEDNN", "0")
-    assert gemm._onednn_ops() is None
+    assert onednn_matmul._onednn_ops() is None
     monkeypatch.setenv("CHARLM_ONEDNN", "1")
-    assert (gemm._onednn_ops() is not None) == torch.backends.mkldnn.is_available()
+    assert (onednn_matmul._onednn_ops() is not None) == torch.backends.mkldnn.is_available()
 
 
 @needs_onednn
 @pytest.mark.usefixtures("onednn_always")
 def test_onednn_off_switches_to_pytorch_matmuls_inside_the_block_only() -> None:
     w = randn(12, 5)
-    with gemm.onednn_off():
-        assert gemm.StepProduct(w, 4, 1).packed is None
-    assert gemm.StepProduct(w, 4, 1).packed is not None
+    with onednn_matmul.onednn_off():
+        assert onednn_matmul.StepProduct(w, 4, 1).packed is None
+    assert onednn_matmul.StepProduct(w, 4, 1).packed is not None
 
 
 @needs_onednn
 @pytest.mark.usefixtures("onednn_always")
 def test_custom_lstm_through_onednn_equals_nn_lstm() -> None:
-    """float32, two layers, bidirectional, carried state: the engine's kernel against the native module."""
+    """float32, two layers, carried state: the engine's kernel against nn.LSTM."""
     torch.manual_seed(3)
-    native = torch.nn.LSTM(6, 8, 2, batch_first=True, bidirectional=True)
-    custom = RecurrentStack("lstm", 6, 8, 2, bidirectional=True, native=False)
-    custom.load_native_state_dict(native.state_dict())
-    x0, h0, c0 = randn(3, 20, 6, seed=10), randn(4, 3, 8, seed=11), randn(4, 3, 8, seed=12)
+    reference = torch.nn.LSTM(6, 8, 2, batch_first=True)
+    custom = [RecurrentLayer("lstm", 6 if k == 0 else 8, 8, torch_rnn=False) for k in range(2)]
+    for k, layer in enumerate(custom):  # nn.LSTM's weight_ih_l1 is the second layer's weight_ih_l0
+        layer.load_state_dict({n.replace(f"_l{k}", "_l0"): v for n, v in reference.state_dict().items()
+                               if n.endswith(f"_l{k}")})
+    x0, h0, c0 = randn(3, 20, 6, seed=10), randn(2, 3, 8, seed=11), randn(2, 3, 8, seed=12)
     results = []
-    for model in (native, custom):
+    for model in (reference, custom):
         x = x0.clone().requires_grad_()
-        if model is native:
-            out, (h, c) = native(x, (h0, c0))
-            named = dict(native.named_parameters())
+        if model is reference:
+            out, (h, c) = reference(x, (h0, c0))
+            named = dict(reference.named_parameters())
         else:
-            out, states = custom(x, [(h0[2 * k : 2 * k + 2], c0[2 * k : 2 * k + 2]) for k in range(2)])
+            out, states = x, []
+            for k, layer in enumerate(custom):
+                out, state = layer(out, (h0[k : k + 1], c0[k : k + 1]))
+                states.append(state)
             h, c = (torch.cat([st[j] for st in states]) for j in range(2))
             named = {
-                re.sub(r"_l0(_reverse)?$", rf"_l{k}\1", n): p
-                for k, layer in enumerate(custom.layers)
-                for n, p in layer.named_parameters()
+                n.replace("_l0", f"_l{k}"): p for k, layer in enumerate(custom) for n, p in layer.named_parameters()
             }
         ((out * randn(*out.shape, seed=13)).sum() + (h * c).sum()).backward()
         results.append([out, h, c, x.grad, *(named[n].grad for n in sorted(named))])
-    assert len(results[0]) == len(results[1]) == 4 + 16
+    assert len(results[0]) == len(results[1]) == 4 + 8
     for ours, ref in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, ref, **TOL)

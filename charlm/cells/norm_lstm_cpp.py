@@ -1,12 +1,13 @@
-"""The compiled time loops of ``lstm-ln`` / ``lstm-bn`` (``csrc/norm_lstm.cpp``), built on first use.
+"""The C++ time loops of ``lstm-ln`` / ``lstm-bn`` (``csrc/norm_lstm.cpp``): built on first use, loaded,
+and called through :class:`CppNormLSTMKernel`.
 
-The Python kernel of :mod:`charlm.cells.fused_norm` pays, every step, for a dozen ATen calls on
+The Python kernel of :mod:`charlm.cells.norm_lstm_kernel` pays, every step, for a dozen ATen calls on
 (B, 4H) rows, each a pass over memory with its own dispatch. The C++ loops do the same math in one
 to five fused passes per step (the norm statistics, the gate nonlinearities, the cell update and the
 cell norm), split between the threads, and call back into PyTorch only for the step's product.
 
-The library is built once per machine by PyTorch's extension builder (a C++ compiler and ninja;
-about 15 s) into ``$XDG_CACHE_HOME/charlm/native`` (or ``$CHARLM_NATIVE_DIR``), one folder per
+The library is built once per machine by PyTorch's extension builder (a C++ compiler and ninja)
+into ``$XDG_CACHE_HOME/charlm/native`` (or ``$CHARLM_NATIVE_DIR``), one folder per
 PyTorch version, Python version, instruction set and hash of the source and the compiler flags (so
 two checkouts with different sources keep one build each), from a copy of the source kept in that
 folder (so checkouts with the same source share it), and loaded as ``torch.ops.charlm`` ops (a plain
@@ -19,6 +20,8 @@ while holding it was left by a killed build and is removed (PyTorch's builder wo
 
 Where it cannot be built (no compiler, a failed build) the Python kernel runs instead, after one
 warning that says why; ``CHARLM_NATIVE=0`` turns the C++ kernel off without trying to build it.
+(The environment variables and the cache folder keep their first names, ``NATIVE``, which users may
+have set.)
 """
 
 from __future__ import annotations
@@ -31,9 +34,15 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from filelock import FileLock, Timeout
+from torch import Tensor
+
+from charlm.cells.lstm_kernel import recurrent_weight_grad
+from charlm.cells.norm_lstm_kernel import StepNorm
+from charlm.cells.onednn_matmul import StepProduct
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_lstm.cpp"
 NAME = "charlm_norm_lstm"
@@ -167,7 +176,7 @@ def build_before_training(cell: str, device: torch.device) -> None:
 
 
 @contextmanager
-def native_off() -> Iterator[None]:
+def cpp_off() -> Iterator[None]:
     """Inside the block the normalised LSTMs run the Python kernel (for side-by-side checks)."""
     global _enabled
     saved, _enabled = _enabled, False
@@ -175,3 +184,37 @@ def native_off() -> Iterator[None]:
         yield
     finally:
         _enabled = saved
+
+
+class CppNormLSTMKernel(torch.autograd.Function):
+    """:class:`charlm.cells.norm_lstm_kernel.NormLSTMKernel`'s signature and math, run by the C++ loops.
+
+    The loops also normalise W x step by step (so v may be laid out either way: time-major suits the
+    C++ loops best) and sum the gains' and the shift's gradients; dW_hh is one matmul here afterwards.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, v: Tensor, g_ih: Tensor, shift: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
+        g_c: Tensor, b_c: Tensor, norm: StepNorm,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        T, B = v.shape[:2]
+        running = list(norm.running) if norm.running is not None else []
+        Hs, Cs, G, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c = torch.ops.charlm.norm_lstm_forward(
+            v, g_ih, shift, h0, c0, w_hh, StepProduct(w_hh, B, T).packed, g_hh, g_c, b_c, norm.kind == "batch",
+            running, norm.momentum, norm.eps,
+        )
+        ctx.norm = norm
+        ctx.save_for_backward(G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c)
+        return Hs, Hs[T - 1].clone(), Cs[T].clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
+        G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c = ctx.saved_tensors
+        T, B = G.shape[:2]
+        d_v, d_r, dh, dc, d_gih, d_shift, d_ghh, d_gc, d_bc = torch.ops.charlm.norm_lstm_backward(
+            g_hs, g_h, g_cT, G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, w_hh,
+            StepProduct(w_hh.t(), B, T).packed, g_ih, g_hh, g_c, ctx.norm.kind == "batch",
+        )
+        d_w = recurrent_weight_grad(d_r, h0, Hs) if ctx.needs_input_grad[5] else None
+        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None

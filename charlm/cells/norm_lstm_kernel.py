@@ -1,15 +1,15 @@
 """Hand-written forward and backward through time for the normalised LSTMs (``lstm-ln``, ``lstm-bn``).
 
-The scheme of :mod:`charlm.cells.fused`, with the two norms of every step (of U h and of c') run as
+The scheme of :mod:`charlm.cells.lstm_kernel`, with the two norms of every step (of U h and of c') run as
 one ATen op each: ``native_layer_norm`` over the features for ``lstm-ln``, ``native_batch_norm``
 over the batch for ``lstm-bn`` in training (which also moves that step's running statistics, as
-:class:`charlm.cells.norm.BatchNormLSTMCell` does). Going back, ``native_layer_norm_backward`` /
+:class:`charlm.cells.norm_lstm.BatchNormLSTMCell` does). Going back, ``native_layer_norm_backward`` /
 ``native_batch_norm_backward`` reuse the mean and 1/std kept from the forward pass and give each
 step's share of the gains' (and the cell shift's) gradients, summed in the loop.
 
 The kernel takes the projected input W x of every step and normalises it itself, in one op for all
-steps, into the buffer the loop then works in (no separate buffer for the gates: one 16 MB tensor
-less per layer). For the batch norm W x comes batch-major, (B, T, 4H) seen as (B, T*4H), so that
+steps, into the buffer the loop then works in (no separate buffer for the gates: one (T, B, 4H)
+tensor less per layer). For the batch norm W x comes batch-major, (B, T, 4H) seen as (B, T*4H), so that
 one ``native_batch_norm`` normalises every (step, feature) column over the batch, with the gain and
 shift tiled over the steps inside the same op. The recurrent weight's gradient is one matmul over all
 steps after the backward loop.
@@ -19,10 +19,10 @@ row (tanh(a) = 2 s(2a) - 1 for g: its input rows and its norm gain are doubled),
 tanh, h. Backward: the factors of every gate are precomputed for all steps and scaled in place by
 dh and dc; the two norm backwards and one product carry the gradient to the step before.
 
-The math is that of :mod:`charlm.cells.norm`; the tests check value and gradient against it.
-:class:`NativeNormLSTM` has the same signature and runs the same math in the C++ loops of
-:mod:`charlm.cells.native` (where that library builds); the cells use it on the CPU, this kernel
-elsewhere and as the reference the C++ one is tested against.
+The math is that of :mod:`charlm.cells.norm_lstm`; the tests check value and gradient against it.
+:class:`charlm.cells.norm_lstm_cpp.CppNormLSTMKernel` has the same signature and runs the same math in
+C++ loops (where that library builds); the cells use it on the CPU, this kernel elsewhere and as the
+reference the C++ one is tested against.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from charlm.cells.fused import recurrent_weight_grad
-from charlm.cells.gemm import StepProduct
+from charlm.cells.lstm_kernel import recurrent_weight_grad
+from charlm.cells.onednn_matmul import StepProduct
 
 _sig_bw = torch.ops.aten.sigmoid_backward
 _tanh_bw = torch.ops.aten.tanh_backward
@@ -120,7 +120,7 @@ class StepNorm:
         return torch.ops.aten.native_batch_norm_backward(dy, v, gain, None, None, mean, rstd, True, self.eps, mask)
 
 
-class FusedNormLSTM(torch.autograd.Function):
+class NormLSTMKernel(torch.autograd.Function):
     """(v (T,B,4H) = W x, gain_ih [4H], shift [4H] (both biases), h0, c0 (B,H), weight_hh [4H,H],
     gain_hh [4H], gain_c, shift_c [H], StepNorm) -> (hs (T,B,H), h, c).
 
@@ -210,7 +210,7 @@ class FusedNormLSTM(torch.autograd.Function):
                 d_bc.add_(d_bc_t)  # type: ignore[arg-type]
             d_ifg[t].mul_(dc.unsqueeze(1))
             dc.mul_(f_l[t])
-            # (a copy where dG is batch-major: the native batch norm backward took ~390 us on strided rows)
+            # (a copy where dG is batch-major: native_batch_norm_backward is slow on strided rows)
             d_r, d_ghh_t, _ = norm.backward(dg_l[t].contiguous(), r, mean, rstd, g_hh, None, mask_hh)
             if d_ghh is not None:
                 d_ghh.add_(d_ghh_t)  # type: ignore[arg-type]
@@ -218,38 +218,4 @@ class FusedNormLSTM(torch.autograd.Function):
             dh = back.add_to(dh_l[t - 1], dr_l[t]) if t > 0 else back(dr_l[t])  # (B, H)
         d_w = recurrent_weight_grad(DR, h0, Hs) if needs[5] else None
         d_v, d_gih, d_shift = norm.input_backward(dG, v, mean_in, rstd_in, g_ih, shift, (needs[0], needs[1], needs[2]))
-        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None
-
-
-class NativeNormLSTM(torch.autograd.Function):
-    """:class:`FusedNormLSTM`'s signature and math, run by the C++ loops of :mod:`charlm.cells.native`.
-
-    The loops also normalise W x step by step (so v may be laid out either way: time-major suits the
-    C++ loops best) and sum the gains' and the shift's gradients; dW_hh is one matmul here afterwards.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, v: Tensor, g_ih: Tensor, shift: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
-        g_c: Tensor, b_c: Tensor, norm: StepNorm,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        T, B = v.shape[:2]
-        running = list(norm.running) if norm.running is not None else []
-        Hs, Cs, G, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c = torch.ops.charlm.norm_lstm_forward(
-            v, g_ih, shift, h0, c0, w_hh, StepProduct(w_hh, B, T).packed, g_hh, g_c, b_c, norm.kind == "batch",
-            running, norm.momentum, norm.eps,
-        )
-        ctx.norm = norm
-        ctx.save_for_backward(G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c)
-        return Hs, Hs[T - 1].clone(), Cs[T].clone()
-
-    @staticmethod
-    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
-        G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c = ctx.saved_tensors
-        T, B = G.shape[:2]
-        d_v, d_r, dh, dc, d_gih, d_shift, d_ghh, d_gc, d_bc = torch.ops.charlm.norm_lstm_backward(
-            g_hs, g_h, g_cT, G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, w_hh,
-            StepProduct(w_hh.t(), B, T).packed, g_ih, g_hh, g_c, ctx.norm.kind == "batch",
-        )
-        d_w = recurrent_weight_grad(d_r, h0, Hs) if ctx.needs_input_grad[5] else None
         return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None

@@ -8,8 +8,8 @@ preallocated buffers (for the LSTM: one product U h added in place and six small
 step (a few more with peepholes): every derivative factor is precomputed for all steps at once
 (fused ``sigmoid_backward`` / ``tanh_backward`` kernels) straight into the gradient buffer, which the
 loop then scales by dc and dh; the recurrent and input weight gradients are one big matmul each at
-the end. The per-step products go through :class:`charlm.cells.gemm.StepProduct` (oneDNN with a
-weight packed once per call, where PyTorch has it).
+the end. The per-step products go through :class:`charlm.cells.onednn_matmul.StepProduct` (oneDNN with
+a weight packed once per call, where PyTorch has it).
 
 Two tricks keep the per-step op count down: tanh(a) = 2 s(2 a) - 1, so the candidate g shares one
 sigmoid call with the gates (its pre-activation rows are scaled by 2 once per call, the loop uses
@@ -19,7 +19,8 @@ contiguous slice, scaled by one broadcast multiply.
 
 The math is that of :class:`charlm.cells.lstm.GatedLSTMCell` (and of FGR's
 :class:`charlm.cells.lstm.GateRecurrentLSTMCell`); the tests check the two agree in value and
-gradient for every variant. The normalised LSTMs have their own kernel in :mod:`charlm.cells.fused_norm`.
+gradient for every variant. The normalised LSTMs have their own kernel in
+:mod:`charlm.cells.norm_lstm_kernel`.
 """
 
 from __future__ import annotations
@@ -29,15 +30,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from charlm.cells.gemm import StepProduct, project_rows, project_rows_backward
+from charlm.cells.onednn_matmul import StepProduct, project_rows, project_rows_backward
 
 if TYPE_CHECKING:
     from charlm.cells.lstm import GateConfig
 
 
-def fused_available(xw: Tensor) -> bool:
-    """The fused kernel runs in the tensor's own dtype; under autocast use the autograd loop."""
-    return xw.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(xw.device.type)
+def kernel_runs_on(x: Tensor) -> bool:
+    """Whether the hand-written kernels (this one and the normalised LSTMs') run on ``x``: they compute in
+    the tensor's own dtype, float32 or float64; under autocast the cells take the autograd loop."""
+    return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
 
 
 def _sigd(s: Tensor) -> Tensor:
@@ -60,7 +62,7 @@ def _ifo(t: Tensor, h: int) -> Tensor:
     return torch.cat([t[..., : 2 * h], t[..., 3 * h :]], -1)
 
 
-class FusedGatedLSTM(torch.autograd.Function):
+class GatedLSTMKernel(torch.autograd.Function):
     """(x (T,B,in), weight_ih [K,in], bias [K] (both biases), h0, c0 (B,H), weight_hh [K,H],
     peephole [P*H], config, gates0, weight_gg) -> (hs, h, c), or (hs, h, c, gates) for FGR.
 

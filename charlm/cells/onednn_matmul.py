@@ -1,9 +1,9 @@
-"""The matrix products of the hand-written kernels, through oneDNN where it is faster.
+"""The matrix products of the cells and their hand-written kernels, through oneDNN where it is faster.
 
 On x86 CPUs PyTorch's float32 ``addmm`` calls MKL's sgemm, while ``nn.LSTM`` runs oneDNN's RNN
-primitive. oneDNN's own products are faster on the 2-core AMD EPYC the benchmarks ran on:
-(32 x 256) @ (256 x 1024) with the weight packed once in about 100 us against 125-150 us for
-``addmm``, and the (4096 x 256) @ (256 x 1024) input projection in 10-11 ms against 12-14 ms.
+primitive; oneDNN's own products, with the weight packed once, beat ``addmm`` for the kernels' shapes
+on the CPU the benchmarks ran on (``benchmarks/results/onednn-notes.md``). This module depends on
+nothing else of charlm: it is the layer under the cells and the kernels.
 
 - :class:`StepProduct` packs a weight once per kernel call (oneDNN's linear-weight reorder) and then
   computes ``x @ W^T`` for every step, added into or written to the step's buffer.
@@ -13,7 +13,7 @@ primitive. oneDNN's own products are faster on the 2-core AMD EPYC the benchmark
 
 Where oneDNN is not built in, the tensors are not float32 on the CPU, under autocast or
 torch.compile, or with ``CHARLM_ONEDNN=0`` in the environment, every function falls back to the
-plain ATen op, with the same result up to float rounding (``tests/test_gemm.py``).
+plain ATen op, with the same result up to float rounding (``tests/test_onednn_matmul.py``).
 """
 
 from __future__ import annotations
@@ -72,10 +72,10 @@ def onednn_off() -> Iterator[None]:
         _ONEDNN = saved
 
 
-# Packing a weight costs about 150-400 us here, so oneDNN is used only where it pays for itself:
-# for 16 or more products against one weight (a kernel's steps), or for one product of 2048 or more
-# rows (a projection of every step). Measured for (N x 256) @ (256 x 1024): N = 1 (sampling) 29 us
-# with addmm against 225 us with the reorder; N = 4096: 12.9 ms against 11.8 ms.
+# Packing a weight costs more than one small product, so oneDNN is used only where the packing pays for
+# itself: for 16 or more products against one weight (a kernel's steps), or for one product of 2048 or
+# more rows (a projection of every step); not for sampling's one row at a time. The timings behind the
+# two thresholds: benchmarks/results/onednn-notes.md.
 MIN_CALLS, MIN_ROWS = 16, 2048
 
 

@@ -16,8 +16,9 @@ import torch
 from filelock import FileLock
 from torch import Tensor
 
-from charlm.cells import native
-from charlm.cells.fused_norm import FusedNormLSTM, NativeNormLSTM, StepNorm
+from charlm.cells import norm_lstm_cpp
+from charlm.cells.norm_lstm_cpp import CppNormLSTMKernel
+from charlm.cells.norm_lstm_kernel import NormLSTMKernel, StepNorm
 from charlm.config import load_config
 from charlm.engine import RecurrentLayer
 from charlm.train import train
@@ -29,7 +30,7 @@ T, B, H, STEPS_KEPT = 9, 5, 37, 12
 @pytest.fixture(scope="module")
 def built() -> None:
     """The kernel is built here; where a compiler and ninja are installed a failed build is a failure."""
-    if native.available():
+    if norm_lstm_cpp.available():
         return
     if shutil.which("c++") and shutil.which("ninja"):
         pytest.fail("a C++ compiler and ninja are installed, but the C++ kernel did not build")
@@ -46,7 +47,7 @@ def two_threads() -> Iterator[None]:
 
 
 def inputs(kind: str, dtype: torch.dtype) -> tuple[list[Tensor], tuple[Tensor, ...] | None]:
-    """FusedNormLSTM's arguments with non-trivial values; the batch norm's W x batch-major underneath."""
+    """NormLSTMKernel's arguments with non-trivial values; the batch norm's W x batch-major underneath."""
     g = torch.Generator().manual_seed(7)
 
     def r(*shape: int) -> Tensor:
@@ -77,7 +78,7 @@ def run(kernel: type[torch.autograd.Function], kind: str, dtype: torch.dtype) ->
 
 @pytest.mark.parametrize("kind", ["layer", "batch"])
 def test_float64_equals_the_python_kernel(built: None, two_threads: None, kind: str) -> None:
-    for got, want in zip(run(NativeNormLSTM, kind, torch.float64), run(FusedNormLSTM, kind, torch.float64),
+    for got, want in zip(run(CppNormLSTMKernel, kind, torch.float64), run(NormLSTMKernel, kind, torch.float64),
                          strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
@@ -86,9 +87,9 @@ def test_float64_equals_the_python_kernel(built: None, two_threads: None, kind: 
 def test_float32_is_as_close_to_float64_as_the_python_kernel(built: None, two_threads: None, kind: str) -> None:
     """The float32 exp / tanh polynomials cost no accuracy that matters: error relative to each tensor's
     largest value, against the float64 result, within 5x the Python kernel's (ATen's functions)."""
-    exact = run(FusedNormLSTM, kind, torch.float64)
-    for got, py, want in zip(run(NativeNormLSTM, kind, torch.float32), run(FusedNormLSTM, kind, torch.float32), exact,
-                             strict=True):
+    exact = run(NormLSTMKernel, kind, torch.float64)
+    cpp, python = run(CppNormLSTMKernel, kind, torch.float32), run(NormLSTMKernel, kind, torch.float32)
+    for got, py, want in zip(cpp, python, exact, strict=True):
         scale = want.abs().max()
         err, err_py = (got - want).abs().max() / scale, (py - want).abs().max() / scale
         assert err < 1e-4 and err <= 5 * err_py + 1e-6, (err.item(), err_py.item())
@@ -102,7 +103,7 @@ def kernels(out: Tensor) -> set[str]:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__.endswith("NormLSTMBackward"):
+        if type(fn).__name__.endswith("NormLSTMKernelBackward"):
             names.add(type(fn).__name__)
         todo.extend(f for f, _ in fn.next_functions)
     return names
@@ -114,10 +115,10 @@ def test_layers_run_the_cpp_kernel_unless_it_is_off(built: None, cell: str) -> N
     layer = RecurrentLayer(cell, 3, 8).train()
     x = torch.randn(4, 20, 3)
     out, _ = layer(x)
-    assert kernels(out) == {"NativeNormLSTMBackward"}
-    with native.native_off():
+    assert kernels(out) == {"CppNormLSTMKernelBackward"}
+    with norm_lstm_cpp.cpp_off():
         ref, _ = layer(x)
-    assert kernels(ref) == {"FusedNormLSTMBackward"}
+    assert kernels(ref) == {"NormLSTMKernelBackward"}
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # float32, 20 steps
 
 
@@ -133,12 +134,12 @@ def test_a_failed_build_warns_once_and_the_python_kernel_runs(tmp_path: Path) ->
     code = """
 import warnings
 import torch
-from charlm.cells import native
+from charlm.cells import norm_lstm_cpp
 from charlm.engine import RecurrentLayer
 from charlm.train import train
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    first, second = native.available(), native.available()
+    first, second = norm_lstm_cpp.available(), norm_lstm_cpp.available()
 out, _ = RecurrentLayer("lstm-ln", 3, 8)(torch.randn(2, 5, 3))
 print(first, second, len(caught), type(out.grad_fn.next_functions[0][0]).__name__)
 print(caught[0].message)
@@ -147,41 +148,41 @@ print(caught[0].message)
     assert run.returncode == 0, run.stderr
     decided, message = run.stdout.splitlines()[:2]
     # decided once per process (one build, one warning); the layer runs the Python kernel
-    assert decided.split() == ["False", "False", "1", "FusedNormLSTMBackward"]
+    assert decided.split() == ["False", "False", "1", "NormLSTMKernelBackward"]
     assert message.startswith("charlm: could not build the C++ kernel of lstm-ln / lstm-bn (")
     assert "no-such-compiler" in message  # the shell's word on the missing compiler, not ninja's last line
     assert message.endswith("or set CHARLM_NATIVE=0 to skip the build.")
 
 
 def test_the_suite_builds_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    assert native.build_directory().is_relative_to(tmp_path_factory.getbasetemp())
+    assert norm_lstm_cpp.build_directory().is_relative_to(tmp_path_factory.getbasetemp())
 
 
 def test_the_build_folder_is_keyed_by_the_source_and_the_flags(
         built: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Checkouts with different sources keep a build each; with the same source they share one, built from
     the folder's copy (a build from the checkout's path would be redone for every checkout)."""
-    here = native.build_directory()
-    assert (here / native.SOURCE.name).read_bytes() == native.SOURCE.read_bytes()
-    assert str(native.SOURCE) not in (here / "build.ninja").read_text()
-    other = tmp_path / native.SOURCE.name
-    monkeypatch.setattr(native, "SOURCE", other)
-    other.write_bytes((here / native.SOURCE.name).read_bytes())
-    assert native.build_directory() == here  # another checkout, the same source
+    here = norm_lstm_cpp.build_directory()
+    assert (here / norm_lstm_cpp.SOURCE.name).read_bytes() == norm_lstm_cpp.SOURCE.read_bytes()
+    assert str(norm_lstm_cpp.SOURCE) not in (here / "build.ninja").read_text()
+    other = tmp_path / norm_lstm_cpp.SOURCE.name
+    monkeypatch.setattr(norm_lstm_cpp, "SOURCE", other)
+    other.write_bytes((here / norm_lstm_cpp.SOURCE.name).read_bytes())
+    assert norm_lstm_cpp.build_directory() == here  # another checkout, the same source
     other.write_text(other.read_text() + "// changed\n")
-    changed = native.build_directory()
+    changed = norm_lstm_cpp.build_directory()
     assert changed != here and changed.parent == here.parent
-    cflags, ldflags = native.compile_flags()
-    monkeypatch.setattr(native, "compile_flags", lambda: ([*cflags, "-DCHANGED"], ldflags))
-    assert native.build_directory() not in (here, changed)
+    cflags, ldflags = norm_lstm_cpp.compile_flags()
+    monkeypatch.setattr(norm_lstm_cpp, "compile_flags", lambda: ([*cflags, "-DCHANGED"], ldflags))
+    assert norm_lstm_cpp.build_directory() not in (here, changed)
 
 
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(built: None) -> None:
     """PyTorch's builder waits for its lock file to go away; one found while we hold our lock is stale,
     however recent (a build killed a moment ago)."""
-    lock = native.build_directory() / native.TORCH_LOCK_NAME
+    lock = norm_lstm_cpp.build_directory() / norm_lstm_cpp.TORCH_LOCK_NAME
     lock.touch()
-    run = in_fresh_python("from charlm.cells import native; print(native.available())", timeout=120)
+    run = in_fresh_python("from charlm.cells import norm_lstm_cpp; print(norm_lstm_cpp.available())", timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr
     assert not lock.exists() and "left by a build that did not finish" in run.stderr
 
@@ -189,14 +190,14 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(built: None) -> No
 def test_a_second_process_waits_for_a_build_in_progress_and_says_so(built: None) -> None:
     """While a build holds the folder's lock, another process waits, says so in one line, and leaves the
     build's files alone, however long it takes; it loads the library once the build is done."""
-    directory = native.build_directory()
-    torch_lock = directory / native.TORCH_LOCK_NAME
-    with FileLock(directory / native.LOCK_NAME):  # a build in progress, slower than any age limit
+    directory = norm_lstm_cpp.build_directory()
+    torch_lock = directory / norm_lstm_cpp.TORCH_LOCK_NAME
+    with FileLock(directory / norm_lstm_cpp.LOCK_NAME):  # a build in progress, slower than any age limit
         torch_lock.touch()
         old = torch_lock.stat().st_mtime - 3600
         os.utime(torch_lock, (old, old))
-        proc = subprocess.Popen([sys.executable, "-c", "from charlm.cells import native; print(native.available())"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        code = "from charlm.cells import norm_lstm_cpp; print(norm_lstm_cpp.available())"
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         watchdog = threading.Timer(120, proc.kill)  # a process that never says it waits is not waited for
         watchdog.daemon = True
         watchdog.start()
@@ -225,8 +226,8 @@ def test_training_builds_the_kernel_before_the_trainer_starts(
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             events.append("fit")
 
-    monkeypatch.setattr(native, "_loaded", None)
-    monkeypatch.setattr(native, "_build_and_load", lambda: events.append("build"))
+    monkeypatch.setattr(norm_lstm_cpp, "_loaded", None)
+    monkeypatch.setattr(norm_lstm_cpp, "_build_and_load", lambda: events.append("build"))
     config = load_config("smoke", [f"data.path={corpus_file}", "model.cell=lstm-ln", "train.accelerator=cpu",
                                    "train.max_steps=1", "train.val_every_steps=1", "sample.enabled=false"])
     train(config, run_dir=tmp_path / "run", callbacks=[FitStart()])
@@ -234,8 +235,8 @@ def test_training_builds_the_kernel_before_the_trainer_starts(
 
 
 def test_charlm_native_0_skips_the_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setattr(norm_lstm_cpp, "_loaded", None)
     monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path))
     monkeypatch.setenv("CHARLM_NATIVE", "0")
-    assert not native.available()
-    assert native._loaded is None and not any(tmp_path.iterdir())
+    assert not norm_lstm_cpp.available()
+    assert norm_lstm_cpp._loaded is None and not any(tmp_path.iterdir())
