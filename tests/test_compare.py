@@ -24,6 +24,7 @@ import torch
 from typer.testing import CliRunner
 
 import charlm.compare as compare_module
+import charlm.compare.run as compare_run
 from charlm.cells import cell_names
 from charlm.cli import app
 from charlm.compare import (
@@ -38,11 +39,11 @@ from charlm.compare import (
     resolve_entries,
 )
 from charlm.config import ModelConfig, load_config
-from charlm.errors import CharlmError
+from charlm.errors import CharlmError, TrainingInterrupted
+from charlm.metrics import LN2
 from charlm.train import train as real_train
 
 runner = CliRunner()
-LN2 = math.log(2.0)
 
 
 def compare_args(corpus: Path, out: Path, cells: str = "lstm,gru", *extra: str) -> list[str]:
@@ -52,9 +53,10 @@ def compare_args(corpus: Path, out: Path, cells: str = "lstm,gru", *extra: str) 
             *extra]
 
 
-def logged_times(run_dir: Path, name: str = "metrics.csv") -> dict[int, float]:
+def logged_times(run_dir: Path) -> dict[int, float]:
     """``{optimizer steps done: elapsed_s}`` of the validation rows the run logged."""
-    return {int(r["step"]) + 1: float(r["elapsed_s"]) for r in read_csv(run_dir / name)[1] if r.get("val_loss")}
+    return {int(r["step"]) + 1: float(r["elapsed_s"]) for r in read_csv(run_dir / "metrics.csv")[1]
+            if r.get("val_loss")}
 
 
 def invoke(args: list[str]) -> tuple[int, str]:
@@ -80,7 +82,7 @@ def counting_train(monkeypatch: pytest.MonkeyPatch,
             return before(config, run_dir) or real_train(config, resume=resume, run_dir=run_dir, console=console)
         return real_train(config, resume=resume, run_dir=run_dir, console=console)
 
-    monkeypatch.setattr(compare_module, "run_training", wrapped)
+    monkeypatch.setattr(compare_run, "run_training", wrapped)
     return calls
 
 
@@ -180,21 +182,36 @@ def test_resume_skips_finished_cells_and_resumes_the_unfinished_one(
     assert lstm_best.stat().st_mtime_ns == lstm_mtime
     assert "1 run(s) already finished, 1 to train" in output
     record = json.loads((out / "gru-seed1234" / RUN_RECORD).read_text())
-    assert [s["resume_step"] for s in record["segments"]] == [None, 3]
-    assert record["segments"][0]["interrupted"] is True
+    assert "segments" not in record and sorted(p.name for p in (out / "gru-seed1234").glob("metrics*")) == [
+        "metrics.csv"]  # one metrics.csv, continued by the resumed run
     result = record["result"]
     assert result["steps"] == 6
-    assert [p["step"] for p in result["curve"]] == [3, 6]  # stitched over the two segments
-    # each point at the time its own segment logged; the second segment's clock went on from the checkpoint's
-    first, second = logged_times(out / "gru-seed1234", "metrics.seg1.csv"), logged_times(out / "gru-seed1234")
-    assert [p["seconds"] for p in result["curve"]] == [pytest.approx(first[3]), pytest.approx(second[6])]
-    assert second[6] > first[3]
+    assert [p["step"] for p in result["curve"]] == [3, 6]  # over both sessions
+    # each point at the time its own session logged; the second session's clock went on from the checkpoint's
+    logged = logged_times(out / "gru-seed1234")
+    assert [p["seconds"] for p in result["curve"]] == [pytest.approx(logged[3]), pytest.approx(logged[6])]
+    assert logged[6] > logged[3] and result["train_seconds"] >= logged[6]
     _, rows = read_csv(out / "results.csv")
     assert [r["cell"] for r in rows] == ["lstm", "gru"]
 
     calls = counting_train(monkeypatch)
     code, output = invoke(compare_args(corpus_file, out))
     assert code == 0 and calls == [] and "2 run(s) already finished, 0 to train" in output
+
+
+@pytest.mark.parametrize(("code", "what"), [(130, "Ctrl-C"), (143, "SIGTERM")])
+def test_an_interrupted_comparison_keeps_the_signals_exit_code(
+        code: int, what: str, tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped(config: Any, *, resume: Path | None = None, run_dir: Path, console: Any = None) -> Any:
+        raise TrainingInterrupted(f"training interrupted by {what} at step 2", code)
+
+    monkeypatch.setattr(compare_run, "run_training", stopped)
+    out = tmp_path / "cmp"
+    exit_code, output = invoke(compare_args(corpus_file, out, "lstm"))
+    assert exit_code == code
+    assert (f"stopped: comparison interrupted while training lstm-seed1234; 0 run(s) finished and recorded. "
+            f"Run the same command with --out {out} to resume") in output
+    assert json.loads((out / "lstm-seed1234" / RUN_RECORD).read_text())["result"] is None
 
 
 def test_changed_settings_are_refused_not_mixed(copy_of: Path, corpus_file: Path) -> None:

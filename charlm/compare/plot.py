@@ -1,4 +1,4 @@
-"""Figures for ``charlm compare``: validation bits per character against step and against wall time.
+"""``curves.png`` of ``charlm compare``: validation bits per character against step and against wall time.
 
 matplotlib is an optional extra (``pip install "charlm[plot]"``). Without it :func:`plot_curves` raises
 :class:`PlottingUnavailable`, which says how to install it; callers write everything else and print
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from charlm.atomic import atomic_file
+from charlm.compare.plan import Entry
+from charlm.compare.records import RunResult
 
 INSTALL_HINT = 'pip install "charlm[plot]"  (or: pip install matplotlib)'
 
@@ -72,3 +74,20 @@ def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, dpi=120, format="png")
     return Path(path)
+
+
+def plot_runs(out: Path, runs: Sequence[RunResult], entries: Sequence[Entry]) -> tuple[Path | None, str | None]:
+    """``<out>/curves.png`` (one colour per cell, in table order), or ``(None, why not)`` when matplotlib
+    is missing."""
+    order = {e.cell: i for i, e in enumerate(entries)}
+    multi_seed = len({r.seed for r in runs}) > 1
+    curves = []
+    for r in sorted(runs, key=lambda r: (order[r.cell], r.seed)):
+        count = sum(1 for x in runs if x.cell == r.cell)
+        label = f"{r.name} ({count} seeds)" if multi_seed else r.name
+        curves.append(Curve(label, [p["step"] for p in r.curve], [p["seconds"] for p in r.curve],
+                            [p["val_bpc"] for p in r.curve]))
+    try:
+        return plot_curves(curves, out / "curves.png", title="validation bits per character"), None
+    except PlottingUnavailable as exc:
+        return None, f"curves.png not written: {exc}"
