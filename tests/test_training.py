@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from charlm.lightning_module import CharLMModule
 from charlm.metrics import LN2
 from charlm.model import CharLM
 from charlm.streams import Batch
+from charlm.train import train
 from charlm.vocab import Vocab
 
 
@@ -102,9 +104,25 @@ def test_smoke_training_lowers_the_loss(trained_run: Path) -> None:
     assert val_losses[-1] < torch.log(torch.tensor(float(vocab_size))).item()  # better than uniform
 
 
-@pytest.mark.parametrize(("max_epochs", "expected"), [(-1, "Epoch 3"), (5, "Epoch 3/4")])
-def test_progress_bar_epoch_reads_without_a_negative_limit(max_epochs: int, expected: str) -> None:
-    """Time- or step-limited runs have max_epochs = -1: Lightning's bar would print "Epoch 3/-2"."""
-    bar = ProgressBar()
-    bar._trainer = SimpleNamespace(max_epochs=max_epochs)  # type: ignore[assignment]
-    assert bar._get_train_description(3).strip() == expected
+class TrainBarText(L.Callback):
+    """The training bar's text after each step (this callback runs after the bar's own hooks)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = trainer.progress_bar_callback
+        assert isinstance(bar, ProgressBar) and bar.progress is not None
+        self.seen += [task.description.strip() for task in bar.progress.tasks if task.id == bar.train_progress_bar_id]
+
+
+@pytest.mark.parametrize(("max_epochs", "expected"), [(-1, "Epoch 0"), (5, "Epoch 0/4")])
+def test_progress_bar_epoch_reads_without_a_negative_limit(corpus_file: Path, tmp_path: Path, max_epochs: int,
+                                                           expected: str) -> None:
+    """Time- or step-limited runs have max_epochs = -1: Lightning's bar would print "Epoch 0/-2"."""
+    text = TrainBarText()
+    train(load_config("smoke", [f"data.path={corpus_file}", f"train.out={tmp_path}", "train.progress=true",
+                                f"train.max_epochs={max_epochs}", "train.max_steps=2", "sample.enabled=false"]),
+          callbacks=[text])
+    assert text.seen == [expected, expected]
