@@ -14,9 +14,8 @@ only, so every DDP rank cuts identical windows and the global RNG is left alone.
 
 Scale: the loss of a window is a mean over its ``seq_len`` positions, so short and long windows
 would otherwise move the weights equally. AWD-LSTM multiplies the learning rate by ``seq_len / bptt``
-for that one step; multiplying the loss by :func:`loss_scale` instead is the same thing for plain SGD
-without gradient-norm clipping (clipping then acts on the scaled gradient). With Adam/AdamW the
-effect is much weaker, since their steps are normalised by the running gradient scale.
+for that one step, and so does training here (``CharLMModule.on_train_batch_start``). With Adam/AdamW
+the effect is much weaker, since their steps are normalised by the running gradient scale.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ import math
 
 import torch
 
-__all__ = [
-    "MIN_SEQ_LEN", "P_FULL", "SEQ_LEN_STD", "loss_scale", "num_windows", "variable_window_count", "window_schedule",
-]
+__all__ = ["MIN_SEQ_LEN", "P_FULL", "SEQ_LEN_STD", "variable_window_count", "window_schedule"]
 
 P_FULL = 0.95
 """Probability of the full base length ``bptt`` (else ``bptt / 2``) (Merity et al. 2017)."""
@@ -105,16 +102,3 @@ def variable_window_count(n_inputs: int, bptt: int) -> int:
         return 0
     mean_length = max(float(MIN_SEQ_LEN), (P_FULL + (1.0 - P_FULL) / 2) * bptt)
     return max(1, min(round(n_inputs / mean_length), n_inputs // MIN_SEQ_LEN or 1))
-
-
-def num_windows(n_inputs: int, bptt: int) -> int:
-    """Window count of the fixed-length schedule, ceil(n_inputs / bptt) (Merity et al. 2017)."""
-    return math.ceil(n_inputs / bptt) if n_inputs > 0 else 0
-
-
-def loss_scale(seq_len: int, bptt: int) -> float:
-    """The factor ``seq_len / bptt`` that weighs a window by its length (Merity et al. 2017).
-
-    Multiply the batch loss (or, as AWD-LSTM does, the learning rate for that one step) by it.
-    """
-    return seq_len / bptt

@@ -21,20 +21,26 @@ from charlm.sampling import generate
 class ProgressBar(RichProgressBar):
     """Lightning's rich bar, whose epoch reads "Epoch 3" when the run has no epoch limit (not "Epoch 3/-2").
 
-    Lightning up to 2.6.6 (the newest release, checked) appends ``/{max_epochs - 1}`` whenever
-    ``max_epochs`` is not None, and a time- or step-limited run has ``max_epochs == -1``. The fix is merged
-    upstream (Lightning-AI/pytorch-lightning#21924, for 2.7); once charlm requires a release that has it,
-    use ``RichProgressBar`` itself. The override of the private ``_get_train_description`` is the one
-    place; ``tests/test_training.py::test_progress_bar_epoch_reads_without_a_negative_limit`` reads the
-    bar's output from a real run and fails if it breaks.
+    Lightning writes the training bar's description when an epoch starts, and when the first batch of a
+    run resumed mid-epoch ends; after each of those hooks the limit is taken out of it again.
     """
 
-    def _get_train_description(self, current_epoch: int) -> str:
-        text = super()._get_train_description(current_epoch)
-        max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and max_epochs < 0:
-            text = text.replace(f"/{max_epochs - 1}", "", 1)
-        return text
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._without_negative_limit(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._without_negative_limit(trainer)
+
+    def _without_negative_limit(self, trainer: L.Trainer) -> None:
+        max_epochs = trainer.max_epochs
+        if self.progress is None or max_epochs is None or max_epochs >= 0:
+            return
+        for task in self.progress.tasks:
+            if task.id == self.train_progress_bar_id and f"/{max_epochs - 1}" in task.description:
+                self.progress.update(task.id, description=task.description.replace(f"/{max_epochs - 1}", "", 1))
 
 
 class LastCheckpoint(Checkpoint):

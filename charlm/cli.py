@@ -118,11 +118,13 @@ def train(
     result = run_training(cfg, resume=resume_path, run_dir=run_dir, console=out)
     from lightning.pytorch.utilities import rank_zero_only
 
+    from charlm.metrics import LN2
+
     if rank_zero_only.rank != 0:  # under DDP every process runs this command; one report is enough
         return
     out.print(f"[bold green]done[/] in {result.seconds:.0f} s, {result.steps} steps, "
               f"{result.parameters:,} parameters")
-    out.print(f"best val loss {result.best_val_loss:.4f} nats/char = {result.best_val_loss / 0.6931471805599453:.4f}"
+    out.print(f"best val loss {result.best_val_loss:.4f} nats/char = {result.best_val_loss / LN2:.4f}"
               f" bits/char")
     out.print(f"checkpoint: {result.best_checkpoint}")
 

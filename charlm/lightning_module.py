@@ -3,6 +3,23 @@
 Lightning 2.x has no ``truncated_bptt_steps``: one batch is one window. The module keeps the hidden
 state of the training streams (detached after every step, reset at every epoch start) and a separate
 state for evaluation (reset at the start of each pass over a split).
+
+The hooks, in the order they fire in one training step:
+
+1. ``on_train_batch_start``: applies a resumed run's carried state and random state (first step only);
+   with variable-length BPTT, scales this one step's rate by ``seq_len / bptt`` (the one rate change
+   made outside the scheduler); logs ``lr``.
+2. ``training_step``: forward from the carried state, loss with AR/TAR; a non-finite loss stops the run
+   (or skips the step).
+3. ``on_before_optimizer_step``: a non-finite gradient never reaches the weights.
+4. Lightning steps the optimizer, then the ``LambdaLR`` of ``configure_optimizers`` (``interval:
+   "step"``), which asks :meth:`CharLMModule.learning_rate` for the next step's rate.
+5. When a validation follows the step: ``on_validation_start`` swaps in NT-ASGD's averaged weights
+   (:meth:`CharLMModule.averaged_weights`), ``validation_step`` scores each window,
+   ``on_validation_epoch_end`` feeds the loss to NT-ASGD (which may switch to averaged SGD) and logs
+   the elapsed time; Lightning then computes and logs the split's metrics (``val_loss``, ...), the
+   callbacks' ``on_validation_end`` save ``best.ckpt`` and ``last.ckpt`` (``on_save_checkpoint``
+   adds this module's state), and the module's ``on_validation_end`` puts the raw weights back.
 """
 
 from __future__ import annotations
@@ -10,20 +27,25 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MetricCollection
 
 from charlm.checkpoint import FORMAT_VERSION
 from charlm.config import Config, from_dict
 from charlm.errors import CharlmError
 from charlm.evaluate import score_batch
-from charlm.metrics import LN2, CharNLL
+from charlm.metrics import LN2, split_metrics
 from charlm.model import CharLM, States, detach_states
-from charlm.ntasgd import NTASGD, asgd_from, restore_raw_weights, swap_in_averages
+from charlm.ntasgd import NTASGD, asgd_from, averaged_weights
 from charlm.regularizers import ar_penalty, tar_penalty
 from charlm.streams import Batch
 from charlm.vocab import Vocab
@@ -40,11 +62,13 @@ class CharLMModule(L.LightningModule):
         self.cfg: Config = from_dict(config)
         self.vocab = Vocab(vocab)
         self.model = CharLM(len(self.vocab), self.cfg.model)
-        self.val_nll, self.test_nll = CharNLL(), CharNLL()
+        self.val_metrics, self.test_metrics = split_metrics("val"), split_metrics("test")
         self.ntasgd = NTASGD(self.cfg.optim.nonmono)
         self._train_states: States | None = None
         self._eval_states: States | None = None
-        self._raw_backup: list[tuple[Tensor, Tensor]] = []
+        self._raw_backup: list[tuple[Tensor, Tensor]] = []  # (parameter, raw weights) while averages are in
+        self._averaging = ExitStack()  # holds averaged_weights() open from on_validation_start to _end
+        self._from_checkpoint = False  # a resumed run: its schedule is made afresh when training starts
         self._last_step_time: float | None = None
         self.last_good_checkpoint: str | None = None
         self.last_window = 0  # length of the current training window (variable-length BPTT)
@@ -124,15 +148,22 @@ class CharLMModule(L.LightningModule):
             self._restore_resume_state(self._resumed)
             self._resumed = None
         self.last_window = batch.x.size(1)
-        lr = self.learning_rate()
-        if self.cfg.data.variable_bptt:  # AWD-LSTM: short windows take proportionally smaller steps
-            lr *= batch.x.size(1) / self.cfg.data.bptt
-        for group in self.trainer.optimizers[0].param_groups:
-            group["lr"] = lr
-        self.log("lr", lr, on_step=True)
+        scheduler = self.lr_schedulers()
+        assert isinstance(scheduler, LambdaLR)
+        rates = scheduler.get_last_lr()  # the scheduler's rate for this step
+        if self.cfg.data.variable_bptt:
+            # The one change made outside the scheduler, for this step only (AWD-LSTM): a short window
+            # takes a proportionally smaller step. The scheduler's next step sets the rates afresh.
+            scale = batch.x.size(1) / self.cfg.data.bptt
+            rates = [rate * scale for rate in rates]
+            for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+                group["lr"] = rate
+        self.log("lr", rates[0], on_step=True)
 
     def progress(self) -> float:
-        """Fraction of the budget spent: the most advanced of steps, time and epochs."""
+        """Fraction of the budget spent: the most advanced of steps, time and epochs (batches done)."""
+        if self._trainer is None:
+            return 0.0
         t, trainer = self.cfg.train, self.trainer
         parts = [0.0]
         if t.max_steps > 0:
@@ -142,74 +173,92 @@ class CharLMModule(L.LightningModule):
             if timer is not None:
                 parts.append((timer.time_elapsed("train") or 0.0) / t.max_time)
         if t.max_epochs > 0 and trainer.num_training_batches not in (0, float("inf")):
-            done = trainer.current_epoch + trainer.fit_loop.epoch_loop.batch_idx / trainer.num_training_batches
-            parts.append(done / t.max_epochs)
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # in this epoch
+            parts.append((trainer.current_epoch + batches / trainer.num_training_batches) / t.max_epochs)
         return min(1.0, max(parts))
 
     def learning_rate(self) -> float:
-        """Linear warm-up, then constant or cosine from ``lr`` to ``min_lr`` over the budget.
+        """The rate of the next optimizer step, as the budget stands now (the scheduler's lambda).
 
-        NT-ASGD: once averaging has begun, the rate the schedule had reached at the switch is held
-        constant (AWD-LSTM's averaged SGD runs at a constant rate), so the rate never jumps at the switch.
+        Linear warm-up, then constant or cosine from ``lr`` to ``min_lr`` over the budget. NT-ASGD: once
+        averaging has begun, the rate the schedule had reached at the switch is held constant
+        (AWD-LSTM's averaged SGD runs at a constant rate), so the rate never jumps at the switch.
         """
         o = self.cfg.optim
         if self.ntasgd.switched:
             # a checkpoint from before the rate at the switch was kept: its run averaged at the base rate
             return o.lr if self._lr_at_switch is None else self._lr_at_switch
-        return self._scheduled_rate()
-
-    def _scheduled_rate(self) -> float:
-        o = self.cfg.optim
         if o.warmup_steps and self.global_step < o.warmup_steps:
             return o.lr * (self.global_step + 1) / o.warmup_steps
         if o.schedule == "constant":
             return o.lr
         return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * self.progress()))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
+        """The ``LambdaLR`` that sets ``optimizer``'s rate to :meth:`learning_rate` (at once, then after every
+        step). Each group's base rate is 1, so the lambda's value is the rate itself."""
+        for group in optimizer.param_groups:
+            group["initial_lr"] = 1.0
+        return LambdaLR(optimizer, lambda _: self.learning_rate())
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         o = self.cfg.optim
+        optimizer: torch.optim.Optimizer
         if o.optimizer == "adamw":
             decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
             no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
             groups = [{"params": decay, "weight_decay": o.weight_decay},
                       {"params": no_decay, "weight_decay": 0.0}]
-            return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
-        sgd = torch.optim.SGD(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        return asgd_from(sgd, lr=self.learning_rate()) if self.ntasgd.switched else sgd
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2))
+        else:
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+            if self.ntasgd.switched:  # resumed after the switch
+                optimizer = asgd_from(optimizer, lr=self.learning_rate())
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
     # --------------------------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: Batch, batch_idx: int, metric: CharNLL) -> None:
+    def _eval_step(self, batch: Batch, batch_idx: int, metrics: MetricCollection) -> None:
         if batch_idx == 0:
             self._eval_states = None
         nll_sum, self._eval_states = score_batch(self.model, batch, self._eval_states)
-        metric.update(nll_sum, batch.y.numel())
+        metrics.update(nll_sum, batch.y.numel())
+        # The metric objects themselves: Lightning computes them at the end of the split (torchmetrics sums
+        # their states over the DDP ranks first, so every rank logs the exact figure of the whole split)
+        # and resets them.
+        for name, metric in metrics.items(copy_state=False):
+            self.log(name, metric, prog_bar=name.endswith("_loss"))
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.val_nll)
+        self._eval_step(batch, batch_idx, self.val_metrics)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, self.test_nll)
+        self._eval_step(batch, batch_idx, self.test_metrics)
 
-    def _log_split(self, split: str, metric: CharNLL) -> float:
-        # Under DDP each rank scored its own streams (the last one also the tail): sum both states over
-        # the ranks (dist_reduce_fx="sum", a no-op in one process), so every rank logs the same exact
-        # split figure and sync_dist (a mean of per-rank values) is neither needed nor right.
-        with metric.sync_context():
-            nll_sum, chars = float(metric.nll_sum), int(metric.chars)
-        loss = nll_sum / max(chars, 1)
-        self.log(f"{split}_loss", loss, prog_bar=True, sync_dist=False)
-        self.log(f"{split}_bpc", loss / LN2)
-        self.log(f"{split}_ppl", math.exp(min(loss, 700.0)))
-        self.log(f"{split}_chars", float(chars))
-        metric.reset()
-        return loss
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside, the model holds NT-ASGD's running averages (the weights that are validated, scored at the
+        end of training and saved as ``best.ckpt``); on exit the raw weights, which training goes on from,
+        come back bit for bit. A checkpoint written inside keeps the raw weights too. A no-op before the
+        switch to averaged SGD (no averages yet). Every swap of the averages goes through here."""
+        if not self.ntasgd.switched:
+            yield
+            return
+        with averaged_weights(self.trainer.optimizers[0]) as raw:
+            self._raw_backup = raw
+            try:
+                yield
+            finally:
+                self._raw_backup = []
 
     def on_validation_start(self) -> None:
-        if self.ntasgd.switched and not self.trainer.sanity_checking:
-            self._raw_backup = swap_in_averages(self.trainer.optimizers[0])
+        if not self.trainer.sanity_checking:
+            self._averaging.enter_context(self.averaged_weights())
+
+    def _val_loss(self) -> float:
+        """This validation's loss, as logged (computing it now: Lightning then logs the same value)."""
+        return float(self.val_metrics.compute()["val_loss"])
 
     def on_validation_epoch_end(self) -> None:
-        loss = self._log_split("val", self.val_nll)
         if self.trainer.sanity_checking:
             return
         elapsed = self.elapsed_seconds()
@@ -217,17 +266,32 @@ class CharLMModule(L.LightningModule):
             self.log("elapsed_s", elapsed)
         if self.cfg.optim.optimizer != "ntasgd":
             return
-        rate = self._scheduled_rate()  # what the next step would get: the rate held from now on
-        if self.ntasgd.step(loss):
+        scheduler = self.lr_schedulers()
+        assert isinstance(scheduler, LambdaLR)
+        rate = scheduler.get_last_lr()[0]  # the rate the next step gets: held from now on
+        if self.ntasgd.step(self._val_loss()):
             self._lr_at_switch = rate
             self.print(f"NT-ASGD: validation stopped improving at step {self.global_step}; "
                        f"switching to averaged SGD at the rate reached, {rate:g}")
-            self.trainer.strategy.optimizers = [asgd_from(self.trainer.optimizers[0], lr=rate)]
+            asgd = asgd_from(self.trainer.optimizers[0], lr=rate)
+            self.trainer.strategy.optimizers = [asgd]
+            self.trainer.lr_scheduler_configs[0].scheduler = self._scheduler(asgd)
         self.log("ntasgd_switched", float(self.ntasgd.switched))
+
+    def on_validation_end(self) -> None:  # after the callbacks (best.ckpt, last.ckpt) saved the averages
+        self._averaging.close()
 
     # ---------------------------------------------------------------------------------- wall time
     def on_train_start(self) -> None:
         self._session_start = time.perf_counter()
+        if self._from_checkpoint:
+            # Resumed: the scheduler Lightning restored holds the rate for the next step as the old budget
+            # had it, and none at all in a checkpoint written before the schedule was a scheduler. Its
+            # lambda keeps no state, so a new scheduler, made now that the step count and the clock are
+            # back, is the same schedule, under the budget as it stands now (it may change on resuming).
+            config = self.trainer.lr_scheduler_configs[0]
+            config.scheduler = self._scheduler(config.scheduler.optimizer)
+            self._from_checkpoint = False
 
     def on_train_end(self) -> None:  # the clock stops: a checkpoint saved after training keeps this time
         self._elapsed_before = self.elapsed_seconds()
@@ -240,14 +304,6 @@ class CharLMModule(L.LightningModule):
             return None
         running = 0.0 if self._session_start is None else time.perf_counter() - self._session_start
         return self._elapsed_before + running
-
-    def on_validation_end(self) -> None:  # after ModelCheckpoint saved the averaged weights
-        if self._raw_backup:
-            restore_raw_weights(self._raw_backup)
-            self._raw_backup = []
-
-    def on_test_epoch_end(self) -> None:
-        self._log_split("test", self.test_nll)
 
     # -------------------------------------------------------------------------------- checkpoints
     def _gather(self, tensor: Tensor) -> Tensor:
@@ -315,6 +371,7 @@ class CharLMModule(L.LightningModule):
         if "ntasgd" in checkpoint:
             self.ntasgd.load_state_dict(checkpoint["ntasgd"])
         self._lr_at_switch = checkpoint.get("ntasgd_lr_at_switch")
+        self._from_checkpoint = True
         self._elapsed_before = checkpoint.get("elapsed_s")
         # applied at the first training batch, after everything that may draw random numbers on the way
         self._resumed = checkpoint.get("resume_state")

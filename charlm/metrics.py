@@ -1,8 +1,13 @@
-"""Exact, token-weighted language-model metrics (a torchmetrics ``Metric``, summed across DDP ranks).
+"""Exact, token-weighted language-model metrics (torchmetrics ``Metric`` objects, summed across DDP ranks).
 
 The loss is the summed negative log-likelihood over every scored character divided by their count,
 so a split's figure does not depend on how it was cut into batches. Perplexity = exp(loss); bits per
 character = loss / ln 2.
+
+During training the module logs the metric objects themselves (``self.log(name, metric)``): Lightning
+calls ``compute`` at the end of the validation, torchmetrics sums the two states over the DDP ranks
+for it, and Lightning resets them. Every figure of a split is computed from the same two sums (one
+compute group of :func:`split_metrics`), so under DDP each is the exact figure of the whole split.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import math
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 LN2 = math.log(2.0)
 
@@ -23,10 +28,14 @@ def summarize(nll_sum: float, chars: int) -> dict[str, float]:
 
 
 class CharNLL(Metric):
-    """Sum of per-character NLL and the number of characters; ``compute`` gives the mean in nats."""
+    """Sum of per-character NLL and the number of characters; ``compute`` gives the mean in nats.
+
+    The sums are kept in float64 and int64; ``compute`` (here and in the subclasses) works on them in
+    float64 and returns float32, the precision Lightning logs plain numbers in.
+    """
 
     full_state_update = False
-    higher_is_better = False
+    higher_is_better: bool | None = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,5 +46,39 @@ class CharNLL(Metric):
         self.nll_sum += nll_sum.detach().to(torch.float64)
         self.chars += chars
 
-    def compute(self) -> Tensor:
+    def mean_nll(self) -> Tensor:
+        """The loss in nats per character, float64 (from the states as they are: summed inside ``compute``)."""
         return self.nll_sum / self.chars.clamp(min=1)
+
+    def compute(self) -> Tensor:
+        return self.mean_nll().float()
+
+
+class BitsPerChar(CharNLL):
+    """The same sums as :class:`CharNLL`, reported in bits per character (loss / ln 2)."""
+
+    def compute(self) -> Tensor:
+        return (self.mean_nll() / LN2).float()
+
+
+class Perplexity(CharNLL):
+    """The same sums as :class:`CharNLL`, reported as perplexity, exp(loss)."""
+
+    def compute(self) -> Tensor:
+        return torch.exp(self.mean_nll().clamp(max=700.0)).float()
+
+
+class CharCount(CharNLL):
+    """The same sums as :class:`CharNLL`, reporting how many characters were scored."""
+
+    higher_is_better = None
+
+    def compute(self) -> Tensor:
+        return self.chars.float()
+
+
+def split_metrics(split: str) -> MetricCollection:
+    """``{split}_loss``, ``{split}_bpc``, ``{split}_ppl`` and ``{split}_chars``, one compute group: an
+    update adds to one pair of sums, which every figure reads."""
+    figures = {"loss": CharNLL(), "bpc": BitsPerChar(), "ppl": Perplexity(), "chars": CharCount()}
+    return MetricCollection(figures, prefix=f"{split}_", compute_groups=[list(figures)])

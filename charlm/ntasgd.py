@@ -2,10 +2,10 @@
 
 Train with plain SGD; after each validation, feed the loss to :class:`NTASGD`. Once the loss is
 worse than the best loss seen more than ``nonmono`` validations ago, switch to
-``torch.optim.ASGD(params, lr, t0=0, lambd=0, weight_decay=wd)`` (:func:`make_asgd` /
-:func:`asgd_from`), which keeps a running average of the iterates in ``optimizer.state[p]["ax"]``.
-From then on, validate and save the best checkpoint with the averaged weights swapped in
-(:func:`averaged_weights`), and train on the raw ones.
+``torch.optim.ASGD(params, lr, t0=0, lambd=0, weight_decay=wd)`` (:func:`asgd_from`), which keeps a
+running average of the iterates in ``optimizer.state[p]["ax"]``. From then on, validate and save the
+best checkpoint with the averaged weights swapped in (:func:`averaged_weights`), and train on the raw
+ones.
 
 Independent of Lightning: the controller holds only primitive state (``state_dict`` is a dict of
 ints, floats and lists, safe for ``torch.load(weights_only=True)``), and the ASGD averages live in
@@ -19,21 +19,18 @@ reference AWD-LSTM code, which used the same optimizer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
     "NTASGD",
     "asgd_from",
-    "averaged_state_dict",
     "averaged_weights",
-    "has_averages",
-    "make_asgd",
     "nonmono_triggered",
     "restore_raw_weights",
     "swap_in_averages",
@@ -67,16 +64,6 @@ class NTASGD:
         """Whether the switch to averaged SGD has happened (Merity et al. 2017)."""
         return self.switched_at >= 0
 
-    def should_switch(self, val_losses: Sequence[float]) -> bool:
-        """Non-monotone test on a loss history whose last entry is the current loss (Merity et al. 2017).
-
-        Pure: ``val_losses[-1]`` is compared with ``min(val_losses[:-1][:-nonmono])``, exactly the
-        AWD-LSTM expression with ``hist = val_losses[:-1]``. Says nothing about an earlier switch.
-        """
-        if not val_losses:
-            return False
-        return nonmono_triggered(val_losses[-1], val_losses[:-1], self.nonmono)
-
     def step(self, val_loss: float | Tensor) -> bool:
         """Record a validation loss; True only at the call that triggers the switch (Merity et al. 2017).
 
@@ -89,11 +76,6 @@ class NTASGD:
             self.switched_at = len(self.history)
         self.history.append(loss)
         return trigger
-
-    @property
-    def best(self) -> float:
-        """Lowest validation loss recorded so far, ``inf`` before any (Merity et al. 2017)."""
-        return min(self.history, default=float("inf"))
 
     def state_dict(self) -> dict[str, Any]:
         """Primitive-only state (ints, floats, a list) for a weights_only checkpoint (Merity et al. 2017)."""
@@ -108,15 +90,6 @@ class NTASGD:
     def __repr__(self) -> str:
         """Short summary for logs (Merity et al. 2017)."""
         return f"NTASGD(nonmono={self.nonmono}, evals={len(self.history)}, switched_at={self.switched_at})"
-
-
-def make_asgd(params: Iterable[Any], lr: float, weight_decay: float = 0.0) -> torch.optim.ASGD:
-    """The AWD-LSTM averaged optimizer ``ASGD(params, lr, t0=0, lambd=0, weight_decay)`` (Merity et al. 2017).
-
-    ``params`` is anything an optimizer takes (parameters or param-group dicts). With ``lambd = 0``
-    the step size stays ``lr`` and averaging starts at once.
-    """
-    return torch.optim.ASGD(params, lr=lr, t0=0, lambd=0.0, weight_decay=weight_decay)
 
 
 def asgd_from(optimizer: Optimizer, lr: float | None = None) -> torch.optim.ASGD:
@@ -149,11 +122,6 @@ def _averaged_params(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
     return pairs
 
 
-def has_averages(optimizer: Optimizer) -> bool:
-    """Whether ``optimizer`` holds ASGD running averages to swap in (Merity et al. 2017)."""
-    return bool(_averaged_params(optimizer))
-
-
 @torch.no_grad()
 def swap_in_averages(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:
     """Copy each parameter's ASGD average into it in place; return the raw copies (Merity et al. 2017).
@@ -177,22 +145,14 @@ def restore_raw_weights(backup: list[tuple[Tensor, Tensor]]) -> None:
 
 
 @contextmanager
-def averaged_weights(optimizer: Optimizer) -> Iterator[None]:
+def averaged_weights(optimizer: Optimizer) -> Iterator[list[tuple[Tensor, Tensor]]]:
     """Context in which the model holds its ASGD averages; raw weights come back on exit (Merity et al. 2017).
 
-    A no-op for optimizers without averages, so validation code can always use it.
+    Yields the (parameter, raw copy) pairs of :func:`swap_in_averages` (a checkpoint written inside
+    keeps them, to resume training from the raw weights). A no-op for optimizers without averages.
     """
     backup = swap_in_averages(optimizer)
     try:
-        yield
+        yield backup
     finally:
         restore_raw_weights(backup)
-
-
-def averaged_state_dict(model: nn.Module, optimizer: Optimizer) -> dict[str, Tensor]:
-    """A detached ``model.state_dict()`` copy holding the ASGD averages (Merity et al. 2017).
-
-    For saving the best checkpoint while training continues on the raw weights.
-    """
-    with averaged_weights(optimizer):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,7 +1,8 @@
 """AWD-LSTM regularizers as tiny composable pieces (Merity et al. 2017, arXiv:1708.02182).
 
 Everything here is batch-first: sequences are ``(B, T, F)``. Each piece is the identity in eval
-mode (or with a zero rate / coefficient), so a model can call them unconditionally.
+mode (or with a zero rate / coefficient), so a model can call them unconditionally. Dropout rates are
+taken as given, in [0, 1): the config's validation is where a rate outside that range is refused.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "EmbeddingDropout",
     "LockedDropout",
     "ar_penalty",
     "drop_weight",
@@ -19,14 +19,6 @@ __all__ = [
     "locked_dropout",
     "tar_penalty",
 ]
-
-
-def _check_rate(p: float) -> float:
-    """Validate a dropout rate for the masks here, which scale by 1/(1-p) (Merity et al. 2017)."""
-    p = float(p)
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-    return p
 
 
 def drop_weight(weight: Tensor, p: float, variational: bool = False, training: bool = True) -> Tensor:
@@ -52,7 +44,6 @@ def locked_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     ``x`` is batch-first ``(B, T, F, ...)``; the mask has shape ``(B, 1, F, ...)``, is broadcast over
     time and scaled by 1/(1-p). Returns ``x`` itself when not training or p == 0.
     """
-    p = _check_rate(p)
     if not training or p == 0.0:
         return x
     if x.dim() < 3:
@@ -67,7 +58,7 @@ class LockedDropout(nn.Module):
     def __init__(self, p: float = 0.5) -> None:
         """Store the drop rate p in [0, 1) (Gal & Ghahramani 2016)."""
         super().__init__()
-        self.p = _check_rate(p)
+        self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply one (B, 1, F) mask to every time step of ``x`` (Gal & Ghahramani 2016)."""
@@ -85,7 +76,6 @@ def embedding_dropout(embed: nn.Embedding, words: Tensor, p: float, training: bo
     position of the batch, kept rows are scaled by 1/(1-p). The embedding's own options
     (padding_idx, max_norm, ...) are honoured. The plain lookup when not training or p == 0.
     """
-    p = _check_rate(p)
     weight = embed.weight
     if training and p > 0.0:
         weight = weight * weight.new_empty(weight.size(0), 1).bernoulli_(1.0 - p).div_(1.0 - p)
@@ -98,27 +88,6 @@ def embedding_dropout(embed: nn.Embedding, words: Tensor, p: float, training: bo
         embed.scale_grad_by_freq,
         embed.sparse,
     )
-
-
-class EmbeddingDropout(nn.Embedding):
-    """An ``nn.Embedding`` whose forward drops whole rows while training (Merity et al. 2017).
-
-    A drop-in subclass: the parameter is still ``.weight`` (so decoder weight tying and state-dict
-    names are unchanged); only ``p`` is added. ``EmbeddingDropout(65, 400, p=0.1)``.
-    """
-
-    def __init__(self, num_embeddings: int, embedding_dim: int, p: float = 0.1, **kwargs: object) -> None:
-        """Build the embedding table plus the row-drop rate p (Merity et al. 2017)."""
-        super().__init__(num_embeddings, embedding_dim, **kwargs)  # type: ignore[arg-type]
-        self.p = _check_rate(p)
-
-    def forward(self, words: Tensor) -> Tensor:
-        """Embed ``words`` with one row mask for the whole batch (Merity et al. 2017)."""
-        return embedding_dropout(self, words, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        """Show the table size and the drop rate (Merity et al. 2017)."""
-        return f"{super().extra_repr()}, p={self.p}"
 
 
 def _accumulation_view(x: Tensor) -> Tensor:

@@ -31,7 +31,6 @@ from charlm.evaluate import evaluate_ids
 from charlm.lightning_module import CharLMModule
 from charlm.metrics_csv import MetricsCSV
 from charlm.model import count_parameters
-from charlm.ntasgd import restore_raw_weights, swap_in_averages
 from charlm.runs import hold_run_folder, new_run_dir
 
 
@@ -105,8 +104,8 @@ def quiet_lightning() -> None:
     for pattern in (".*exists and is not empty.*", ".*LeafSpec.*is deprecated.*", ".*does not have many workers.*",
                     ".*The number of training batches.*is smaller than the logging interval.*",
                     ".*`training_step` returned `None`.*",  # a step skipped on purpose (train.on_nan=skip)
-                    # val/test figures are summed over the ranks by the metric itself (see _log_split)
-                    r".*self\.log\('((val|test)_\w+|ntasgd_switched|elapsed_s)', \.\.\., sync_dist=True\).*"):
+                    # alike on every rank (ntasgd_switched) or rank 0's clock (elapsed_s): nothing to sync
+                    r".*self\.log\('(ntasgd_switched|elapsed_s)', \.\.\., sync_dist=True\).*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -164,8 +163,7 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
     # cut into the same streams as a validation over world_size ranks, so the two figures compare)
     # (after the NT-ASGD switch the averaged weights are the ones scored and kept, as at every validation)
     streams = eval_streams(data.splits.val.numel(), config.data.eval_batch_size, trainer.world_size)
-    module._raw_backup = swap_in_averages(trainer.optimizers[0]) if module.ntasgd.switched else []
-    try:
+    with module.averaged_weights():
         final = evaluate_ids(module.model, data.splits.val, batch_size=streams * trainer.world_size,
                              bptt=config.data.bptt, device=module.device)
         best_score = float(best.best_model_score) if best.best_model_score is not None else float("inf")
@@ -173,9 +171,6 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
         if trainer.strategy.broadcast(final["loss"] < best_score or not best_path.is_file(), src=0):
             trainer.save_checkpoint(best_path, weights_only=False)
             best_score = final["loss"]
-    finally:
-        restore_raw_weights(module._raw_backup)
-        module._raw_backup = []
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # leave together and close the process group: a process exiting while gloo's threads still run
         # can abort ("terminate called without an active exception")

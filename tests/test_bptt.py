@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from charlm.bptt import MIN_SEQ_LEN, loss_scale, num_windows, variable_window_count, window_schedule
+from charlm.bptt import MIN_SEQ_LEN, variable_window_count, window_schedule
 
 
 def _assert_tiles(windows: list[tuple[int, int]], n_inputs: int) -> None:
@@ -39,7 +41,7 @@ def test_fixed_windows(n_inputs: int) -> None:
     windows = window_schedule(n_inputs, 10, variable=False, seed=3, epoch=5)
     _assert_tiles(windows, n_inputs)
     assert all(seq_len == 10 for _, seq_len in windows[:-1])
-    assert len(windows) == num_windows(n_inputs, 10)
+    assert len(windows) == math.ceil(n_inputs / 10)
     assert windows == window_schedule(n_inputs, 10, variable=False, seed=4, epoch=0)
 
 
@@ -86,12 +88,10 @@ def test_small_bptt_respects_minimum() -> None:
     _assert_tiles(windows, 500)
 
 
-def test_bad_arguments_and_scale() -> None:
-    """Nonsense sizes raise; the loss scale is seq_len / bptt (Merity et al. 2017)."""
+def test_bad_arguments() -> None:
+    """Nonsense sizes raise (Merity et al. 2017)."""
     with pytest.raises(ValueError):
         window_schedule(10, 0)
     with pytest.raises(ValueError):
         window_schedule(-1, 10)
     assert window_schedule(0, 10) == []
-    assert loss_scale(35, 70) == 0.5
-    assert loss_scale(70, 70) == 1.0

@@ -67,8 +67,8 @@ class Record(L.Callback):
         if not self.validations:  # every window of the first validation
             self.val.append((batch.x.clone(), batch.y.clone(), batch.tail))
 
-    def on_validation_epoch_end(self, trainer, pl_module):  # runs before the module's: local sums
-        metric = pl_module.val_nll
+    def on_validation_epoch_end(self, trainer, pl_module):  # before Lightning computes the metric: local sums
+        metric = pl_module.val_metrics["loss"]
         self.validations.append({"step": trainer.global_step, "nll_sum": float(metric.nll_sum),
                                  "chars": int(metric.chars)})
 

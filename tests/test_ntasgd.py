@@ -17,10 +17,7 @@ from charlm.lightning_module import CharLMModule
 from charlm.ntasgd import (
     NTASGD,
     asgd_from,
-    averaged_state_dict,
     averaged_weights,
-    has_averages,
-    make_asgd,
     nonmono_triggered,
     restore_raw_weights,
     swap_in_averages,
@@ -48,7 +45,6 @@ def test_switches_when_and_only_when_condition_holds() -> None:
                 assert ctl.switched_at == first
                 assert ctl.switched == (first >= 0)
                 for i in range(length):
-                    assert ctl.should_switch(seq[: i + 1]) == expected[i]
                     assert nonmono_triggered(seq[i], seq[:i], nonmono) == expected[i]
 
 
@@ -61,7 +57,6 @@ def test_worked_example() -> None:
     assert ctl.switched_at == 5
     assert ctl.step(10.0) is False  # only once
     assert ctl.history == [5.0, 4.0, 3.0, 2.9, 2.95, 3.5, 10.0]
-    assert ctl.best == 2.9
 
 
 def test_no_switch_while_improving_or_too_short() -> None:
@@ -117,17 +112,14 @@ def test_asgd_average_is_mean_of_iterates(foreach: bool) -> None:
     assert torch.allclose(opt.state[model.weight]["ax"], expected, atol=1e-6)
 
 
-def test_make_asgd_and_asgd_from() -> None:
-    """The builders give ASGD with t0=0, lambd=0 and the requested lr / weight decay (Merity et al. 2017)."""
+def test_asgd_from() -> None:
+    """The builder gives ASGD with t0=0, lambd=0 and the requested lr / weight decay (Merity et al. 2017)."""
     model = nn.Linear(3, 2)
-    opt = make_asgd(model.parameters(), lr=30.0, weight_decay=1.2e-6)
-    group = opt.param_groups[0]
-    assert isinstance(opt, torch.optim.ASGD)
-    assert (group["lr"], group["t0"], group["lambd"], group["weight_decay"]) == (30.0, 0, 0.0, 1.2e-6)
     sgd = torch.optim.SGD(
         [{"params": [model.weight], "weight_decay": 1e-4}, {"params": [model.bias]}], lr=5.0
     )
     asgd = asgd_from(sgd)
+    assert isinstance(asgd, torch.optim.ASGD)
     assert [g["lr"] for g in asgd.param_groups] == [5.0, 5.0]
     assert [g["weight_decay"] for g in asgd.param_groups] == [1e-4, 0.0]
     assert asgd.param_groups[0]["params"][0] is model.weight
@@ -135,21 +127,28 @@ def test_make_asgd_and_asgd_from() -> None:
     assert [g["lr"] for g in asgd_from(sgd, lr=2.0).param_groups] == [2.0, 2.0]
 
 
+def _has_averages(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` holds ASGD running averages to swap in (Merity et al. 2017)."""
+    return any("ax" in state for state in optimizer.state.values())
+
+
 def test_averaged_weights_swap_and_exact_restore() -> None:
     """The model holds ``ax`` inside the context, raw weights bit for bit after (Merity et al. 2017)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     weight_obj, weight_ptr = model.weight, model.weight.data_ptr()
-    opt = make_asgd(model.parameters(), lr=0.05)
-    assert not has_averages(opt)
+    opt = asgd_from(torch.optim.SGD(model.parameters(), lr=0.05))
+    assert not _has_averages(opt)
     _train(model, opt, 5, [])
-    assert has_averages(opt)
+    assert _has_averages(opt)
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     ax_w = opt.state[model.weight]["ax"].clone()
     assert not torch.equal(ax_w, raw["weight"])
-    with averaged_weights(opt):
+    with averaged_weights(opt) as backup:
         assert torch.equal(model.weight, ax_w)
         assert torch.equal(model.bias, opt.state[model.bias]["ax"])
+        assert [p for p, _ in backup] == [model.weight, model.bias]  # the raw copies, e.g. for a checkpoint
+        assert torch.equal(backup[0][1], raw["weight"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, raw[k])
     assert model.weight is weight_obj and model.weight.data_ptr() == weight_ptr  # swapped in place
@@ -159,13 +158,10 @@ def test_averaged_weights_swap_and_exact_restore() -> None:
         raise RuntimeError("boom")
     assert torch.equal(model.weight, raw["weight"])
 
-    # split form for hook-based callers, and the checkpoint helper
+    # the two halves of the context
     backup = swap_in_averages(opt)
     assert torch.equal(model.weight, ax_w)
     restore_raw_weights(backup)
-    assert torch.equal(model.weight, raw["weight"])
-    sd = averaged_state_dict(model, opt)
-    assert torch.equal(sd["weight"], ax_w)
     assert torch.equal(model.weight, raw["weight"])
 
 
@@ -197,9 +193,7 @@ def test_cosine_rate_is_continuous_at_the_switch_and_held_after(
     from charlm import train as train_module
 
     scripted = iter([3.0, 2.0, 2.5, 3.5, 1.0, 0.9])  # nonmono=1: 3.5 > min([3.0]) switches after step 20
-    original = CharLMModule._log_split
-    monkeypatch.setattr(CharLMModule, "_log_split", lambda self, split, metric: (original(self, split, metric),
-                                                                                   next(scripted))[1])
+    monkeypatch.setattr(CharLMModule, "_val_loss", lambda self: next(scripted))
     record = LearningRates()
     build = train_module.build_trainer
     monkeypatch.setattr(train_module, "build_trainer",
@@ -240,3 +234,34 @@ def test_rate_at_the_switch_survives_a_checkpoint() -> None:
     old = CharLMModule(cfg, "abc")
     old.on_load_checkpoint(checkpoint)
     assert old.ntasgd.switched and old.learning_rate() == 2.0
+
+
+def test_the_module_swaps_the_averages_in_one_place() -> None:
+    """``CharLMModule.averaged_weights`` (used by validation and by the final scoring): inside, the model
+    holds the averages and a checkpoint keeps the raw weights to resume from; after, the raw weights."""
+    from types import SimpleNamespace
+
+    cfg = load_config("smoke", ["optim.optimizer=ntasgd", "optim.nonmono=1"]).to_dict()
+    module = CharLMModule(cfg, "abc")
+    torch.manual_seed(0)
+    opt = asgd_from(torch.optim.SGD(module.parameters(), lr=0.1))
+    for _ in range(3):
+        opt.zero_grad()
+        sum((p - 1).pow(2).sum() * torch.rand(()) for p in module.parameters()).backward()
+        opt.step()
+    module._trainer = SimpleNamespace(optimizers=[opt], global_step=3, world_size=1)  # type: ignore[assignment]
+    raw = {name: p.detach().clone() for name, p in module.named_parameters()}
+    with module.averaged_weights():  # before the switch: nothing swapped
+        assert all(torch.equal(p, raw[name]) for name, p in module.named_parameters())
+    assert [module.ntasgd.step(loss) for loss in (3.0, 2.0, 3.5)] == [False, False, True]
+    with module.averaged_weights():
+        for p in module.parameters():
+            assert torch.equal(p, opt.state[p]["ax"])
+        checkpoint: dict[str, Any] = {"state_dict": {k: v.clone() for k, v in module.state_dict().items()}}
+        module.on_save_checkpoint(checkpoint)
+    assert checkpoint["raw_weights"].keys() == raw.keys()
+    for name, p in module.named_parameters():
+        assert torch.equal(checkpoint["raw_weights"][name], raw[name]) and torch.equal(p, raw[name])
+        assert not torch.equal(checkpoint["state_dict"][name], raw[name])  # the averages
+    module.on_save_checkpoint(outside := {"state_dict": module.state_dict()})
+    assert "raw_weights" not in outside

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from charlm.config import load_config
+from charlm.errors import CharlmError
 from charlm.regularizers import (
-    EmbeddingDropout,
     LockedDropout,
     ar_penalty,
     drop_weight,
@@ -66,10 +67,16 @@ def test_locked_identity_in_eval_and_p0() -> None:
     assert locked_dropout(x, 0.5, training=False) is x
 
 
+@pytest.mark.parametrize("key", ["dropout", "dropouth", "dropouti", "dropoute", "weight_drop"])
+def test_a_rate_outside_0_1_is_refused_by_the_config(key: str) -> None:
+    """The one place that checks a dropout rate is the config's validation (Gal & Ghahramani 2016)."""
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(CharlmError, match=rf"^config key 'model\.{key}' must be in \[0, 1\), got {bad}$"):
+            load_config("smoke", [f"model.{key}={bad}"])
+
+
 def test_locked_rejects_bad_input() -> None:
-    """A rate outside [0, 1) or a non-sequence input is an error, not garbage (Gal & Ghahramani 2016)."""
-    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\), got 1.0"):
-        LockedDropout(1.0)
+    """A non-sequence input is an error, not garbage (Gal & Ghahramani 2016)."""
     with pytest.raises(ValueError, match=r"expects batch-first \(B, T, F\) input, got shape \(4, 5\)"):
         locked_dropout(torch.ones(4, 5), 0.5)
 
@@ -181,18 +188,6 @@ def test_embedding_dropout_eval_identity_and_grad() -> None:
     assert embed.weight.grad is not None
     row_dropped = (out[0] == 0).all(dim=1)
     assert torch.equal(embed.weight.grad.abs().sum(dim=1) == 0, row_dropped)
-
-
-def test_embedding_dropout_module_is_an_embedding() -> None:
-    """The module keeps ``.weight`` (so tying works) and drops rows only in training (Merity et al. 2017)."""
-    emb = EmbeddingDropout(20, 8, p=0.5)
-    assert isinstance(emb, nn.Embedding) and list(emb.state_dict()) == ["weight"]
-    words = torch.arange(20).repeat(2, 1)
-    train_out = emb.train()(words)
-    rows_zero = (train_out[0] == 0).all(dim=1)
-    assert torch.equal(rows_zero, (train_out[1] == 0).all(dim=1))
-    assert rows_zero.any()
-    assert torch.equal(emb.eval()(words), emb.weight[words])
 
 
 # ---------------------------------------------------------------- AR / TAR
