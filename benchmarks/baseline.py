@@ -57,7 +57,7 @@ def train_plain(train_ids: Tensor, val_ids: Tensor, vocab_size: int, *, seconds:
     under autocast (the final evaluation stays fp32).
 
     Denormals are flushed to zero here too (as ``charlm train`` does): without it the carried state
-    drifts into denormal floats and this loop runs 2-3x slower on CPU, which would flatter charlm.
+    drifts into denormal floats, on which this loop would run far slower on CPU and flatter charlm.
     """
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Variable-length truncated-BPTT window schedule (Merity et al. 2017, arXiv:1708.02182, section 4.1).
 
-The training split is laid out as ``B`` parallel streams of ``n`` columns (see DESIGN.md section 2).
+The training split is laid out as ``B`` parallel streams of ``n`` columns (see :mod:`charlm.streams`).
 A window starting at column ``start`` with length ``seq_len`` reads inputs ``[start, start + seq_len)``
 and targets ``[start + 1, start + seq_len + 1)``, so the windows of one epoch tile the ``n - 1``
 input positions ``[0, n - 1)`` exactly once, in order.

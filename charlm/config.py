@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -291,6 +292,13 @@ def cell_registry_names(names: list[str], where: str = "") -> list[str]:
     return [n.strip().lower() for n in names]
 
 
+def _require(values: dict[str, float], ok: Callable[[float], bool], must: str) -> None:
+    """One error naming the first key whose value fails ``ok``: "config key 'K' must <must>, got V"."""
+    for key, value in values.items():
+        if not ok(value):
+            raise CharlmError(f"config key '{key}' must {must}, got {value}")
+
+
 def validate(config: Config) -> None:
     """Range checks the types cannot express; ``model.cell`` is set to its registry spelling."""
     d, m, o, t, s = config.data, config.model, config.optim, config.train, config.sample
@@ -303,24 +311,18 @@ def validate(config: Config) -> None:
                 "model.embedding_size": m.embedding_size, "model.hidden_size": m.hidden_size,
                 "model.num_layers": m.num_layers, "train.num_nodes": t.num_nodes,
                 "train.log_every_steps": t.log_every_steps, "optim.nonmono": o.nonmono}
-    for key, value in positive.items():
-        if value < 1:
-            raise CharlmError(f"config key '{key}' must be at least 1, got {value}")
-    for key in ("dropout", "dropouth", "dropouti", "dropoute", "weight_drop"):
-        value = getattr(m, key)
-        if not 0.0 <= value < 1.0:
-            raise CharlmError(f"config key 'model.{key}' must be in [0, 1), got {value}")
-    for key, value in {"data.val_fraction": d.val_fraction, "data.test_fraction": d.test_fraction}.items():
-        if not 0.0 < value < 0.5:
-            raise CharlmError(f"config key '{key}' must be in (0, 0.5), got {value}")
+    _require(positive, lambda v: v >= 1, "be at least 1")
+    dropouts = {f"model.{key}": getattr(m, key)
+                for key in ("dropout", "dropouth", "dropouti", "dropoute", "weight_drop")}
+    _require(dropouts, lambda v: 0.0 <= v < 1.0, "be in [0, 1)")
+    _require({"data.val_fraction": d.val_fraction, "data.test_fraction": d.test_fraction},
+             lambda v: 0.0 < v < 0.5, "be in (0, 0.5)")
     nonneg = {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
               "optim.clip": o.clip, "optim.alpha": o.alpha, "optim.beta": o.beta,
               "optim.warmup_steps": o.warmup_steps, "train.val_every_steps": t.val_every_steps,
               "train.checkpoint_every_steps": t.checkpoint_every_steps, "train.threads": t.threads,
               "sample.length": s.length, "sample.temperature": s.temperature}
-    for key, value in nonneg.items():
-        if value < 0:
-            raise CharlmError(f"config key '{key}' must not be negative, got {value}")
+    _require(nonneg, lambda v: v >= 0, "not be negative")
     if o.lr == 0:
         raise CharlmError("config key 'optim.lr' must be positive, got 0")
     for key, value in {"train.max_steps": t.max_steps, "train.max_epochs": t.max_epochs}.items():

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from charlm.atomic import atomic_file
 from charlm.errors import CharlmError
 
 CORPUS_NAME = "tinyshakespeare.txt"
@@ -53,22 +53,17 @@ def cache_dir() -> Path:
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` to ``dest``: a temporary file beside it, the hash checked, then an atomic rename."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 16):
-                out.write(chunk)
-        got = sha256_of(tmp)
-        if got != sha256:
-            raise CharlmError(f"downloaded {url} but its sha256 is {got}, expected {sha256}; "
+    """Fetch ``url`` to ``dest`` through :func:`charlm.atomic.atomic_file`: the hash is checked before the
+    rename, so a wrong or broken download leaves nothing at ``dest``."""
+    digest = hashlib.sha256()
+    with atomic_file(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        while chunk := response.read(1 << 16):
+            digest.update(chunk)
+            out.write(chunk)
+        if digest.hexdigest() != sha256:
+            raise CharlmError(f"downloaded {url} but its sha256 is {digest.hexdigest()}, expected {sha256}; "
                               f"not saved. Download it by hand to {dest}.")
-        os.replace(tmp, dest)
-        return dest
-    finally:
-        tmp.unlink(missing_ok=True)
+    return dest
 
 
 def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: bool = True,

@@ -86,8 +86,8 @@ def max_threads() -> int:
 
 
 def fast_cpu_math(threads: int = 0) -> None:
-    """Flush denormal floats to zero (a carried LSTM state drifts into denormals, which made training
-    2-3x slower on this CPU) and set the thread count when asked (refused above :func:`max_threads`:
+    """Flush denormal floats to zero (a carried LSTM state drifts into denormals, on which CPU
+    arithmetic is far slower) and set the thread count when asked (refused above :func:`max_threads`:
     far more threads than CPUs only slows a run down, and torch crashes on absurd counts)."""
     if threads > max_threads():
         raise CharlmError(f"config key 'train.threads' must be at most {max_threads()}, the number of CPUs "

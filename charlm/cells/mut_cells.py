@@ -50,7 +50,16 @@ class MUT1Cell(Cell):
         return (h + z * (n - h),)
 
 
-class MUT2Cell(Cell):
+class _ThreeByThreeCell(Cell):
+    """MUT2 and MUT3: one state, three input blocks and three recurrent blocks."""
+
+    num_states = 1
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return standard_shapes(3, 3, self.input_size, self.hidden_size)
+
+
+class MUT2Cell(_ThreeByThreeCell):
     """MUT2 (Jozefowicz et al. 2015):
 
         z = s(W_z x + U_z h + b_z),  r = s(x~ + U_r h + b_r)
@@ -58,11 +67,6 @@ class MUT2Cell(Cell):
 
     ``weight_ih`` blocks (z, P, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
     """
-
-    num_states = 1
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return standard_shapes(3, 3, self.input_size, self.hidden_size)
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         h = state[0]
@@ -74,7 +78,7 @@ class MUT2Cell(Cell):
         return (h + z * (n - h),)
 
 
-class MUT3Cell(Cell):
+class MUT3Cell(_ThreeByThreeCell):
     """MUT3 (Jozefowicz et al. 2015):
 
         z = s(W_z x + U_z tanh(h) + b_z),  r = s(W_r x + U_r h + b_r)
@@ -83,11 +87,6 @@ class MUT3Cell(Cell):
     ``weight_ih`` blocks (W_z, W_r, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
     (MUT3 never uses the bare input, so it needs no projection.)
     """
-
-    num_states = 1
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return standard_shapes(3, 3, self.input_size, self.hidden_size)
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         h = state[0]
