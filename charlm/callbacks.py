@@ -1,4 +1,6 @@
-"""Training callbacks: the periodic ``last.ckpt``, the sample printed at each validation, the progress bar."""
+"""Training callbacks: ``last.ckpt`` (:class:`LastCheckpoint`), a clean stop on Ctrl-C / SIGTERM
+(:class:`StopOnInterrupt`), the last good checkpoint (:class:`TrackBestPath`), the sample printed at each
+validation (:class:`PrintSample`) and the progress bar."""
 
 from __future__ import annotations
 

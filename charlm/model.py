@@ -26,7 +26,7 @@ States = list[State]
 class LMOutput(NamedTuple):
     logits: Tensor  # (B, T, V)
     states: States  # one per layer
-    raw_last: Tensor  # last layer's output before dropout (B, T, E), for TAR
+    raw_last: Tensor  # last layer's output (after its LayerNorm, if any) before dropout (B, T, H_L), for TAR
     dropped_last: Tensor  # the same after dropout, for AR
 
 

@@ -6,7 +6,7 @@ by side; window k of every row continues window k-1, so the hidden state is carr
     ids:      a b c d e f g h i j k l m n o p q r s t u v w x y z
     B = 3:    row 0: a b c d e f g h      inputs  = rows[:, s : s + T]
               row 1: i j k l m n o p      targets = the same block shifted by one char
-              row 2: q r s t u v w x      (the tail y z only ever serves as a target here)
+              row 2: q r s t u v w x      (training never reads y z; evaluation reads them as a tail)
 
     windows (T = 3): | a b c | d e f | g h |   -> batches [B, 3], [B, 3], [B, 2]
 
