@@ -221,18 +221,32 @@ class TrackBestPath(Callback):
 
 
 class PrintSample(Callback):
-    """After each validation, print a short sample so the user sees the model learn."""
+    """After each validation, print a short sample so the user sees the model learn.
+
+    A ``sample.prime`` with characters outside the corpus's vocabulary does not stop training (the
+    default prime need not suit every corpus): a warning names them once, at the start of training, and
+    the samples start from the prime's known characters (the vocabulary's first one if none is known).
+    """
 
     def __init__(self, prime: str, length: int, temperature: float, seed: int) -> None:
         self.prime, self.length, self.temperature, self.seed = prime, length, temperature, seed
+        self.usable_prime = prime
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        vocab = pl_module.vocab  # type: ignore[attr-defined]
+        self.usable_prime = "".join(c for c in self.prime if c in vocab.chars) or vocab.chars[0]
+        problem = vocab.describe_unknown(self.prime, what=f"sample.prime {self.prime!r}")
+        if problem and trainer.is_global_zero and self.length > 0:
+            print(f"warning: {problem}; the samples printed during training start from {self.usable_prime!r} "
+                  "instead (set sample.prime to choose another)", file=sys.stderr, flush=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.length == 0:
             return
         model, vocab = pl_module.model, pl_module.vocab  # type: ignore[attr-defined]
-        prime = "".join(c for c in self.prime if c in vocab.chars) or vocab.chars[0]
         was_training = model.training
-        text = generate(model, vocab, prime, self.length, temperature=self.temperature, seed=self.seed)[0]
+        text = generate(model, vocab, self.usable_prime, self.length, temperature=self.temperature,
+                        seed=self.seed)[0]
         model.train(was_training)
         loss = trainer.callback_metrics.get("val_loss")
         head = f"step {trainer.global_step}" + (f", val loss {float(loss):.4f}" if loss is not None else "")

@@ -127,22 +127,63 @@ def newest_run_checkpoint(out_dir: str | Path = "checkpoints", name: str = "best
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
+def _weights_mismatch(path: Path, state: dict[str, Any], expected: dict[str, Any], vocab_size: int,
+                      model_config: Any) -> str | None:
+    """What does not fit between a checkpoint's weights and the model its config and vocabulary describe."""
+    rows = state.get("encoder.weight")
+    if isinstance(rows, torch.Tensor) and rows.dim() == 2 and rows.shape[0] != vocab_size:
+        return (f"checkpoint {path} was trained with a vocabulary of {rows.shape[0]} characters, but the vocabulary "
+                f"stored with it has {vocab_size}; the file was altered or damaged: use another checkpoint or retrain")
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & state.keys()
+                      if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model (e.g. {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        found = list(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        parts.append(f"{len(reshaped)} of another shape (e.g. {k}: {found} in the file, "
+                     f"{list(expected[k].shape)} in the model)")
+    if not parts:
+        return None
+    m = model_config
+    return (f"checkpoint {path} holds weights that do not fit the model its config describes (cell {m.cell}, "
+            f"{m.num_layers} layer(s) of {m.hidden_size}, embedding {m.embedding_size}): {'; '.join(parts)}; "
+            f"the file was altered, or written by a charlm whose models differ from this one ({__version__})")
+
+
 def load_model(path: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(model in eval mode, vocab, config, raw checkpoint) from a checkpoint, without Lightning."""
     from charlm.config import from_dict
     from charlm.model import CharLM
     from charlm.vocab import Vocab
 
+    path = Path(path)
     ckpt = safe_load(path)
     hp = ckpt["hyper_parameters"]
     try:
         config = from_dict(hp["config"])
-        vocab = Vocab(hp["vocab"])
+    except (CharlmError, KeyError, TypeError, AttributeError) as exc:
+        raise CharlmError(f"checkpoint {path} holds a config this charlm ({__version__}) cannot read: "
+                          f"{' '.join(str(exc).split())}") from None
+    try:
+        vocab = Vocab(hp["vocab"], origin=f"checkpoint {path}")
+    except (CharlmError, TypeError) as exc:
+        raise CharlmError(f"checkpoint {path} holds a damaged vocabulary ({' '.join(str(exc).split())}); "
+                          "use another checkpoint or retrain") from None
+    try:
         model = CharLM(len(vocab), config.model)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        model.load_state_dict(state)
-    except (CharlmError, RuntimeError, KeyError, TypeError) as exc:
-        raise CharlmError(f"{path} does not match this version of charlm: {str(exc).splitlines()[0][:300]}"
-                          ) from None
+    except (CharlmError, RuntimeError, ValueError, TypeError) as exc:
+        raise CharlmError(f"checkpoint {path} describes a model this charlm ({__version__}) cannot build: "
+                          f"{' '.join(str(exc).split())}") from None
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    mismatch = _weights_mismatch(path, state, model.state_dict(), len(vocab), config.model)
+    if mismatch:
+        raise CharlmError(mismatch)
+    model.load_state_dict(state)
     model.eval()
     return model, vocab, config, ckpt

@@ -5,10 +5,12 @@ Every user error is a :class:`CharlmError`, printed as one red line on stderr wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -144,21 +146,23 @@ def eval_(
     text: Annotated[str | None, typer.Option(help="Evaluate this text file instead of a split.")] = None,
     data: Annotated[str | None, typer.Option(help="Corpus the split is cut from (default: the run's).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Streams evaluated side by side.")] = 16,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Streams evaluated side by side (default: as the run's validation, so the loss matches its "
+             "val_loss: data.eval_batch_size x the processes it trained on).", show_default=False)] = None,
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
     from charlm.checkpoint import load_model
     from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
     from charlm.datamodule import split_ids, text_ids
-    from charlm.evaluate import evaluate_ids
+    from charlm.evaluate import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
     from charlm.train import fast_cpu_math
 
     if split not in ("val", "test"):
         raise CharlmError(f"--split must be val or test, got '{split}'")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise CharlmError(f"--batch-size must be at least 1, got {batch_size}")
     path = _checkpoint(checkpoint)
-    model, vocab, cfg, _ = load_model(path)
+    model, vocab, cfg, ckpt = load_model(path)
     fast_cpu_math()
     if text is not None:
         corpus = read_corpus(resolve_corpus_path(text, option="--text"))
@@ -169,56 +173,86 @@ def eval_(
         all_ids = vocab.encode(corpus.text, what=f"corpus {corpus.path}")
         ids = getattr(split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction), split)
         source = f"{corpus.path} ({split} split)"
+    streams = batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)
     # the training run's window, as its validation used: lstm-bn's per-step statistics restart with every
     # window, so its loss depends on the window length (the other cells' does not, up to float rounding)
-    result = evaluate_ids(model, ids, batch_size=batch_size, bptt=cfg.data.bptt)
-    result = {"checkpoint": str(path), "source": source, **result}
-    if as_json:
-        print(json.dumps(result))
-        return
-    table = Table(title=f"{path}\n{source}", show_header=False)
-    for key, fmt in (("loss", "{:.4f} nats/char"), ("bpc", "{:.4f} bits/char"), ("perplexity", "{:.3f}"),
-                     ("chars", "{:,}"), ("chars_per_s", "{:,.0f}")):
-        table.add_row(key, fmt.format(result[key]))
-    out.print(table)
+    result = evaluate_ids(model, ids, batch_size=streams, bptt=cfg.data.bptt)
+    bad = nonfinite_parameters(model)
+    why = (f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. {bad[0]})" if bad
+           else "the model's scores overflowed on this text")
+    result = finite_or_null({"checkpoint": str(path), "source": source, "streams": streams, **result}, why)
+    with _stdout_may_close():
+        if as_json:
+            print(json.dumps(result, allow_nan=False))
+            return
+        table = Table(title=f"{path}\n{source}", show_header=False)
+        for key, fmt in (("loss", "{:.4f} nats/char"), ("bpc", "{:.4f} bits/char"), ("perplexity", "{:.3f}"),
+                         ("chars", "{:,}"), ("chars_per_s", "{:,.0f}")):
+            table.add_row(key, "not a finite number" if result[key] is None else fmt.format(result[key]))
+        out.print(table)
+    if "reason" in result:
+        err.print(f"[bold yellow]warning:[/] {escape(result['reason'])}", highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------- sample
+@contextlib.contextmanager
+def _stdout_may_close() -> Iterator[None]:
+    """A reader that stops early (``charlm sample | head``) is a normal end: exit 0, quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        # stdout's buffer still holds text for the closed pipe: point it at /dev/null, so that flushing
+        # it at exit neither fails nor prints "Exception ignored ... BrokenPipeError"
+        with contextlib.suppress(OSError, ValueError):  # ValueError, io.UnsupportedOperation: a test's capture
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
 @app.command()
 @friendly
 def sample(
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
     prime: Annotated[str, typer.Option(help="Text the sample starts with.")] = "\n",
-    length: Annotated[int, typer.Option(help="Characters to generate after the prime.")] = 500,
+    length: Annotated[int, typer.Option(
+        help="Characters to generate after the prime (at most 100,000,000).")] = 500,
     temperature: Annotated[float, typer.Option(help="0 is greedy; higher is wilder.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(help="Sample only from the k likeliest characters.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same text (0 to 2**32 - 1).")] = None,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated together.")] = 1,
 ) -> None:
     """Generate text, streamed as it comes; the output starts with the prime."""
     from charlm.checkpoint import load_model
-    from charlm.sampling import check_options, generate
+    from charlm.evaluate import nonfinite_parameters
+    from charlm.sampling import check_options, generate, stream
     from charlm.train import fast_cpu_math
 
-    check_options(length, temperature, top_k, num_samples, prefix="--")  # before the slow model load
-    model, vocab, _, _ = load_model(_checkpoint(checkpoint))
+    check_options(length, temperature, top_k, num_samples, prefix="--", seed=seed)  # before the slow load
+    path = _checkpoint(checkpoint)
+    model, vocab, _, _ = load_model(path)
     vocab.check(prime, what="--prime")
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise CharlmError(f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. "
+                          f"{bad[0]}), so it cannot generate text; use an earlier checkpoint of that run or retrain")
     fast_cpu_math()
-    if num_samples == 1:
-        sys.stdout.write(prime)
-        sys.stdout.flush()
-
-        def emit(ch: str) -> None:
-            sys.stdout.write(ch)
+    with _stdout_may_close():
+        if num_samples == 1:
+            sys.stdout.write(prime)
             sys.stdout.flush()
 
-        generate(model, vocab, prime, length, temperature=temperature, top_k=top_k, seed=seed, on_char=emit)
-        sys.stdout.write("\n")
-        return
-    texts = generate(model, vocab, prime, length, temperature=temperature, top_k=top_k, seed=seed,
-                     num_samples=num_samples)
-    for i, text in enumerate(texts):
-        sys.stdout.write(f"=== sample {i + 1} ===\n{text}\n")
+            def emit(ch: str) -> None:
+                sys.stdout.write(ch)
+                sys.stdout.flush()
+
+            stream(model, vocab, prime, length, emit, temperature=temperature, top_k=top_k, seed=seed)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            return
+        texts = generate(model, vocab, prime, length, temperature=temperature, top_k=top_k, seed=seed,
+                         num_samples=num_samples)
+        for i, text in enumerate(texts):
+            sys.stdout.write(f"=== sample {i + 1} ===\n{text}\n")
+        sys.stdout.flush()
 
 
 # ------------------------------------------------------------------------------------------------ data

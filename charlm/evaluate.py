@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from charlm.datamodule import eval_streams
 from charlm.metrics import summarize
 from charlm.model import CharLM, States
 from charlm.streams import Batch, StreamLayout, WindowSampler
@@ -41,3 +43,26 @@ def evaluate_ids(model: CharLM, ids: Tensor, *, batch_size: int = 16, bptt: int 
         chars += batch.y.numel()
     seconds = time.perf_counter() - start
     return {**summarize(nll_sum, chars), "seconds": seconds, "chars_per_s": chars / max(seconds, 1e-9)}
+
+
+def validation_streams(checkpoint: dict[str, Any], n_ids: int, eval_batch_size: int) -> int:
+    """Streams that score ``n_ids`` ids as the run's validation did: ``data.eval_batch_size`` per process
+    (fewer for a short split) times the processes it ran on, as recorded in the checkpoint."""
+    resume_state = checkpoint.get("resume_state")
+    world = resume_state.get("world_size", 1) if isinstance(resume_state, dict) else 1
+    world = world if isinstance(world, int) and world >= 1 else 1
+    return eval_streams(n_ids, eval_batch_size, world) * world
+
+
+def nonfinite_parameters(model: CharLM) -> list[str]:
+    """Names of the model's weights that hold NaN or inf (a run that diverged and was saved anyway)."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def finite_or_null(result: dict[str, Any], why: str) -> dict[str, Any]:
+    """``result`` with every non-finite figure as ``None`` (JSON null) and, if there was one, ``reason``."""
+    bad = [k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return result
+    return {**{k: None if k in bad else v for k, v in result.items()},
+            "reason": f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not a finite number: {why}"}
