@@ -76,7 +76,7 @@ class _TrainCommand(TyperCommand):
 @app.command(cls=_TrainCommand)
 @friendly
 def train(
-    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML file.")] = "default",
+    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
     cell: Annotated[str | None, typer.Option(help="Recurrent cell (see `charlm cells`).")] = None,
     data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
@@ -306,7 +306,7 @@ def compare(
     preset: Annotated[str | None, typer.Option(
         help="jozefowicz: Tanh, LSTM, LSTM-f/i/o/b, GRU, MUT1-3 (Jozefowicz et al. 2015); "
              "greff: V (peephole) and NIG NFG NOG NIAF NOAF NP CIFG FGR (Greff et al. 2017).")] = None,
-    config: Annotated[str, typer.Option(help="Config name in configs/ or a YAML file.")] = "default",
+    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
     data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
     max_steps: Annotated[int | None, typer.Option(
         help="Steps per run (alone, it turns the config's time limit off).")] = None,
