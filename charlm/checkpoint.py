@@ -127,17 +127,19 @@ def newest_run_checkpoint(out_dir: str | Path = "checkpoints", name: str = "best
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def _weights_mismatch(path: Path, state: dict[str, Any], expected: dict[str, Any], vocab_size: int,
+def _weights_mismatch(path: Path, state: dict[str, Any], model: torch.nn.Module, vocab_size: int,
                       model_config: Any) -> str | None:
-    """What does not fit between a checkpoint's weights and the model its config and vocabulary describe."""
+    """What does not fit between a checkpoint's weights and the model its config and vocabulary describe
+    (shapes of parameters only: a buffer such as lstm-bn's per-step statistics grows as it loads)."""
+    expected, params = model.state_dict(), dict(model.named_parameters())
     rows = state.get("encoder.weight")
     if isinstance(rows, torch.Tensor) and rows.dim() == 2 and rows.shape[0] != vocab_size:
         return (f"checkpoint {path} was trained with a vocabulary of {rows.shape[0]} characters, but the vocabulary "
                 f"stored with it has {vocab_size}; the file was altered or damaged: use another checkpoint or retrain")
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    reshaped = sorted(k for k in expected.keys() & state.keys()
-                      if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape)
+    reshaped = sorted(k for k in params.keys() & state.keys()
+                      if not isinstance(state[k], torch.Tensor) or state[k].shape != params[k].shape)
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
@@ -147,7 +149,7 @@ def _weights_mismatch(path: Path, state: dict[str, Any], expected: dict[str, Any
         k = reshaped[0]
         found = list(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
         parts.append(f"{len(reshaped)} of another shape (e.g. {k}: {found} in the file, "
-                     f"{list(expected[k].shape)} in the model)")
+                     f"{list(params[k].shape)} in the model)")
     if not parts:
         return None
     m = model_config
@@ -168,8 +170,8 @@ def load_model(path: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     try:
         config = from_dict(hp["config"])
     except (CharlmError, KeyError, TypeError, AttributeError) as exc:
-        raise CharlmError(f"checkpoint {path} holds a config this charlm ({__version__}) cannot read: "
-                          f"{' '.join(str(exc).split())}") from None
+        # a config key this version does not know: the one case a newer charlm is the likely cause
+        raise CharlmError(f"{path} does not match this version of charlm: {' '.join(str(exc).split())}") from None
     try:
         vocab = Vocab(hp["vocab"], origin=f"checkpoint {path}")
     except (CharlmError, TypeError) as exc:
@@ -181,9 +183,11 @@ def load_model(path: str | Path) -> tuple[Any, Any, Any, dict[str, Any]]:
         raise CharlmError(f"checkpoint {path} describes a model this charlm ({__version__}) cannot build: "
                           f"{' '.join(str(exc).split())}") from None
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    mismatch = _weights_mismatch(path, state, model.state_dict(), len(vocab), config.model)
-    if mismatch:
-        raise CharlmError(mismatch)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CharlmError(_weights_mismatch(path, state, model, len(vocab), config.model) or
+                          f"checkpoint {path} holds weights this charlm ({__version__}) cannot load: "
+                          f"{' '.join(str(exc).split())}") from None
     model.eval()
     return model, vocab, config, ckpt

@@ -305,6 +305,8 @@ def test_ddp_val_loss_equals_a_single_process_evaluation_of_the_checkpoint(ddp_r
     result = json.loads(same.output)
     assert result["chars"] == ddp_run.val_ids.numel() - 1
     assert abs(result["loss"] - exact) < 2e-6 and abs(result["loss"] - logged) < 2e-6
+    default = json.loads(runner.invoke(app, ["eval", "--checkpoint", str(best), "--split", "val", "--json"]).output)
+    assert default["streams"] == EVAL_BATCH * WORLD and default["loss"] == result["loss"]  # the run's, unasked
     other = json.loads(runner.invoke(app, ["eval", "--checkpoint", str(best), "--split", "val", "--json",
                                            "--batch-size", str(EVAL_BATCH)]).output)
     assert abs(other["loss"] - exact) > 1e-5  # another stream layout is visibly another number (5x the tolerance)
