@@ -146,8 +146,6 @@ class RecurrentLayer(nn.Module):
         spec = get_cell(cell)
         if init not in INITS:
             raise CharlmError(f"unknown init '{init}'; valid inits: {', '.join(INITS)}")
-        if not 0.0 <= weight_drop < 1.0:
-            raise CharlmError(f"weight_drop must be in [0, 1), got {weight_drop}")
         self.spec = spec
         self.cell_name = spec.name
         self.input_size = input_size
