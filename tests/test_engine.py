@@ -215,8 +215,9 @@ def test_awd_style_layers_with_step_sampling() -> None:
 
 
 def test_layer_options_are_checked() -> None:
-    with pytest.raises(CharlmError, match="weight_drop"):
-        RecurrentLayer("lstm", IN, H, weight_drop=1.0)
+    # the weight-drop range is the config's to check (tests/test_bad_input.py); the init name the layer's
+    with pytest.raises(CharlmError, match="unknown init 'he'"):
+        RecurrentLayer("lstm", IN, H, init="he")
     assert not RecurrentLayer("peephole", IN, H).torch_rnn
     assert RecurrentLayer("lstm-b", IN, H).torch_rnn and not RecurrentLayer("lstm", IN, H, torch_rnn=False).torch_rnn
     assert "weight_drop=0.5" in repr(RecurrentLayer("lstm", IN, H, weight_drop=0.5))
