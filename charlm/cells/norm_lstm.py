@@ -34,7 +34,33 @@ def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Tensor]:
     return o, f * c + i * g
 
 
-class LayerNormLSTMCell(Cell):
+class _NormalisedLSTMCell(Cell):
+    """What the two normalised LSTMs share: nn.LSTM's weights plus the gains ``{prefix}_ih_weight``,
+    ``{prefix}_hh_weight`` [4H], ``{prefix}_c_weight`` [H] (starting at ``gain_init``) and the cell
+    shift ``{prefix}_c_bias`` [H] (starting at 0); the forget-gate block is the second."""
+
+    num_states = 2
+    prefix: str
+    gain_init: float
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = standard_shapes(4, 4, self.input_size, self.hidden_size)
+        g, h, k = 4 * self.hidden_size, self.hidden_size, self.prefix
+        shapes.update({f"{k}_ih_weight": (g,), f"{k}_hh_weight": (g,), f"{k}_c_weight": (h,), f"{k}_c_bias": (h,)})
+        return shapes
+
+    def forget_block(self) -> tuple[int, float] | None:
+        return 1, 1.0
+
+    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
+        super().reset_parameters(p, init, forget_bias)
+        with torch.no_grad():
+            for part in ("ih", "hh", "c"):
+                p[f"{self.prefix}_{part}_weight"].fill_(self.gain_init)
+            p[f"{self.prefix}_c_bias"].zero_()
+
+
+class LayerNormLSTMCell(_NormalisedLSTMCell):
     """Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer Normalization", eqs. 20-22):
 
         [a_i, a_f, a_g, a_o] = LN(W x; a_x) + LN(U h; a_h) + b
@@ -48,27 +74,11 @@ class LayerNormLSTMCell(Cell):
     (where they build), else the Python kernel of :mod:`charlm.cells.norm_lstm_kernel`.
     """
 
-    num_states = 2
+    prefix, gain_init = "ln", 1.0
 
     @property
     def _gates(self) -> tuple[int]:
         return (4 * self.hidden_size,)
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = standard_shapes(4, 4, self.input_size, self.hidden_size)
-        g, h = 4 * self.hidden_size, self.hidden_size
-        shapes.update(ln_ih_weight=(g,), ln_hh_weight=(g,), ln_c_weight=(h,), ln_c_bias=(h,))
-        return shapes
-
-    def forget_block(self) -> tuple[int, float] | None:
-        return 1, 1.0
-
-    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
-        super().reset_parameters(p, init, forget_bias)
-        with torch.no_grad():
-            for name in ("ln_ih_weight", "ln_hh_weight", "ln_c_weight"):
-                p[name].fill_(1.0)
-            p["ln_c_bias"].zero_()
 
     def project(self, x: Tensor, q: Params, t0: int = 0) -> Tensor:
         shift = q["bias_ih"] + q["bias_hh"]
@@ -95,7 +105,7 @@ class LayerNormLSTMCell(Cell):
         return hs, (h, c)
 
 
-class BatchNormLSTMCell(Cell):
+class BatchNormLSTMCell(_NormalisedLSTMCell):
     """LSTM with recurrent batch normalisation (Cooijmans et al. 2016, "Recurrent Batch Normalization"):
 
         [a_i, a_f, a_g, a_o] = BN_t(W x; g_x) + BN_t(U h; g_h) + b
@@ -116,28 +126,12 @@ class BatchNormLSTMCell(Cell):
     :mod:`charlm.cells.norm_lstm_kernel`'s.
     """
 
-    num_states = 2
+    prefix, gain_init = "bn", 0.1
     momentum = 0.1
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = standard_shapes(4, 4, self.input_size, self.hidden_size)
-        g, h = 4 * self.hidden_size, self.hidden_size
-        shapes.update(bn_ih_weight=(g,), bn_hh_weight=(g,), bn_c_weight=(h,), bn_c_bias=(h,))
-        return shapes
 
     def buffer_shapes(self) -> dict[str, tuple[int, ...]]:
         g, h = 4 * self.hidden_size, self.hidden_size
         return {f"bn_{k}_{s}": (0, n) for k, n in (("ih", g), ("hh", g), ("c", h)) for s in ("mean", "var")}
-
-    def forget_block(self) -> tuple[int, float] | None:
-        return 1, 1.0
-
-    def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
-        super().reset_parameters(p, init, forget_bias)
-        with torch.no_grad():
-            for name in ("bn_ih_weight", "bn_hh_weight", "bn_c_weight"):
-                p[name].fill_(0.1)
-            p["bn_c_bias"].zero_()
 
     def grow_buffers(self, buffers: Params, steps: int) -> Params:
         out = dict(buffers)
