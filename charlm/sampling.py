@@ -22,22 +22,28 @@ MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) uses the low 32 bits: 2*
 _DECODE_CHUNK = 1 << 16  # ids turned into text at a time, so decoding a long sample stays compact
 
 
+NOT_FINITE = ("the model's scores for the next character are not finite numbers (NaN or inf): its weights or "
+              "its state overflowed, so it cannot go on generating")
+
+
 def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> Tensor:
     """Next ids (N,) from logits (N, V): greedy at temperature 0, else softmax(logits / T) within top-k."""
-    if not bool(torch.isfinite(logits).all()):
-        raise CharlmError("the model's scores for the next character are not finite numbers (NaN or inf): "
-                          "its weights or its state overflowed, so it cannot go on generating")
     if temperature == 0.0:
+        if not bool(torch.isfinite(logits).all()):
+            raise CharlmError(NOT_FINITE)
         return logits.argmax(dim=-1)
-    # in float64 and from the top score down: a tiny temperature gives 0 for the best and -inf for the
-    # rest (never inf - inf = NaN), a huge one gives a uniform draw
-    logits = logits.double()
+    # from the top score down: a tiny temperature gives 0 for the best and -inf for the rest (never
+    # inf - inf = NaN), a huge one gives a uniform draw; float64 only for a temperature float32 cannot hold
+    logits = logits.to(torch.float32 if temperature >= torch.finfo(torch.float32).tiny else torch.float64)
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    except RuntimeError:  # NaN / inf scores: the probabilities are NaN, which multinomial refuses
+        raise CharlmError(NOT_FINITE) from None
 
 
 def check_options(length: int, temperature: float, top_k: int | None, num_samples: int = 1,
