@@ -55,9 +55,6 @@ class CharLM(nn.Module):
         if c.tie_weights:
             self.decoder.weight = self.encoder.weight
 
-    def initial_states(self, batch_size: int, device: torch.device | None = None) -> States:
-        return [layer.initial_state(batch_size, device=device) for layer in self.layers]
-
     def forward(self, x: Tensor, states: States | None = None) -> LMOutput:
         """x (B, T) char ids -> logits (B, T, V), the new states, and the last layer's outputs."""
         h = embedding_dropout(self.encoder, x, self.config.dropoute, self.training)  # (B, T, E)

@@ -82,12 +82,6 @@ class Cell(nn.Module):
         """Feature size of each state tensor; (H,) or (H, H) for the usual cells."""
         return (self.hidden_size,) * self.num_states
 
-    def gate_blocks(self) -> tuple[int, int]:
-        """How many H-row blocks ``weight_ih`` and ``weight_hh`` hold (for per-block init)."""
-        shapes = self.param_shapes()
-        h = self.hidden_size
-        return shapes["weight_ih"][0] // h, shapes["weight_hh"][0] // h
-
     def forget_block(self) -> tuple[int, float] | None:
         """(block index in the biases, sign) that the forget bias initialises, or None."""
         return None
