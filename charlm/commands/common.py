@@ -1,0 +1,72 @@
+"""What every command shares: the consoles, one clear line for a user error, the default checkpoint, and a
+reader that closes the pipe early."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from charlm.errors import CharlmError, TrainingInterrupted
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(func: F) -> F:
+    """Turn a :class:`CharlmError` into one clear message and its exit code (2; 130 for Ctrl-C), never a
+    traceback; likewise an ``OSError`` no other layer explained (a full disk, a vanished folder) and a
+    Ctrl-C outside training."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except TrainingInterrupted as exc:
+            from lightning.pytorch.utilities import rank_zero_only
+
+            if rank_zero_only.rank == 0:  # under DDP every process stops the same way: say it once
+                err.print(f"[bold yellow]stopped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except CharlmError as exc:
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            err.print(f"[bold red]error:[/] could not read or write{escape(where)}: {exc.strerror or exc}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[bold yellow]stopped:[/] interrupted by Ctrl-C", highlight=False)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def checkpoint_path(path: str | None, out_dir: str = "checkpoints") -> Path:
+    """The checkpoint asked for, else the newest run's best under ``out_dir``."""
+    from charlm.checkpoint import newest_run_checkpoint
+
+    return Path(path) if path else newest_run_checkpoint(out_dir)
+
+
+@contextlib.contextmanager
+def stdout_may_close() -> Iterator[None]:
+    """A reader that stops early (``charlm sample | head``) is a normal end: exit 0, quietly."""
+    try:
+        yield
+    except BrokenPipeError:
+        # stdout's buffer still holds text for the closed pipe: point it at /dev/null, so that flushing
+        # it at exit neither fails nor prints "Exception ignored ... BrokenPipeError"
+        with contextlib.suppress(OSError, ValueError):  # ValueError, io.UnsupportedOperation: a test's capture
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None

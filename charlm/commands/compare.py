@@ -1,0 +1,56 @@
+"""``charlm compare``: several cells under one config, seed and budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from charlm.commands.common import friendly, out
+
+
+@friendly
+def compare(
+    cells: Annotated[str | None, typer.Option(
+        help="Comma-separated cells, e.g. lstm,gru,peephole (see `charlm cells`); the first is the reference.")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="jozefowicz: Tanh, LSTM, LSTM-f/i/o/b, GRU, MUT1-3 (Jozefowicz et al. 2015); "
+             "greff: V (peephole) and NIG NFG NOG NIAF NOAF NP CIFG FGR (Greff et al. 2017).")] = None,
+    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
+    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
+    max_steps: Annotated[int | None, typer.Option(
+        help="Steps per run (alone, it turns the config's time limit off).")] = None,
+    max_time: Annotated[float | None, typer.Option(
+        help="Seconds per run (alone, it turns the config's step limit off).")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        help="Comma-separated seeds, e.g. 1,2,3: each cell is trained once per seed; mean ± std and "
+             "min–max are reported. Default: the config's seed.")] = None,
+    match_params: Annotated[bool, typer.Option(
+        "--match-params", help="Give each cell the hidden size whose parameter count is nearest the first cell's.")
+    ] = False,
+    out_dir: Annotated[str | None, typer.Option(
+        "--out", help="Folder of the comparison (default checkpoints/compare-<time>); the same --out resumes.")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+) -> None:
+    """Train several cells under one config, seed and budget; a table, results files and curves.png."""
+    import datetime as dt
+
+    from charlm.compare import PRESET_OVERRIDES, budget_overrides, parse_seeds, resolve_entries, run_comparison
+    from charlm.config import load_config
+
+    entries = resolve_entries(cells, preset)
+    overrides = ["sample.enabled=false", *PRESET_OVERRIDES.get((preset or "").strip().lower(), []),
+                 *(set_ or []), *budget_overrides(max_steps, max_time)]
+    if data is not None:
+        overrides.append(f"data.path={json.dumps(data)}")
+    cfg = load_config(config, overrides)
+    folder = Path(out_dir) if out_dir else Path(cfg.train.out) / f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    settings = {"config": config, "overrides": overrides, "preset": preset}
+    result = run_comparison(cfg, entries, seeds=parse_seeds(seeds, cfg.train.seed), out=folder,
+                            match_params=match_params, console=out, settings=settings)
+    out.print(f"[bold green]done[/]: {result.trained} run(s) trained, {len(result.runs) - result.trained} "
+              f"already finished; wrote {', '.join(str(p) for p in result.files)}")

@@ -1,0 +1,68 @@
+"""``charlm eval``: loss, bits per character and perplexity of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from charlm.commands.common import checkpoint_path, err, friendly, out, stdout_may_close
+from charlm.errors import CharlmError
+
+
+@friendly
+def evaluate(
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
+    split: Annotated[str, typer.Option(help="val or test.")] = "val",
+    text: Annotated[str | None, typer.Option(help="Evaluate this text file instead of a split.")] = None,
+    data: Annotated[str | None, typer.Option(help="Corpus the split is cut from (default: the run's).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Streams evaluated side by side (default: as the run's validation, so the loss matches its "
+             "val_loss: data.eval_batch_size x the processes it trained on).", show_default=False)] = None,
+) -> None:
+    """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
+    from charlm.checkpoint import load_model
+    from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
+    from charlm.datamodule import split_ids, text_ids
+    from charlm.evaluate import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
+    from charlm.train import fast_cpu_math
+
+    if split not in ("val", "test"):
+        raise CharlmError(f"--split must be val or test, got '{split}'")
+    if batch_size is not None and batch_size < 1:
+        raise CharlmError(f"--batch-size must be at least 1, got {batch_size}")
+    path = checkpoint_path(checkpoint)
+    model, vocab, cfg, ckpt = load_model(path)
+    fast_cpu_math()
+    if text is not None:
+        corpus = read_corpus(resolve_corpus_path(text, option="--text"))
+        ids = text_ids(vocab, corpus.text, what=f"--text file {corpus.path}")
+        source = str(corpus.path)
+    else:
+        corpus = load_corpus(data if data is not None else cfg.data.path)
+        all_ids = vocab.encode(corpus.text, what=f"corpus {corpus.path}")
+        ids = getattr(split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction), split)
+        source = f"{corpus.path} ({split} split)"
+    streams = batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)
+    # the training run's window, as its validation used: lstm-bn's per-step statistics restart with every
+    # window, so its loss depends on the window length (the other cells' does not, up to float rounding)
+    result = evaluate_ids(model, ids, batch_size=streams, bptt=cfg.data.bptt)
+    bad = nonfinite_parameters(model)
+    why = (f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. {bad[0]})" if bad
+           else "the model's scores overflowed on this text")
+    result = finite_or_null({"checkpoint": str(path), "source": source, "streams": streams, **result}, why)
+    with stdout_may_close():
+        if as_json:
+            print(json.dumps(result, allow_nan=False))
+            return
+        table = Table(title=f"{path}\n{source}", show_header=False)
+        for key, fmt in (("loss", "{:.4f} nats/char"), ("bpc", "{:.4f} bits/char"), ("perplexity", "{:.3f}"),
+                         ("chars", "{:,}"), ("chars_per_s", "{:,.0f}")):
+            table.add_row(key, "not a finite number" if result[key] is None else fmt.format(result[key]))
+        out.print(table)
+    if "reason" in result:
+        err.print(f"[bold yellow]warning:[/] {escape(result['reason'])}", highlight=False, soft_wrap=True)

@@ -1,0 +1,81 @@
+"""``charlm train``: a model from a config, or a run continued (``--resume``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand
+
+from charlm.commands.common import friendly, out
+
+
+class TrainCommand(TyperCommand):
+    """``train`` with ``--resume`` usable alone: Typer options cannot take an optional value, so a bare
+    ``--resume`` (the last word, or followed by another option) is given the value ``newest`` here."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        fixed: list[str] = []
+        for i, arg in enumerate(args):
+            fixed.append(arg)
+            if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+                fixed.append("newest")
+        return super().parse_args(ctx, fixed)
+
+
+@friendly
+def train(
+    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
+    cell: Annotated[str | None, typer.Option(help="Recurrent cell (see `charlm cells`).")] = None,
+    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    max_time: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name (folder under --out).")] = None,
+    out_dir: Annotated[str | None, typer.Option("--out", help="Folder of runs.")] = None,
+    devices: Annotated[str | None, typer.Option(help="Devices per node: a number or 'auto'.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    num_nodes: Annotated[int | None, typer.Option(help="Number of nodes.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="cpu, gpu or auto.")] = None,
+    precision: Annotated[str | None, typer.Option(help="e.g. 32-true, bf16-mixed.")] = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue a run: alone (or 'newest'), the newest run's last.ckpt under --out; or a checkpoint.",
+        show_default=False)] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+    show_samples: Annotated[bool | None, typer.Option(
+        "--samples/--no-samples", help="Print a short sample at each validation (default: the config's).")] = None,
+) -> None:
+    """Train a model; prints the best validation loss and where its checkpoint is."""
+    from charlm.config import load_config
+
+    overrides = list(set_ or [])
+    named = {"model.cell": cell, "data.path": data, "train.max_epochs": max_epochs,
+             "train.max_steps": max_steps, "train.max_time": max_time, "train.seed": seed,
+             "train.name": name, "train.out": out_dir, "train.strategy": strategy,
+             "train.num_nodes": num_nodes, "train.accelerator": accelerator, "train.precision": precision,
+             "sample.enabled": show_samples}
+    overrides += [f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None]
+    if devices is not None:
+        overrides.append(f"train.devices={devices}")
+    cfg = load_config(config, overrides)
+    resume_path, run_dir = None, None
+    if resume is not None:
+        from charlm.resume import resolve_resume
+
+        cfg, resume_path, run_dir = resolve_resume(resume, cfg, overrides)
+    from charlm.train import train as run_training
+
+    result = run_training(cfg, resume=resume_path, run_dir=run_dir, console=out)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from charlm.metrics import LN2
+
+    if rank_zero_only.rank != 0:  # under DDP every process runs this command; one report is enough
+        return
+    out.print(f"[bold green]done[/] in {result.seconds:.0f} s, {result.steps} steps, "
+              f"{result.parameters:,} parameters")
+    out.print(f"best val loss {result.best_val_loss:.4f} nats/char = {result.best_val_loss / LN2:.4f}"
+              f" bits/char")
+    out.print(f"checkpoint: {result.best_checkpoint}")
