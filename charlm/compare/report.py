@@ -27,6 +27,7 @@ from rich.table import Table
 from charlm.atomic import atomic_write_text
 from charlm.compare.plan import Entry
 from charlm.compare.records import RunResult
+from charlm.compare.significance import significance_markdown, significance_rows
 from charlm.config import Config
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -269,7 +270,8 @@ def write_results(out: Path, base: Config, summaries: Sequence[CellSummary], run
 
     document = {"charlm_version": __version__, "written": dt.datetime.now().isoformat(timespec="seconds"),
                 "complete": complete, "settings": settings, "best": best, "curves": curves,
-                "cells": rows, "runs": [dataclasses.asdict(r) for r in runs]}
+                "cells": rows, "runs": [dataclasses.asdict(r) for r in runs],
+                "against_reference": significance_rows(summaries, settings.get("preset"))}
     atomic_write_text(files["results.json"], json.dumps(document, indent=1) + "\n")
     seeds = settings.get("seeds", [])
     m = base.model
@@ -288,6 +290,8 @@ def write_results(out: Path, base: Config, summaries: Sequence[CellSummary], run
              "validation and test splits. ★ marks the lowest validation bpc: validation chooses, "
              "test is only reported. Perplexity is on the test split."
              + (" Values are mean ± sample std over seeds; min–max gives the range." if len(seeds) > 1 else "")]
+    against = significance_markdown(summaries, settings.get("preset"))
+    lines += ["", *against] if against else []
     if not complete:
         lines += ["", "_Incomplete: some runs have not finished; re-run the same command to resume._"]
     if curves:

@@ -23,6 +23,7 @@ from charlm.compare.report import (
     summarize,
     write_results,
 )
+from charlm.compare.significance import significance_table
 from charlm.config import Config, validate
 from charlm.errors import CharlmError, TrainingInterrupted
 from charlm.train import train as run_training
@@ -175,6 +176,10 @@ def run_comparison(base: Config, entries: Sequence[Entry], *, seeds: Sequence[in
                           curves=png.name if png else None, complete=True)
     if png is not None:
         files.append(png)
-    if console is not None and note:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+    if console is not None:
+        against = significance_table(summaries, settings.get("preset"))
+        if against is not None:
+            console.print(against)
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}")
     return Comparison(out, summaries, runs, files, note, trained)
