@@ -1,0 +1,104 @@
+"""``charlm serve`` in a real browser: headless Chromium (Debian's ``chromium`` and ``chromium-driver``)
+driven by Selenium against a real uvicorn server.
+
+Skipped only where the browser is missing and ``$CI`` is not set; under CI a missing browser fails
+(``.ci/run`` installs it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from charlm.serve.app import create_app  # noqa: E402
+from charlm.serve.registry import Registry  # noqa: E402
+from charlm.serve.requests import Limits  # noqa: E402
+from charlm.serve.server import serve_in_thread  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+OPTIONS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+           "--window-size=1280,900"]
+
+
+def chrome(user_data_dir: Path) -> webdriver.Chrome:
+    """Headless Chromium with a fresh profile; the driver is Debian's, so Selenium Manager downloads nothing."""
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: under CI they must be installed "
+                        "(apt-get install chromium chromium-driver; .ci/run does)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in [*OPTIONS, f"--user-data-dir={user_data_dir}"]:
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+@pytest.fixture
+def page(trained_run: Path, tmp_path: Path) -> Iterator[tuple[webdriver.Chrome, str]]:
+    app = create_app(Registry([trained_run / "best.ckpt"]), Limits(max_length=1_000_000))
+    with serve_in_thread(app) as url:
+        driver = chrome(tmp_path / "profile")
+        try:
+            driver.get(url)
+            yield driver, url
+        finally:
+            driver.quit()
+
+
+def generated(driver: webdriver.Chrome) -> int:
+    return int(driver.execute_script("return document.querySelectorAll('#output .ch').length"))
+
+
+def test_page_streams_coloured_text_and_shows_errors(page: tuple[webdriver.Chrome, str]) -> None:
+    driver, _ = page
+    wait = WebDriverWait(driver, 10)
+    wait.until(lambda d: "lstm" in d.find_element(By.ID, "model-info").text)
+    assert "val bpc" in driver.find_element(By.ID, "model-info").text
+    prime = driver.find_element(By.ID, "prime")
+    prime.clear()
+    prime.send_keys("ROMEO:")
+    length = driver.find_element(By.ID, "length")
+    length.clear()
+    length.send_keys("1000000")  # streams until Stop
+    driver.find_element(By.ID, "generate").click()
+
+    seen: list[int] = []  # the number of characters on the page, observed while they stream in
+    deadline = time.monotonic() + 10
+    while len(set(seen) - {0}) < 3 and time.monotonic() < deadline:
+        seen.append(generated(driver))
+        time.sleep(0.05)
+    assert len(set(seen) - {0}) >= 3, seen
+    assert seen == sorted(seen)
+    driver.find_element(By.ID, "stop").click()
+    wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("stopped after"))
+    assert driver.find_element(By.CSS_SELECTOR, "#output .prime").text == "ROMEO:"
+
+    colours = driver.execute_script(
+        "return [...document.querySelectorAll('#output .ch')].slice(0, 200).map(s => s.style.backgroundColor)")
+    assert all(c.startswith("rgb") for c in colours) and len(set(colours)) > 3
+    span = driver.find_elements(By.CSS_SELECTOR, "#output .ch")[5]
+    ActionChains(driver).move_to_element(span).perform()
+    tip = driver.find_element(By.ID, "tip")
+    wait.until(lambda d: tip.is_displayed())
+    assert len(tip.find_elements(By.CSS_SELECTOR, "tr")) == 5 and "bits" in tip.text
+
+    prime.clear()
+    prime.send_keys("ROMEO: é")
+    driver.find_element(By.ID, "generate").click()
+    error = driver.find_element(By.ID, "error")
+    wait.until(lambda d: error.is_displayed())
+    assert "the prime has 1 character(s) outside the model's" in error.text and "'é' (1x)" in error.text
