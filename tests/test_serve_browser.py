@@ -100,6 +100,8 @@ def test_page_streams_coloured_text_and_shows_errors(page: tuple[webdriver.Chrom
         "return [...document.querySelectorAll('#output .ch')].slice(0, 200).map(s => s.style.backgroundColor)")
     assert all(c.startswith("rgb") for c in colours) and len(set(colours)) > 3
     span = driver.find_elements(By.CSS_SELECTOR, "#output .ch")[5]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", span)
+    time.sleep(0.3)  # a scroll hides the tooltip: let the scroll events pass before hovering
     ActionChains(driver).move_to_element(span).perform()
     tip = driver.find_element(By.ID, "tip")
     wait.until(lambda d: tip.is_displayed())
