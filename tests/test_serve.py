@@ -116,6 +116,8 @@ BAD = [  # (body, status, the sentence the page shows)
     (b"garbage", 400, "the request is not valid JSON (UTF-8)"),
     (b"[1, 2]", 400, "the request must be a JSON object with a prime and the sampling settings"),
     (b"x" * 70_000, 413, "the request is larger than 64 KiB; a prime is at most a few thousand characters"),
+    (b"[" * 60_000, 400, "the request is JSON nested too deeply; send one object of plain fields"),
+    (b'{"prime": "\\ud800"}', 400, "the prime is not valid text (it holds a lone UTF-16 surrogate)"),
     ({"prime": ""}, 400, "type a prime: the text the model continues (at least one character)"),
     ({"prime": "a" * 51}, 400, "the prime has 51 characters; this server takes at most 50 (charlm serve --max-prime)"),
     ({"prime": "ROMEO: ¿qué?"}, 422, "the prime has 2 character(s) outside the model's 65-character vocabulary: "
@@ -152,6 +154,21 @@ def test_other_bad_paths_answer_json(client: httpx.Client) -> None:
                                                                 "it offers 0, 1"}
     assert client.get("/api/generate").status_code == 405
     assert client.get("/nothing").json() == {"error": "Not Found"}
+
+
+def test_an_unreadable_checkpoint_is_one_sentence_and_the_others_still_serve(trained_run: Path,
+                                                                            tmp_path: Path) -> None:
+    bad = tmp_path / "bad" / "best.ckpt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    app = create_app(Registry([bad, trained_run / "best.ckpt"]))
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        r = http.get("/api/checkpoints/0")
+        assert r.status_code == 500
+        assert r.json()["error"].startswith(f"{bad} is not a readable checkpoint (truncated, corrupt, or not a "
+                                            "checkpoint); refused to load it")
+        r = http.post("/api/generate", json={"checkpoint": "1", "prime": "a", "length": 4, "temperature": 0})
+        assert r.status_code == 200 and events(r.text)[-1][1]["chars"] == 4
 
 
 def test_busy_server_answers_503_and_a_client_that_leaves_stops_its_generation(trained_run: Path) -> None:

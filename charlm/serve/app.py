@@ -89,6 +89,8 @@ async def read_json(request: Request) -> object:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise BadRequest("the request is not valid JSON (UTF-8)") from None
+    except RecursionError:
+        raise BadRequest("the request is JSON nested too deeply; send one object of plain fields") from None
 
 
 def _generation_thread(loaded: Loaded, req: GenerateRequest, put: Callable[[object], None],

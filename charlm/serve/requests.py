@@ -70,6 +70,10 @@ def parse_generate(body: object, limits: Limits) -> GenerateRequest:
     prime = body.get("prime")
     if not isinstance(prime, str) or not prime:
         raise BadRequest("type a prime: the text the model continues (at least one character)")
+    try:
+        prime.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("the prime is not valid text (it holds a lone UTF-16 surrogate)") from None
     if len(prime) > limits.max_prime:
         raise BadRequest(f"the prime has {len(prime):,} characters; this server takes at most "
                          f"{limits.max_prime:,} (charlm serve --max-prime)")
