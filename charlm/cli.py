@@ -14,6 +14,7 @@ from charlm.commands.compare import compare
 from charlm.commands.data import data_
 from charlm.commands.evaluate import evaluate
 from charlm.commands.sample import sample
+from charlm.commands.serve import serve
 from charlm.commands.train import TrainCommand, train
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -24,6 +25,7 @@ app.command()(sample)
 app.command("data")(data_)
 app.command()(cells)
 app.command()(compare)
+app.command()(serve)
 
 
 def main() -> None:
