@@ -131,12 +131,16 @@ class CharLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A finite loss can still give inf/NaN gradients: never let them reach the weights."""
-        if str(self.trainer.precision).startswith("16"):
-            return  # fp16 mixed precision: the gradient scaler already skips such steps
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return  # a step skipped for its loss: nothing to check, and not a good step either
-        if not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        norm = torch.nn.utils.get_total_norm(grads)  # before clipping (Lightning clips after this hook)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.log("grad_norm", norm, on_step=True)
+        if str(self.trainer.precision).startswith("16"):
+            return  # fp16 mixed precision: the gradient scaler already skips such steps
+        if not finite:
             self._non_finite("the gradients became non-finite")
             optimizer.zero_grad(set_to_none=True)  # skipped: no gradient, no update
             self._train_states = None
