@@ -11,7 +11,8 @@ The hooks, in the order they fire in one training step:
    made outside the scheduler); logs ``lr``.
 2. ``training_step``: forward from the carried state, loss with AR/TAR; a non-finite loss stops the run
    (or skips the step).
-3. ``on_before_optimizer_step``: a non-finite gradient never reaches the weights.
+3. ``on_before_optimizer_step``: logs the gradients' norm (``grad_norm``, before clipping); a non-finite
+   gradient never reaches the weights.
 4. Lightning steps the optimizer, then the ``LambdaLR`` of ``configure_optimizers`` (``interval:
    "step"``), which asks :meth:`CharLMModule.learning_rate` for the next step's rate.
 5. When a validation follows the step: ``on_validation_start`` swaps in NT-ASGD's averaged weights
