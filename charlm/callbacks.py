@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
 from rich.markup import escape
 
 from charlm.errors import TrainingInterrupted
+from charlm.loggers import log_text
 from charlm.sampling import generate
 
 
@@ -221,7 +222,8 @@ class TrackBestPath(Callback):
 
 
 class PrintSample(Callback):
-    """After each validation, print a short sample so the user sees the model learn.
+    """After each validation, print a short sample so the user sees the model learn (and add it to the
+    run's TensorBoard, when it has one: :func:`charlm.loggers.log_text`).
 
     A ``sample.prime`` with characters outside the corpus's vocabulary does not stop training (the
     default prime need not suit every corpus): a warning names them once, at the start of training, and
@@ -248,6 +250,7 @@ class PrintSample(Callback):
         text = generate(model, vocab, self.usable_prime, self.length, temperature=self.temperature,
                         seed=self.seed)[0]
         model.train(was_training)
+        log_text(trainer, "sample", text)
         loss = trainer.callback_metrics.get("val_loss")
         head = f"step {trainer.global_step}" + (f", val loss {float(loss):.4f}" if loss is not None else "")
         bar = trainer.progress_bar_callback

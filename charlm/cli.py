@@ -12,6 +12,7 @@ import typer
 from charlm.commands.cells import cells
 from charlm.commands.compare import compare
 from charlm.commands.data import data_
+from charlm.commands.env import env
 from charlm.commands.evaluate import evaluate
 from charlm.commands.sample import sample
 from charlm.commands.serve import serve
@@ -26,6 +27,7 @@ app.command("data")(data_)
 app.command()(cells)
 app.command()(compare)
 app.command()(serve)
+app.command()(env)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -34,6 +35,7 @@ class DataConfig:
     eval_batch_size: int = 16  # streams for validation / test
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    drop_unknown: bool = False  # a given vocabulary (--init-from): drop the text's characters outside it
 
 
 @dataclass
@@ -97,6 +99,9 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's choice
     on_nan: Literal["stop", "skip"] = "stop"
     progress: bool = True
+    loggers: str = "csv"  # comma-separated: csv (<run>/metrics.csv), tensorboard (<run>/tensorboard/)
+    init_from: str | None = None  # fine-tune: start from this checkpoint's weights (fresh optimizer, new run)
+    init_from_sha256: str | None = None  # that checkpoint's sha256 (recorded; checked when given)
 
 
 @dataclass
@@ -333,6 +338,23 @@ def validate(config: Config) -> None:
     if t.max_epochs == -1 and t.max_steps == -1 and t.max_time is None:
         raise CharlmError("no stopping rule: set train.max_epochs, train.max_steps or train.max_time")
     m.cell = cell_registry_names([m.cell])[0]
+    t.loggers = ",".join(logger_names(t.loggers))
+    if t.init_from_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", t.init_from_sha256):
+        raise CharlmError("config key 'train.init_from_sha256' must be 64 lowercase hex digits (a sha256) or null, "
+                          f"got {t.init_from_sha256!r}")
+
+
+LOGGERS = ("csv", "tensorboard")  # the names train.loggers (--logger) takes
+
+
+def logger_names(text: str) -> list[str]:
+    """``"csv, TensorBoard"`` -> ``["csv", "tensorboard"]``: known names, each once, at least one."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown or not names:
+        raise CharlmError(f"config key 'train.loggers' (--logger) must name one or more of {', '.join(LOGGERS)} "
+                          f"(comma-separated), got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def dump_yaml(config: Config) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import lightning as L
@@ -43,7 +44,8 @@ def split_ids(ids: Tensor, val_fraction: float, test_fraction: float) -> Splits:
 
 
 class CharDataModule(L.LightningDataModule):
-    """Serves stream windows; the vocabulary comes from the corpus unless a checkpoint's is given."""
+    """Serves stream windows; the vocabulary comes from the corpus unless a checkpoint's is given (then the
+    text's characters outside it are an error, or with ``data.drop_unknown`` removed: see ``dropped``)."""
 
     def __init__(self, config: DataConfig, *, seed: int = 0, vocab: Vocab | None = None,
                  corpus: Corpus | None = None) -> None:
@@ -51,7 +53,13 @@ class CharDataModule(L.LightningDataModule):
         self.config, self.seed = config, seed
         self.corpus = corpus if corpus is not None else load_corpus(config.path)
         self.vocab = vocab if vocab is not None else Vocab.from_text(self.corpus.text)
-        ids = self.vocab.encode(self.corpus.text, what=f"corpus {self.corpus.path}")
+        what = f"corpus {self.corpus.path}"
+        problem = None if config.drop_unknown else self.vocab.describe_unknown(self.corpus.text, what)
+        if problem:  # a given vocabulary (fine-tuning) the text does not fit
+            whose = f" ({self.vocab.origin})" if self.vocab.origin else ""
+            raise CharlmError(f"{problem}{whose}; pass --drop-unknown (data.drop_unknown=true) to remove them "
+                              "from the text")
+        ids, self.dropped = corpus_ids(self.vocab, self.corpus.text, what, drop_unknown=config.drop_unknown)
         self.splits = split_ids(ids, config.val_fraction, config.test_fraction)
         self._check_sizes()
 
@@ -102,6 +110,15 @@ class CharDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def corpus_ids(vocab: Vocab, text: str, what: str, *, drop_unknown: bool = False) -> tuple[Tensor, Counter[str]]:
+    """``text`` as ids, and the characters left out: with ``drop_unknown`` those outside ``vocab`` are removed
+    first (and counted), else they are an error naming them (``Vocab.encode``)."""
+    dropped = vocab.unknown(text) if drop_unknown else Counter()
+    if dropped:
+        text = "".join(c for c in text if c not in dropped)
+    return vocab.encode(text, what=what), dropped
 
 
 def text_ids(vocab: Vocab, text: str, what: str) -> Tensor:

@@ -11,7 +11,8 @@ The hooks, in the order they fire in one training step:
    made outside the scheduler); logs ``lr``.
 2. ``training_step``: forward from the carried state, loss with AR/TAR; a non-finite loss stops the run
    (or skips the step).
-3. ``on_before_optimizer_step``: a non-finite gradient never reaches the weights.
+3. ``on_before_optimizer_step``: logs the gradients' norm (``grad_norm``, before clipping); a non-finite
+   gradient never reaches the weights.
 4. Lightning steps the optimizer, then the ``LambdaLR`` of ``configure_optimizers`` (``interval:
    "step"``), which asks :meth:`CharLMModule.learning_rate` for the next step's rate.
 5. When a validation follows the step: ``on_validation_start`` swaps in NT-ASGD's averaged weights
@@ -131,12 +132,16 @@ class CharLMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A finite loss can still give inf/NaN gradients: never let them reach the weights."""
-        if str(self.trainer.precision).startswith("16"):
-            return  # fp16 mixed precision: the gradient scaler already skips such steps
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return  # a step skipped for its loss: nothing to check, and not a good step either
-        if not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        norm = torch.nn.utils.get_total_norm(grads)  # before clipping (Lightning clips after this hook)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.log("grad_norm", norm, on_step=True)
+        if str(self.trainer.precision).startswith("16"):
+            return  # fp16 mixed precision: the gradient scaler already skips such steps
+        if not finite:
             self._non_finite("the gradients became non-finite")
             optimizer.zero_grad(set_to_none=True)  # skipped: no gradient, no update
             self._train_states = None

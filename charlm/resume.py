@@ -11,6 +11,9 @@ from charlm.checkpoint import newest_run_checkpoint, safe_load
 from charlm.config import Config, apply, from_dict, parse_override, validate
 from charlm.errors import CharlmError
 
+INIT_FROM_WITH_RESUME = ("--init-from (train.init_from) starts a new run from a checkpoint's weights and --resume "
+                         "continues a run: give one of them, not both")
+
 
 def resolve_resume(resume: str, cli_config: Config, overrides: list[str]) -> tuple[Config, Path, Path]:
     """The run's saved config plus this command's explicit overrides, the checkpoint and its folder.
@@ -25,6 +28,8 @@ def resolve_resume(resume: str, cli_config: Config, overrides: list[str]) -> tup
     for text in overrides:
         apply(config, parse_override(text), source="--set")
     validate(config)
+    if config.train.init_from != saved.train.init_from:
+        raise CharlmError(INIT_FROM_WITH_RESUME)
     check_same_model(path, ckpt, saved, config)
     return config, path, path.parent
 
@@ -34,6 +39,20 @@ def check_same_model(path: Path, ckpt: dict[str, Any], saved: Config, config: Co
 
     Settings that keep every weight's name and shape (dropout rates, for instance) may change.
     """
+    changed = model_changes(ckpt, saved, config)
+    if changed is None:
+        return
+    if not changed:
+        raise CharlmError(f"{path} does not match this version of charlm (its weights do not fit the model its "
+                          "config describes); retrain it")
+    raise CharlmError(f"cannot resume {path} with {changed}: the checkpoint holds another model; resume without "
+                      "changing the model, or train a new run under another --name")
+
+
+def model_changes(ckpt: dict[str, Any], saved: Config, config: Config) -> str | None:
+    """``None`` when ``config.model`` has the cell of ``ckpt`` (saved with config ``saved``) and every one of
+    its weights' names and shapes; else the changed keys, ``"model.K=new (the checkpoint's: old), ..."``
+    (empty when none changed: then the checkpoint itself does not fit its config)."""
     from charlm.model import CharLM
 
     vocab_size = len(ckpt["hyper_parameters"]["vocab"])
@@ -41,11 +60,6 @@ def check_same_model(path: Path, ckpt: dict[str, Any], saved: Config, config: Co
         wanted = {f"model.{k}": v.shape for k, v in CharLM(vocab_size, config.model).state_dict().items()}
     held = {k: v.shape for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if config.model.cell == saved.model.cell and wanted == held:
-        return
+        return None
     old, new = saved.to_dict()["model"], config.to_dict()["model"]
-    changed = ", ".join(f"model.{k}={new[k]!r} (the checkpoint's: {old[k]!r})" for k in new if new[k] != old[k])
-    if not changed:
-        raise CharlmError(f"{path} does not match this version of charlm (its weights do not fit the model its "
-                          "config describes); retrain it")
-    raise CharlmError(f"cannot resume {path} with {changed}: the checkpoint holds another model; resume without "
-                      "changing the model, or train a new run under another --name")
+    return ", ".join(f"model.{k}={new[k]!r} (the checkpoint's: {old[k]!r})" for k in new if new[k] != old[k])

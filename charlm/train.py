@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import os
@@ -14,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from rich.console import Console
+from rich.markup import escape
 
 from charlm.atomic import atomic_write_text
 from charlm.callbacks import (
@@ -23,15 +25,17 @@ from charlm.callbacks import (
     StopOnInterrupt,
     TrackBestPath,
 )
-from charlm.checkpoint import AtomicCheckpointIO
+from charlm.checkpoint import AtomicCheckpointIO, safe_load
 from charlm.config import Config, dump_yaml
 from charlm.datamodule import CharDataModule, eval_streams
 from charlm.errors import CharlmError
 from charlm.evaluate import evaluate_ids
+from charlm.finetune import load_starting_point
 from charlm.lightning_module import CharLMModule
-from charlm.metrics_csv import MetricsCSV
+from charlm.loggers import build_loggers, check_loggers
 from charlm.model import count_parameters
 from charlm.runs import hold_run_folder, new_run_dir
+from charlm.vocab import Vocab
 
 
 @dataclass
@@ -68,7 +72,7 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
             precision=t.precision,  # type: ignore[arg-type]
             max_epochs=t.max_epochs, max_steps=t.max_steps,
             max_time=None if t.max_time is None else dt.timedelta(seconds=t.max_time),
-            gradient_clip_val=config.optim.clip or None, logger=MetricsCSV(run_dir),
+            gradient_clip_val=config.optim.clip or None, logger=build_loggers(config, run_dir),
             callbacks=callbacks, enable_progress_bar=t.progress, log_every_n_steps=t.log_every_steps,
             use_distributed_sampler=False, plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0,
             enable_model_summary=False, default_root_dir=run_dir, **val_kwargs)  # type: ignore[arg-type]
@@ -118,15 +122,28 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
     the folder is touched; it is locked while the run writes to it.
     """
     t = config.train
+    check_loggers(config)
     run_dir, new = (run_dir, False) if run_dir is not None else (new_run_dir(config), True)
     quiet_lightning()
     fast_cpu_math(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    data = CharDataModule(config.data, seed=t.seed)
+    vocab, start, resumed_at = None, None, None
+    if resume is not None:  # the checkpoint's vocabulary (a fine-tuned run's is not its corpus's)
+        ckpt = safe_load(resume)
+        vocab = Vocab(ckpt["hyper_parameters"]["vocab"], origin=f"checkpoint {resume}")
+        resumed_at = int(ckpt.get("global_step", 0))
+    elif t.init_from is not None:
+        start = load_starting_point(config)
+        vocab = start.vocab
+        config = copy.deepcopy(config)
+        config.train.init_from_sha256 = start.sha256  # recorded in config.yaml and the checkpoints
+    data = CharDataModule(config.data, seed=t.seed, vocab=vocab)
     module = CharLMModule(config.to_dict(), data.vocab.chars)
+    if start is not None:
+        module.model.load_state_dict(start.state_dict)
     trainer, best = build_trainer(config, run_dir, extra_callbacks=callbacks)
-    if resume is not None and isinstance(trainer.logger, MetricsCSV):
-        trainer.logger.resumed = True  # continue the run's metrics.csv
+    if resumed_at is not None:  # continue the run's metrics.csv and TensorBoard events
+        trainer.loggers = build_loggers(config, run_dir, resumed_at_step=resumed_at)
     with hold_run_folder(run_dir, new=new, writer=trainer.is_global_zero):
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
@@ -150,6 +167,12 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
                       f"({config.optim.schedule}, not scaled with the batch)  [bold]precision[/] {t.precision}")
         if resume is not None:
             console.print(f"[bold]resuming[/] from {resume}")
+        elif t.init_from is not None:
+            console.print(f"[bold]fine-tuning[/] from {escape(t.init_from)} (sha256 {t.init_from_sha256}): its "
+                          "weights, model and vocabulary; a fresh optimizer and schedule")
+        if data.dropped:
+            problem = data.vocab.describe_unknown(data.corpus.text, f"corpus {data.corpus.path}")
+            console.print(f"[yellow]dropped[/] from the text (data.drop_unknown): {escape(str(problem))}")
     # the C++ kernel of lstm-ln / lstm-bn is built (once per machine) here, not in the first timed step
     from charlm.cells.norm_lstm_cpp import build_before_training
     build_before_training(config.model.cell, trainer.strategy.root_device)

@@ -221,6 +221,19 @@ def test_changed_settings_are_refused_not_mixed(copy_of: Path, corpus_file: Path
     assert code == 2 and "was trained with other settings (train.max_steps: 6 -> 7)" in output
 
 
+def test_a_record_from_before_a_config_key_existed_still_matches(copy_of: Path, corpus_file: Path) -> None:
+    """A key added to the config since the runs were recorded (here data.drop_unknown) is no difference
+    while it has its default value; off the default it is one."""
+    for record_path in copy_of.glob("*/compare-run.json"):
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        del record["fingerprint"]["data"]["drop_unknown"]
+        record_path.write_text(json.dumps(record), encoding="utf-8")
+    code, output = invoke(compare_args(corpus_file, copy_of))
+    assert code == 0 and "0 run(s) trained, 2 already finished" in " ".join(output.split())
+    code, output = invoke([*compare_args(corpus_file, copy_of), "--set", "data.drop_unknown=true"])
+    assert code == 2 and "was trained with other settings (data.drop_unknown: None -> True)" in output
+
+
 def test_seeds_report_mean_and_spread(copy_of: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = counting_train(monkeypatch)
     code, output = invoke(compare_args(corpus_file, copy_of, "gru", "--seeds", "1234,7"))

@@ -50,6 +50,11 @@ def _onednn_ops() -> OneDNNOps | None:
 _ONEDNN = _onednn_ops()
 
 
+def onednn_in_use() -> bool:
+    """Whether the products here go through oneDNN's packed-weight ops (this build has them, not turned off)."""
+    return _ONEDNN is not None
+
+
 def _onednn_eligible(x: Tensor, w: Tensor) -> bool:
     """oneDNN is there and on, and the operands are float32 CPU tensors outside autocast and compile."""
     return (

@@ -35,6 +35,10 @@ def compare(
         "--out", help="Folder of the comparison (default checkpoints/compare-<time>); the same --out resumes.")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
+    logger: Annotated[list[str] | None, typer.Option(
+        help="tensorboard: also write each run's TensorBoard events (<out>/<cell>-seed<seed>/tensorboard/; "
+             "`tensorboard --logdir <out>` shows them side by side). metrics.csv is always written.",
+        show_default=False)] = None,
 ) -> None:
     """Train several cells under one config, seed and budget; a table, results files and curves.png."""
     import datetime as dt
@@ -47,6 +51,8 @@ def compare(
                  *(set_ or []), *budget_overrides(max_steps, max_time)]
     if data is not None:
         overrides.append(f"data.path={json.dumps(data)}")
+    if logger:
+        overrides.append(f"train.loggers={json.dumps(','.join(logger))}")
     cfg = load_config(config, overrides)
     folder = Path(out_dir) if out_dir else Path(cfg.train.out) / f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}"
     settings = {"config": config, "overrides": overrides, "preset": preset}

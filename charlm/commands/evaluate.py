@@ -27,7 +27,7 @@ def evaluate(
     """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
     from charlm.checkpoint import load_model
     from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
-    from charlm.datamodule import split_ids, text_ids
+    from charlm.datamodule import corpus_ids, split_ids, text_ids
     from charlm.evaluate import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
     from charlm.train import fast_cpu_math
 
@@ -44,7 +44,8 @@ def evaluate(
         source = str(corpus.path)
     else:
         corpus = load_corpus(data if data is not None else cfg.data.path)
-        all_ids = vocab.encode(corpus.text, what=f"corpus {corpus.path}")
+        # as the run cut it: a fine-tuned run with data.drop_unknown trained without the characters it dropped
+        all_ids, _ = corpus_ids(vocab, corpus.text, f"corpus {corpus.path}", drop_unknown=cfg.data.drop_unknown)
         ids = getattr(split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction), split)
         source = f"{corpus.path} ({split} split)"
     streams = batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)

@@ -1,4 +1,4 @@
-"""``charlm train``: a model from a config, or a run continued (``--resume``)."""
+"""``charlm train``: a model from a config, a run continued (``--resume``), or fine-tuned (``--init-from``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 from typer.core import TyperCommand
 
 from charlm.commands.common import friendly, out
+from charlm.errors import CharlmError
 
 
 class TrainCommand(TyperCommand):
@@ -46,6 +47,15 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: section.key=value.")] = None,
     show_samples: Annotated[bool | None, typer.Option(
         "--samples/--no-samples", help="Print a short sample at each validation (default: the config's).")] = None,
+    logger: Annotated[list[str] | None, typer.Option(
+        help="Where metrics go: csv (metrics.csv, the default), tensorboard (<run>/tensorboard/), or both: "
+             "csv,tensorboard (or the option twice).", show_default=False)] = None,
+    init_from: Annotated[str | None, typer.Option(
+        help="Fine-tune: a new run starting from this checkpoint's weights, model and vocabulary (fresh "
+             "optimizer and schedule).", show_default=False)] = None,
+    drop_unknown: Annotated[bool, typer.Option(
+        "--drop-unknown", help="With --init-from: remove the text's characters outside the checkpoint's "
+                               "vocabulary (else they are refused).")] = False,
 ) -> None:
     """Train a model; prints the best validation loss and where its checkpoint is."""
     from charlm.config import load_config
@@ -55,16 +65,23 @@ def train(
              "train.max_steps": max_steps, "train.max_time": max_time, "train.seed": seed,
              "train.name": name, "train.out": out_dir, "train.strategy": strategy,
              "train.num_nodes": num_nodes, "train.accelerator": accelerator, "train.precision": precision,
-             "sample.enabled": show_samples}
+             "sample.enabled": show_samples, "train.loggers": ",".join(logger) if logger else None,
+             "train.init_from": init_from, "data.drop_unknown": drop_unknown or None}
     overrides += [f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None]
     if devices is not None:
         overrides.append(f"train.devices={devices}")
     cfg = load_config(config, overrides)
     resume_path, run_dir = None, None
     if resume is not None:
-        from charlm.resume import resolve_resume
+        from charlm.resume import INIT_FROM_WITH_RESUME, resolve_resume
 
+        if init_from is not None:
+            raise CharlmError(INIT_FROM_WITH_RESUME)
         cfg, resume_path, run_dir = resolve_resume(resume, cfg, overrides)
+    elif cfg.train.init_from is not None:
+        from charlm.finetune import fine_tune_config
+
+        cfg = fine_tune_config(cfg, overrides)
     from charlm.train import train as run_training
 
     result = run_training(cfg, resume=resume_path, run_dir=run_dir, console=out)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from charlm.config import Config, ModelConfig, cell_registry_names, check_seed, validate
+from charlm.config import Config, ModelConfig, cell_registry_names, check_seed, logger_names, validate
 from charlm.errors import CharlmError
 
 # The rows of the papers' tables, in their order: cell name -> the name the paper gives it.
@@ -186,12 +186,15 @@ class PlannedRun:
 def plan_runs(base: Config, entries: Sequence[Entry], seeds: Sequence[int], hidden: dict[str, int],
               out: Path) -> list[PlannedRun]:
     """Every (cell, seed) as a run in ``<out>/<cell>-seed<seed>``, seed-major: a first full row of results
-    comes early. Only ``model.cell``, ``model.hidden_size`` and ``train.seed`` differ from ``base``."""
+    comes early. Only ``model.cell``, ``model.hidden_size`` and ``train.seed`` differ from ``base`` (and
+    ``train.loggers``, which always has ``csv``)."""
     plans: list[PlannedRun] = []
     for seed in seeds:
         for entry in entries:
             config = copy.deepcopy(base)
             config.model.cell, config.model.hidden_size, config.train.seed = entry.cell, hidden[entry.cell], seed
+            # metrics.csv is where the curves are read from: always written, TensorBoard too if asked
+            config.train.loggers = ",".join(dict.fromkeys(["csv", *logger_names(base.train.loggers)]))
             validate(config)
             plans.append(PlannedRun(entry, seed, config, out / f"{entry.cell}-seed{seed}"))
     return plans

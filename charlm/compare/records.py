@@ -79,8 +79,11 @@ def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs; a key the old record lacks (added to the config since) counts only off its default."""
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    defaults = _flat(fingerprint(Config()))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 def _read_record(path: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from charlm.compare.report import (
 from charlm.compare.significance import significance_table
 from charlm.config import Config, validate
 from charlm.errors import CharlmError, TrainingInterrupted
+from charlm.loggers import check_loggers
 from charlm.train import train as run_training
 
 
@@ -110,6 +111,7 @@ def run_comparison(base: Config, entries: Sequence[Entry], *, seeds: Sequence[in
     if not entries:
         raise CharlmError("no cells to compare")
     validate(base)
+    check_loggers(base)  # before any run folder is made
     corpus = load_corpus(base.data.path)
     hidden = {e.cell: base.model.hidden_size for e in entries}
     if match_params:

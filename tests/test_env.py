@@ -1,0 +1,86 @@
+"""``charlm env``: the facts of a bug report, as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from charlm import __version__
+from charlm.cli import app
+from charlm.environment import cpp_kernels, parse_cpuinfo
+
+runner = CliRunner()
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx avx2 fma avx512f avx512dq avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_json_has_every_section_with_the_versions_of_this_process() -> None:
+    result = runner.invoke(app, ["env", "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.output)
+    assert set(facts) == {"charlm", "python", "platform", "packages", "optional", "cpu", "accelerators",
+                          "cpp_kernels"}
+    assert facts["charlm"]["version"] == __version__
+    assert facts["python"]["version"] == platform.python_version()
+    assert facts["packages"]["torch"] == torch.__version__ and facts["packages"]["lightning"] == lightning.__version__
+    assert all(isinstance(v, str) for v in facts["packages"].values())  # the dependencies are all installed
+    assert all(v is None or isinstance(v, str) for v in facts["optional"].values())
+    cpu = facts["cpu"]
+    assert cpu["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert cpu["torch_threads"] == torch.get_num_threads() and cpu["logical_cpus"] == os.cpu_count()
+    for flag in ("avx2", "avx512f", "avx512_bf16", "amx"):
+        assert cpu[flag] is None or isinstance(cpu[flag], bool)
+    if Path("/proc/cpuinfo").is_file():
+        assert isinstance(cpu["avx2"], bool) and isinstance(cpu["model"], str)
+    gpu = facts["accelerators"]
+    assert gpu["cuda"] == torch.version.cuda and gpu["cuda_available"] == torch.cuda.is_available()
+    assert len(gpu["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert isinstance(gpu["mps_available"], bool) and gpu["onednn_available"] == torch.backends.mkldnn.is_available()
+    assert isinstance(facts["cpp_kernels"]["built"], bool)
+    assert facts["cpp_kernels"]["cells"] == ["lstm-ln", "lstm-bn"]
+
+
+def test_the_table_shows_the_same_facts() -> None:
+    result = runner.invoke(app, ["env"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+            if line.count("│") == 3}
+    assert rows["packages.torch"] == torch.__version__
+    assert rows["charlm.version"] == __version__
+    assert rows["cpu.torch_threads"] == str(torch.get_num_threads())
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    model, flags = parse_cpuinfo(CPUINFO)
+    assert model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert flags == {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx": True}
+    model, flags = parse_cpuinfo("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    assert model == "AMD EPYC 7B13" and flags == {"avx2": True, "avx512f": False, "avx512_bf16": False, "amx": False}
+
+
+def test_the_cpp_kernels_are_looked_for_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from charlm.cells import norm_lstm_cpp
+
+    monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path / "native"))
+    found = cpp_kernels()
+    assert found["built"] is False and found["folder"] == str(norm_lstm_cpp.build_directory())
+    assert not (tmp_path / "native").exists()  # nothing was built or even made
+    # once built (here, in the session's own build folder), it is found
+    monkeypatch.undo()
+    if norm_lstm_cpp.available():
+        assert cpp_kernels()["built"] is True
