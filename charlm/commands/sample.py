@@ -36,8 +36,8 @@ def sample(
         help="Nucleus: sample only from the likeliest characters whose probabilities add up to P (after "
              "--temperature and --top-k).")] = None,
     stop: Annotated[list[str] | None, typer.Option(
-        help="End right after this text (repeatable; escapes such as \\n understood; included in the output).",
-        show_default=False)] = None,
+        metavar="STR", show_default=False,
+        help="End right after this text (repeatable; escapes such as \\n understood; included in the output).")] = None,
     seed: Annotated[int | None, typer.Option(help="Same seed, same text (0 to 2**32 - 1).")] = None,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated together (with --beam: the "
                                                   "best beams).")] = 1,
@@ -46,7 +46,7 @@ def sample(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: each sample's text and "
                                                          "log-probability.")] = False,
     interactive: Annotated[bool, typer.Option(
-        help="A session: each line you type is read into the running state and continued.")] = False,
+        "--interactive", help="A session: each line you type is read into the running state and continued.")] = False,
 ) -> None:
     """Generate text, streamed as it comes; the output starts with the prime."""
     from charlm.sampling import check_options, decode_escapes
