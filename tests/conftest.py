@@ -70,3 +70,32 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> 
     result = CliRunner().invoke(app, smoke_args(corpus_file, out))
     assert result.exit_code == 0, result.output
     return out / "smoke"
+
+
+def write_model_checkpoint(path: Path, text: str, *, scale: float = 1.0, seed: int = 0, **model: object) -> Path:
+    """An untrained model (the ``smoke`` config with ``model`` keys overridden, its weights times ``scale``)
+    saved as ``charlm sample`` / ``eval`` read a checkpoint, with the vocabulary of ``text``: a large scale
+    makes every next character depend strongly on the state, which tests of state keeping need."""
+    from charlm.checkpoint import FORMAT_VERSION
+    from charlm.config import load_config
+    from charlm.model import CharLM
+    from charlm.vocab import Vocab
+
+    cfg = load_config("smoke", [f"model.{k}={v}" for k, v in model.items()])
+    vocab = Vocab.from_text(text)
+    torch.manual_seed(seed)
+    net = CharLM(len(vocab), cfg.model)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(scale)
+    torch.save({"hyper_parameters": {"config": cfg.to_dict(), "vocab": vocab.chars, "format_version": FORMAT_VERSION},
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sharp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained model whose next character depends strongly on everything before it; its vocabulary
+    is the excerpt's plus one non-ASCII character, ``é``."""
+    return write_model_checkpoint(tmp_path_factory.mktemp("sharp") / "sharp.ckpt", shakespeare_text() + "é",
+                                  scale=4.0, hidden_size=32, embedding_size=16)

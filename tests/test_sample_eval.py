@@ -131,7 +131,7 @@ def test_extreme_temperatures_and_seeds_work(trained_run: Path) -> None:
 
 
 MEMORY_PROBE = textwrap.dedent("""
-    import os, re, sys
+    import json, os, re, sys
     import torch
     from typer.main import get_command
     from charlm.cli import app
@@ -143,26 +143,74 @@ MEMORY_PROBE = textwrap.dedent("""
     torch.set_num_threads(1)
     command = get_command(app)
     sys.stdout = open(os.devnull, "w")
-    run = ["sample", "--checkpoint", sys.argv[1], "--seed", "1", *sys.argv[3:]]
-    assert command.main([*run, "--length", "1000"], standalone_mode=False) is None  # warm-up: allocator, caches
+    runs = [["sample", "--checkpoint", sys.argv[1], "--seed", "1", *extra] for extra in json.loads(sys.argv[3])]
+    for run in runs:  # warm-up: allocator, caches
+        assert command.main([*run, "--length", "500"], standalone_mode=False) is None
     before = peak_kb()
-    assert command.main([*run, "--length", sys.argv[2]], standalone_mode=False) is None
+    for run in runs:
+        assert command.main([*run, "--length", sys.argv[2]], standalone_mode=False) is None
     print(peak_kb() - before, file=sys.stderr)
 """)
 
 
-def test_streaming_memory_stays_flat(trained_run: Path) -> None:
-    """One streamed sample keeps nothing, several keep one byte per character: the peak memory of a long
-    run hardly grows (it grew by about 1.2 KB per generated step when every step's tensor was kept)."""
-    probes = {name: subprocess.Popen([sys.executable, "-c", MEMORY_PROBE, str(trained_run / "best.ckpt"), "4000",
-                                      *extra], stderr=subprocess.PIPE, text=True)
-              for name, extra in (("one", []), ("several", ["--num-samples", "4"]))}  # one process each: the
-    growth_kb = {}  # memory one run frees would hide the other's growth
-    for name, probe in probes.items():
-        _, stderr = probe.communicate(timeout=300)
-        assert probe.returncode == 0, stderr
-        growth_kb[name] = int(stderr.strip().splitlines()[-1])
-    assert growth_kb["one"] < 2000 and growth_kb["several"] < 2000, growth_kb
+STREAM_CHARS = 5_000
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One layer of 8: the cheapest model to stream a long text from."""
+    from conftest import shakespeare_text, write_model_checkpoint
+
+    return write_model_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.ckpt", shakespeare_text(), num_layers=1,
+                                  hidden_size=8, embedding_size=8)
+
+
+def test_streaming_memory_stays_flat(tiny_checkpoint: Path) -> None:
+    """One streamed sample keeps nothing (with stop strings and top-p too), several keep one byte per character:
+    the peak memory of long runs hardly grows (it grew by about 1.2 KB per generated step when every step's
+    tensor was kept). Ten million characters would take too long for the suite on a shared CPU; the bound
+    catches a leak of 200 bytes a character in any of the runs, and the next test any Python object kept per
+    character."""
+    runs = [[], ["--stop", "zzqqzz", "--stop", "~\\n", "--top-p", "0.9"], ["--num-samples", "4"]]
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tiny_checkpoint), str(STREAM_CHARS),
+                            json.dumps(runs)], stderr=subprocess.PIPE, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr
+    growth_kb = int(probe.stderr.strip().splitlines()[-1])
+    assert growth_kb < STREAM_CHARS * 200 // 1024, growth_kb
+
+
+def test_long_streams_keep_no_python_objects(tiny_checkpoint: Path) -> None:
+    """The Python objects alive in the middle of a stream hardly differ after 600 and after 2,000 characters:
+    nothing is kept per character (the smallest object, 16 bytes, a character would show 22 KB), neither by
+    a stream with stop strings nor by a session's continuation."""
+    import gc
+    import tracemalloc
+
+    from charlm.checkpoint import load_model
+    from charlm.sampling import Session, Settings, stream
+
+    model, vocab, _, _ = load_model(tiny_checkpoint)
+    stops = ("zzqqzz", "~\n")  # never found: "~" is not in the vocabulary
+    session = Session(model, vocab, Settings(temperature=1.0, top_p=0.9, length=2000, stop=stops), seed=0)
+    session.read("ROMEO:\n")
+    runs = {"stream": lambda write: stream(model, vocab, "ROMEO:", 2000, write, top_k=20, top_p=0.9, seed=0,
+                                           stop=stops),
+            "session": session.continue_text}
+    held: dict[str, list[int]] = {name: [] for name in runs}
+    written = dict.fromkeys(runs, 0)
+    for name, run in runs.items():
+        def write(ch: str, name: str = name) -> None:
+            written[name] += 1
+            if written[name] in (600, 2000):
+                gc.collect()
+                held[name].append(tracemalloc.get_traced_memory()[0])
+
+        tracemalloc.start()
+        try:
+            run(write)
+        finally:
+            tracemalloc.stop()
+    assert all(len(h) == 2 and h[1] - h[0] < 8192 for h in held.values()), held
 
 
 @pytest.mark.parametrize("args", [("sample", "--length", "1000000"), ("sample", "--num-samples", "2", "--length", "20"),
