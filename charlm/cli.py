@@ -13,6 +13,7 @@ from charlm.commands.cells import cells
 from charlm.commands.compare import compare
 from charlm.commands.data import data_
 from charlm.commands.evaluate import evaluate
+from charlm.commands.gradients import gradients
 from charlm.commands.sample import sample
 from charlm.commands.train import TrainCommand, train
 from charlm.commands.viz import viz
@@ -26,6 +27,7 @@ app.command("data")(data_)
 app.command()(cells)
 app.command()(compare)
 app.command()(viz)
+app.command()(gradients)
 
 
 def main() -> None:

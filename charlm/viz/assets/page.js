@@ -165,11 +165,14 @@
   $("underline").addEventListener("change", () => { state.underline = $("underline").value; underline(); recolour(); });
 
   units();
-  // a selection in the address (#q=h&l=1&u=3&f=speaker_name) is restored, so a view can be linked
+  // a selection in the address (#q=h&l=1&u=3&f=speaker_name&p=42: p pins a character) is restored, so a
+  // view can be linked
   const want = new URLSearchParams(location.hash.slice(1));
   if (want.get("q") && want.get("q") !== "surprisal") select(want.get("q"), Number(want.get("l")), Number(want.get("u")));
   if (want.get("f")) { state.underline = want.get("f"); $("underline").value = state.underline; }
   underline();
   recolour();
+  const pin = Number(want.get("p"));
+  if (want.get("p") !== null && pin >= 0 && pin < spans.length) spans[pin].click();
   document.body.dataset.ready = "1";
 })();
