@@ -89,7 +89,9 @@ def state_gradient_norms(model: CharLM, windows: Tensor, *, warmup: int = 0, cli
                 hs.append(h)
             hidden.append(hs)
             v = norm(torch.stack(hs, 1))
-        loss = F.cross_entropy(model.decoder(v[:, -1]).float(), target, reduction="sum")
+        logits = model.decoder(v[:, -1])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # at least float32
+        loss = F.cross_entropy(logits, target, reduction="sum")
         flat = [h for hs in hidden for h in hs]
         grads = torch.autograd.grad(loss, flat, allow_unused=True)
     steps = x.shape[1]
