@@ -15,8 +15,8 @@ fixed), in eval mode (no dropout).
 Clipping (``clip`` > 0): at every step, the gradient flowing back into h_t is norm-clipped per sequence to
 at most ``clip`` before it goes on to earlier steps (a hook on h_t). The norm reported for h_t is the
 gradient arriving there (from every later step, each clipped in turn), before h_t's own clipping. This is
-per-step clipping of the backward through the hidden state; it is not the global
-gradient-norm clipping of training (``optim.clip``), which rescales the summed weight gradient once.
+per-step clipping of the backward through the hidden state; it is not the global gradient-norm clipping
+of training (``optim.clip``), which rescales the summed weight gradient once.
 """
 
 from __future__ import annotations
@@ -95,7 +95,9 @@ def state_gradient_norms(model: CharLM, windows: Tensor, *, warmup: int = 0, cli
         flat = [h for hs in hidden for h in hs]
         grads = torch.autograd.grad(loss, flat, allow_unused=True)
     steps = x.shape[1]
-    norms = torch.stack([torch.zeros(x.shape[0], device=device) if g is None else g.norm(dim=1) for g in grads])
+    # in float64: the squares of a float32 gradient below ~1e-19 would underflow to 0 in its own precision
+    norms = torch.stack([torch.zeros(x.shape[0], device=device, dtype=torch.float64) if g is None
+                         else g.double().norm(dim=1) for g in grads])
     return norms.reshape(len(hidden), steps, -1).flip(1).cpu()  # [l, t] -> [l, k = T - t]
 
 
