@@ -25,7 +25,8 @@ def gradients(
     cells: Annotated[str, typer.Option(
         help="Cells to measure at a fresh init, comma-separated.")] = "rnn,irnn,lstm,gru",
     checkpoint: Annotated[list[str] | None, typer.Option(
-        help="Measure this trained checkpoint instead of fresh cells (repeat for several).")] = None,
+        help="Measure this trained checkpoint instead of fresh cells (repeat for several; --cells and --config "
+             "are then not used).")] = None,
     config: Annotated[str, typer.Option(help="Config whose model size the fresh cells get.")] = "default",
     data: Annotated[str | None, typer.Option(help="Corpus (default: found as for training).")] = None,
     max_lag: Annotated[int, typer.Option(help="Largest lag K: steps back from the loss.")] = 200,
@@ -76,6 +77,9 @@ def gradients(
         raise CharlmError(f"--clip takes numbers separated by commas (0: no clipping), got '{clip}'") from None
     if any(not (c >= 0 and c < float("inf")) for c in clips):
         raise CharlmError(f"--clip values must be finite numbers >= 0, got '{clip}'")
+    if checkpoint and inits != ["default"]:
+        raise CharlmError("--init re-initialises fresh cells; a --checkpoint is measured with its trained weights, "
+                          "so leave --init out with --checkpoint")
     fast_cpu_math()
     length = warmup + max_lag + 2
     curves = []
