@@ -14,9 +14,11 @@ from charlm.commands.compare import compare
 from charlm.commands.data import data_
 from charlm.commands.env import env
 from charlm.commands.evaluate import evaluate
+from charlm.commands.gradients import gradients
 from charlm.commands.sample import sample
 from charlm.commands.serve import serve
 from charlm.commands.train import TrainCommand, train
+from charlm.commands.viz import viz
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Character-level recurrent language models of Shakespeare, AWD-LSTM style.")
@@ -28,6 +30,8 @@ app.command()(cells)
 app.command()(compare)
 app.command()(serve)
 app.command()(env)
+app.command()(viz)
+app.command()(gradients)
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from charlm.cells import get_cell
-from charlm.cells.base import INITS, Params
+from charlm.cells.base import INITS, Gates, Params
 from charlm.config import ModelConfig
 from charlm.errors import CharlmError
 from charlm.regularizers import drop_weight
@@ -266,6 +266,24 @@ class RecurrentLayer(nn.Module):
                                      self.training)
         with _quiet_uncompacted_weights(x.is_cuda):
             return _torch_rnn_op(kind, x, state, weights, self.training)
+
+    def steps(self, x: Tensor, state: State | None = None) -> Iterator[tuple[State, Gates]]:
+        """x (B, T, in): yields each step's new state (a tuple of (B, S), h first) and its gate activations by
+        name (each (B, H); :attr:`charlm.cells.Cell.gate_names`), one step at a time, from time index 0.
+
+        Always the cell's own arithmetic (:meth:`charlm.cells.Cell.step_gates`), also for a layer whose
+        :meth:`forward` runs a torch RNN kernel: the cell computes what that kernel computes, from the same
+        weights. For looking inside a layer (``charlm viz``, ``charlm gradients``), not for speed; use it in
+        eval mode. Gradients flow through every yielded tensor, so a step's h can be differentiated against.
+        """
+        if state is None:
+            state = self.initial_state(x.shape[0], x.device, x.dtype)
+        q = self.cell.prepare(self._params())
+        xw = self.cell.project(x.transpose(0, 1), q, 0)
+        st = tuple(s[0] for s in state)
+        for t, xt in enumerate(xw.unbind(0)):
+            st, gates = self.cell.step_gates(xt, st, q, t)
+            yield st, gates
 
     def step(self, x: Tensor, state: State | None = None, *, t: int | None = None) -> tuple[Tensor, State]:
         """One time step: x (B, in) -> output (B, H) and the new state.

@@ -27,6 +27,7 @@ from charlm.errors import CharlmError
 
 Params = dict[str, Tensor]
 CellState = tuple[Tensor, ...]
+Gates = dict[str, Tensor]
 StepFn = Callable[[Tensor, CellState, Params, int], CellState]
 
 INITS = ("xavier", "kaiming")
@@ -53,7 +54,8 @@ class CellSpec:
 class Cell(nn.Module):
     """Base class: one layer's recurrence. Holds no parameters of its own.
 
-    Subclasses set ``num_states`` and implement :meth:`param_shapes`, :meth:`step` and, where the
+    Subclasses set ``num_states`` and implement :meth:`param_shapes`, :meth:`step` (a gated cell:
+    :meth:`step_gates` and :attr:`gate_names` instead) and, where the
     default does not fit, :meth:`project`, :meth:`reset_parameters`, :meth:`sequence` and, for a cell
     with a hand-written kernel, :meth:`run` and :meth:`has_kernel_for`.
     It is an ``nn.Module`` only so that ``train()`` / ``eval()`` reach it (batch norm reads
@@ -61,6 +63,7 @@ class Cell(nn.Module):
     """
 
     num_states: int = 1
+    gate_names: tuple[str, ...] = ()  # the gates :meth:`step_gates` returns, in order
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -148,7 +151,15 @@ class Cell(nn.Module):
 
     def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
         """One time step: projected input (B, K), state -> new state (h first)."""
-        raise NotImplementedError
+        return self.step_gates(xw, state, q, t)[0]
+
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
+        """:meth:`step`, plus that step's gate activations by name (each (B, H), the names of
+        :attr:`gate_names`). A gated cell implements its step here and :meth:`step` keeps the state; a cell
+        without gates implements :meth:`step` only."""
+        if type(self).step is Cell.step:
+            raise NotImplementedError(f"{type(self).__name__} implements neither step nor step_gates")
+        return self.step(xw, state, q, t), {}
 
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         """Project x (T, B, in) and run every step: outputs (T, B, H) and the last state. A cell whose

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
 from charlm.cells.onednn_matmul import linear
 
 
@@ -25,6 +25,7 @@ class GRUCell(Cell):
     """
 
     num_states = 1
+    gate_names = ("r", "z", "n")
 
     def __init__(self, input_size: int, hidden_size: int, *, reset_inside: bool = False) -> None:
         super().__init__(input_size, hidden_size)
@@ -44,7 +45,7 @@ class GRUCell(Cell):
         folded = b_hh if self.reset_inside else torch.cat([b_hh[: 2 * h], b_hh.new_zeros(h)])
         return linear(x, q["weight_ih"], q["bias_ih"] + folded)
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h = state[0]
         hs = self.hidden_size
         w_hh = q["weight_hh"]
@@ -57,4 +58,4 @@ class GRUCell(Cell):
             rz = torch.sigmoid(xw[:, : 2 * hs] + hw[:, : 2 * hs])
             r, z = rz[:, :hs], rz[:, hs:]
             n = torch.tanh(xw[:, 2 * hs :] + r * (hw[:, 2 * hs :] + q["bias_hh"][2 * hs :]))
-        return (n + z * (h - n),)
+        return (n + z * (h - n),), {"r": r, "z": z, "n": n}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
 from charlm.cells.lstm_kernel import GatedLSTMKernel, kernel_runs_on
 
 
@@ -80,6 +80,9 @@ class GatedLSTMCell(Cell):
         self.config = config or GateConfig()
         self.blocks = self.config.blocks
         self.peep_blocks = self.config.peep_blocks
+        # the gates this variant has (CIFG's f = 1 - i counts), in the order i, f, g, o
+        coupled = self.config.coupled
+        self.gate_names = tuple(n for n in ("i", "f", "g", "o") if n in self.blocks or (n == "f" and coupled))
 
     def extra_repr(self) -> str:
         return f"blocks={''.join(self.blocks)}, peepholes={''.join(self.peep_blocks) or 'none'}"
@@ -104,7 +107,7 @@ class GatedLSTMCell(Cell):
             with torch.no_grad():
                 p["peephole"].zero_()
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h, c = state[0], state[1]
         hs = self.hidden_size
         gates = torch.addmm(xw, h, q["weight_hh"].t())
@@ -130,8 +133,10 @@ class GatedLSTMCell(Cell):
         c_new = f * c if f is not None else c
         c_new = c_new + i * g if i is not None else c_new + g
         a = torch.tanh(c_new) if self.config.out_tanh else c_new
-        h_new = torch.sigmoid(pre("o", c_new)) * a if "o" in blk else a
-        return h_new, c_new
+        o = torch.sigmoid(pre("o", c_new)) if "o" in blk else None
+        h_new = o * a if o is not None else a
+        named = {"i": i, "f": f, "g": g, "o": o}
+        return (h_new, c_new), {n: v for n, v in named.items() if v is not None}
 
     def has_kernel_for(self, x: Tensor) -> bool:
         return kernel_runs_on(x)
@@ -178,7 +183,7 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
         with torch.no_grad():
             p["weight_gg"].zero_()
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h, c, prev = state
         hs = self.hidden_size
         rec = prev @ q["weight_gg"].t()  # (B, 3H): contributions to a_i, a_f, a_o
@@ -194,4 +199,4 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
         c_new = f * c + i * g
         o = torch.sigmoid(gates[:, 3 * hs :] + peep[2 * hs :] * c_new)
         h_new = o * torch.tanh(c_new)
-        return h_new, c_new, torch.cat([i, f, o], 1)
+        return (h_new, c_new, torch.cat([i, f, o], 1)), {"i": i, "f": f, "g": g, "o": o}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
 from charlm.cells.onednn_matmul import linear
 
 
@@ -29,6 +29,7 @@ class MUT1Cell(Cell):
     """
 
     num_states = 1
+    gate_names = ("z", "r", "n")
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return standard_shapes(3, 2, self.input_size, self.hidden_size)
@@ -40,20 +41,21 @@ class MUT1Cell(Cell):
         u = torch.tanh(xw[..., 2 * h :]) + b_hh[h:]
         return torch.cat([xw[..., :h], xw[..., h : 2 * h] + b_hh[:h], u], -1)
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h = state[0]
         hs = self.hidden_size
         w_hh = q["weight_hh"]
         z = torch.sigmoid(xw[:, :hs])
         r = torch.sigmoid(torch.addmm(xw[:, hs : 2 * hs], h, w_hh[:hs].t()))
         n = torch.tanh(torch.addmm(xw[:, 2 * hs :], r * h, w_hh[hs:].t()))
-        return (h + z * (n - h),)
+        return (h + z * (n - h),), {"z": z, "r": r, "n": n}
 
 
 class _ThreeByThreeCell(Cell):
     """MUT2 and MUT3: one state, three input blocks and three recurrent blocks."""
 
     num_states = 1
+    gate_names = ("z", "r", "n")
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return standard_shapes(3, 3, self.input_size, self.hidden_size)
@@ -68,14 +70,14 @@ class MUT2Cell(_ThreeByThreeCell):
     ``weight_ih`` blocks (z, P, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
     """
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h = state[0]
         hs = self.hidden_size
         w_hh = q["weight_hh"]
         zr = torch.sigmoid(torch.addmm(xw[:, : 2 * hs], h, w_hh[: 2 * hs].t()))
         z, r = zr[:, :hs], zr[:, hs:]
         n = torch.tanh(torch.addmm(xw[:, 2 * hs :], r * h, w_hh[2 * hs :].t()))
-        return (h + z * (n - h),)
+        return (h + z * (n - h),), {"z": z, "r": r, "n": n}
 
 
 class MUT3Cell(_ThreeByThreeCell):
@@ -88,11 +90,11 @@ class MUT3Cell(_ThreeByThreeCell):
     (MUT3 never uses the bare input, so it needs no projection.)
     """
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h = state[0]
         hs = self.hidden_size
         w_hh = q["weight_hh"]
         z = torch.sigmoid(torch.addmm(xw[:, :hs], torch.tanh(h), w_hh[:hs].t()))
         r = torch.sigmoid(torch.addmm(xw[:, hs : 2 * hs], h, w_hh[hs : 2 * hs].t()))
         n = torch.tanh(torch.addmm(xw[:, 2 * hs :], r * h, w_hh[2 * hs :].t()))
-        return (h + z * (n - h),)
+        return (h + z * (n - h),), {"z": z, "r": r, "n": n}

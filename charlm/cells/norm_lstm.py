@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from charlm.cells import norm_lstm_cpp
-from charlm.cells.base import Cell, CellState, Params, standard_shapes
+from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
 from charlm.cells.lstm_kernel import kernel_runs_on
 from charlm.cells.norm_lstm_cpp import CppNormLSTMKernel
 from charlm.cells.norm_lstm_kernel import NormLSTMKernel, StepNorm, batch_norm_over_steps
@@ -25,13 +25,13 @@ def _kernel(x: Tensor) -> type[torch.autograd.Function]:
     return CppNormLSTMKernel if x.device.type == "cpu" and norm_lstm_cpp.available() else NormLSTMKernel
 
 
-def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Tensor]:
-    """LSTM gate activations from normalised pre-activations (i, f, g, o): returns (o, c')."""
+def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Gates]:
+    """LSTM gate activations from normalised pre-activations (i, f, g, o): returns (c', the gates)."""
     i = torch.sigmoid(gates[:, :hs])
     f = torch.sigmoid(gates[:, hs : 2 * hs])
     g = torch.tanh(gates[:, 2 * hs : 3 * hs])
     o = torch.sigmoid(gates[:, 3 * hs :])
-    return o, f * c + i * g
+    return f * c + i * g, {"i": i, "f": f, "g": g, "o": o}
 
 
 class _NormalisedLSTMCell(Cell):
@@ -40,6 +40,7 @@ class _NormalisedLSTMCell(Cell):
     shift ``{prefix}_c_bias`` [H] (starting at 0); the forget-gate block is the second."""
 
     num_states = 2
+    gate_names = ("i", "f", "g", "o")
     prefix: str
     gain_init: float
 
@@ -84,13 +85,13 @@ class LayerNormLSTMCell(_NormalisedLSTMCell):
         shift = q["bias_ih"] + q["bias_hh"]
         return F.layer_norm(linear(x, q["weight_ih"]), self._gates, q["ln_ih_weight"], shift, EPS)
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h, c = state[0], state[1]
         hs = self.hidden_size
         gates = xw + F.layer_norm(h @ q["weight_hh"].t(), (4 * hs,), q["ln_hh_weight"], None, EPS)
-        o, c_new = _lstm_tail(gates, c, hs)
-        h_new = o * torch.tanh(F.layer_norm(c_new, (hs,), q["ln_c_weight"], q["ln_c_bias"], EPS))
-        return h_new, c_new
+        c_new, named = _lstm_tail(gates, c, hs)
+        h_new = named["o"] * torch.tanh(F.layer_norm(c_new, (hs,), q["ln_c_weight"], q["ln_c_bias"], EPS))
+        return (h_new, c_new), named
 
     def has_kernel_for(self, x: Tensor) -> bool:
         return kernel_runs_on(x)
@@ -224,10 +225,10 @@ class BatchNormLSTMCell(_NormalisedLSTMCell):
         v = self._norm(linear(x, q["weight_ih"]), "ih", q, t0)
         return torch.addcmul(shift, v, q["bn_ih_weight"])
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h, c = state[0], state[1]
         hs = self.hidden_size
         gates = torch.addcmul(xw, self._norm(h @ q["weight_hh"].t(), "hh", q, t), q["bn_hh_weight"])
-        o, c_new = _lstm_tail(gates, c, hs)
+        c_new, named = _lstm_tail(gates, c, hs)
         c_hat = torch.addcmul(q["bn_c_bias"], self._norm(c_new, "c", q, t), q["bn_c_weight"])
-        return o * torch.tanh(c_hat), c_new
+        return (named["o"] * torch.tanh(c_hat), c_new), named
