@@ -44,8 +44,11 @@ _END = object()
 
 
 def page_html() -> str:
-    """The page, a package resource (shipped by the wheel: pyproject's package-data)."""
-    return resources.files("charlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    """The page, a package resource (shipped by the wheel: pyproject's package-data), with ``charlm viz``'s
+    colour scale put in (``charlm/viz/assets/colour.js``, the one place it lives)."""
+    page = resources.files("charlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    colour = resources.files("charlm.viz").joinpath("assets", "colour.js").read_text(encoding="utf-8")
+    return page.replace("{{colour_js}}", colour)
 
 
 class Slots:

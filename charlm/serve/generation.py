@@ -1,13 +1,11 @@
 """One generation for the page: each new character with its surprisal and the model's top-5 there.
 
-Two small adapters live here until the features they stand for land in charlm's own modules:
-
-- :func:`nucleus_filter` (top-p) stands for ``charlm.sampling.pick(..., top_p=...)``;
-- :func:`score_step` (surprisal, top-5) stands for the same figures of ``charlm viz``.
-
-Everything else is :mod:`charlm.sampling`'s own path: the prime read through ``CharLM.step`` from a zero
-state, then :func:`charlm.sampling.pick` and one step per character, so at temperature 0 (and with the
-same seed, without top-p) the text is exactly what ``charlm sample`` prints.
+It is :mod:`charlm.sampling`'s own path: the prime read in one forward pass from a zero state
+(:func:`charlm.sampling.generation.read_prime`), then :func:`charlm.sampling.pick` (temperature, top-k,
+top-p) and one ``CharLM.step`` per character, so for the same seed and settings the text is exactly what
+``charlm sample`` prints. :func:`score_step` adds what the page shows of each character: its surprisal and
+the top 5 at its position, as ``charlm viz`` reports them for a given text (``charlm.viz.trace``), but one
+character at a time, as it is generated.
 """
 
 from __future__ import annotations
@@ -20,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from charlm.errors import CharlmError
 from charlm.model import CharLM
 from charlm.sampling import check_options, pick
+from charlm.sampling.generation import read_prime, seeded_generator
 from charlm.vocab import Vocab
 
 TOP = 5  # likeliest characters reported at each position
@@ -42,42 +40,6 @@ class ScoredChar:
         return {"c": self.char, "s": round(self.surprisal, 4), "top": [[c, round(p, 4)] for c, p in self.top]}
 
 
-def check_top_p(top_p: float | None, prefix: str = "") -> None:
-    """One clear error for a top-p outside (0, 1]."""
-    if top_p is not None and not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-        raise CharlmError(f"{prefix}top-p must be a number above 0 and at most 1 (1 keeps every character), "
-                          f"got {top_p}")
-
-
-def nucleus_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Logits (N, V) with every character outside the nucleus set to -inf: the fewest likeliest characters
-    whose probabilities add up to at least ``top_p`` (Holtzman et al. 2020); the likeliest always stays.
-
-    To be replaced by charlm.sampling.pick(top_p=...) once it lands."""
-    probs = torch.softmax(logits, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the likelier characters
-    drop_sorted = before >= top_p
-    drop_sorted[:, 0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def pick_next(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-              generator: torch.Generator) -> Tensor:
-    """:func:`charlm.sampling.pick`, with top-p applied to ``softmax(logits / temperature)`` first.
-
-    To be replaced by charlm.sampling.pick(logits, temperature, top_k, generator, top_p=top_p) once it
-    lands."""
-    if top_p is None or top_p >= 1.0 or temperature == 0.0:
-        return pick(logits, temperature, top_k, generator)
-    scaled = logits.float() / temperature
-    if top_k is not None and top_k < scaled.size(-1):
-        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return pick(nucleus_filter(scaled, top_p), 1.0, None, generator)
-
-
 def score_step(logits: Tensor, chosen: int, chars: str) -> ScoredChar:
     """The surprisal of ``chosen`` and the top characters under ``softmax(logits)`` (one row, (V,)).
 
@@ -94,24 +56,17 @@ def generate_scored(model: CharLM, vocab: Vocab, prime: str, length: int, *, tem
                     stop: threading.Event | None = None) -> Iterator[ScoredChar]:
     """Yield ``length`` characters after ``prime``, one at a time, each scored; stops early once ``stop``
     is set (a client that went away)."""
-    check_options(length, temperature, top_k, seed=seed)
-    check_top_p(top_p)
+    check_options(length, temperature, top_k, seed=seed, top_p=top_p)
     prime_ids = vocab.encode(prime, what="prime")
-    if prime_ids.numel() == 0:
-        raise CharlmError("the prime must have at least one character")
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(torch.seed() if seed is None else seed)
-    states = None
-    logits = torch.empty(0)
-    for char_id in prime_ids.tolist():
-        logits, states = model.step(torch.tensor([char_id], device=device), states)
+    generator = seeded_generator(seed)
+    logits, states = read_prime(model, prime_ids)
     chars = vocab.chars
     for _ in range(length):
         if stop is not None and stop.is_set():
             return
         row = logits.cpu()
-        nxt = pick_next(row, temperature, top_k, top_p, generator)
+        nxt = pick(row, temperature, top_k, generator, top_p=top_p)
         yield score_step(row[0], int(nxt[0]), chars)
         logits, states = model.step(nxt.to(device), states)
