@@ -8,8 +8,9 @@ nn.RNN names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``
 Forward, custom cells: the input of every step is projected in one matmul, then the cell's step
 runs over ``unbind(0)`` of the time-major projection (never ``x[:, t]``, whose backward writes a
 full-size zero gradient per step) and the outputs are stacked once. LSTM-family cells (the gated
-variants, FGR, lstm-ln, and lstm-bn in training) use hand-written backward-through-time kernels
-(:mod:`charlm.cells.lstm_kernel`, :mod:`charlm.cells.norm_lstm_kernel`; for lstm-ln / lstm-bn on the CPU
+variants, FGR, mogrifier, lstm-ln, and lstm-bn in training) use hand-written backward-through-time kernels
+(:mod:`charlm.cells.lstm_kernel`, :mod:`charlm.cells.mogrifier_kernel`,
+:mod:`charlm.cells.norm_lstm_kernel`; for lstm-ln / lstm-bn on the CPU
 the C++ loops of :mod:`charlm.cells.norm_lstm_cpp`) instead of autograd.
 
 Forward, cells with a torch RNN kernel (``lstm``, ``lstm-b``, ``np`` -> LSTM; ``gru`` -> GRU; ``rnn`` /

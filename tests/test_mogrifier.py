@@ -165,3 +165,29 @@ def test_config_keys_are_checked_and_listed_by_compare() -> None:
     cell = RecurrentLayer("mogrifier", IN, H).cell  # no options: the config's defaults
     defaults = load_config("smoke").model
     assert (cell.rounds, cell.rank) == (defaults.mogrifier_rounds, defaults.mogrifier_rank)
+
+
+@pytest.mark.parametrize(("rounds", "rank"), [(1, 0), (2, 0), (5, 0), (4, 2), (3, 3)])
+def test_kernel_equals_autograd_through_the_step(rounds: int, rank: int) -> None:
+    """float64, a carried state, weights moved off their init: outputs, final state and the gradient of every
+    input and parameter, the hand-written kernel against autograd through :meth:`MogrifierLSTMCell.step`."""
+    torch.manual_seed(rounds)
+    layer = mogrifier(rounds, rank).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    inputs = (randn(B, T, IN, seed=8, dtype=torch.float64), randn(1, B, H, seed=9, dtype=torch.float64),
+              randn(1, B, H, seed=10, dtype=torch.float64))
+    weights = randn(B, T, H, seed=11, dtype=torch.float64)
+    results, kernels = [], []
+    for kernel_on in (True, False):
+        layer.cell.kernel_on = kernel_on
+        layer.zero_grad()
+        x, h, c = (t.clone().requires_grad_() for t in inputs)
+        out, (h_T, c_T) = layer(x, (h, c))
+        kernels.append(type(out.grad_fn.next_functions[0][0]).__name__)
+        ((out * weights).sum() + (h_T**2).sum() + (c_T**3).sum()).backward()
+        results.append([out, h_T, c_T, x.grad, h.grad, c.grad, *(p.grad for p in layer.parameters())])
+    assert kernels[0] == "MogrifierKernelBackward" and kernels[1] != kernels[0]
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)

@@ -3,10 +3,11 @@
 Before the usual LSTM step the input and the previous output gate each other for r rounds; the LSTM then
 runs on the gated pair. The gating of a step depends on that step's h, so it runs inside the time loop:
 the input projection W x cannot be done for all steps at once as in the other LSTMs. For r = 0 the cell
-is exactly ``lstm`` and runs its hand-written kernel (:mod:`charlm.cells.lstm_kernel`); for r > 0 it runs
-the engine's autograd loop over :meth:`MogrifierLSTMCell.step` (``model.compile=true`` compiles that step).
+is exactly ``lstm`` and runs its hand-written kernel (:mod:`charlm.cells.lstm_kernel`); for r > 0 its own,
+:mod:`charlm.cells.mogrifier_kernel`; under autocast (or ``model.compile=true``) the engine's autograd
+loop over :meth:`MogrifierLSTMCell.step`.
 
-Per round the step needs one product and two element-wise ops: 2 s(a) = 1 + tanh(a / 2), so
+Per round a step needs one product and two element-wise ops: 2 s(a) = 1 + tanh(a / 2), so
 x' = 2 s(Q h) * x is ``addcmul(x, x, tanh((Q / 2) h))``, with the halved matrix formed once per call
 (:meth:`MogrifierLSTMCell.prepare`), as is the product Q_left Q_right of a factorised matrix.
 """
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from charlm.cells.base import CellState, Params, init_input_block
 from charlm.cells.lstm import GateConfig, GatedLSTMCell
+from charlm.cells.mogrifier_kernel import MogrifierKernel
 
 
 class MogrifierLSTMCell(GatedLSTMCell):
@@ -67,8 +69,14 @@ class MogrifierLSTMCell(GatedLSTMCell):
                 for part in ((f"{name}_left", f"{name}_right") if self.rank else (name,)):
                     init_input_block(p[part], init)
 
-    def has_kernel_for(self, x: Tensor) -> bool:
-        return self.rounds == 0 and super().has_kernel_for(x)
+    def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        """r = 0: the LSTM's kernel; else :class:`charlm.cells.mogrifier_kernel.MogrifierKernel` where it runs,
+        else the autograd loop over :meth:`step`."""
+        if not self.rounds or not self.uses_kernel(x):
+            return super().run(x, state, q)
+        mats = [q[f"half_{name}"] for name, _ in self._round_shapes()]
+        hs, h, c = MogrifierKernel.apply(x, state[0], state[1], q["weight_ih"], q["bias"], q["weight_hh"], *mats)
+        return hs, (h, c)
 
     def prepare(self, p: Params) -> Params:
         """Each round's matrix, halved (2 s(a) = 1 + tanh(a / 2)) and multiplied out where factorised, under
