@@ -17,6 +17,8 @@ Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 hand-written forward/backward-through-time kernel with PyTorch's own matmuls), ``lstm[custom]`` (that
 kernel with oneDNN's products, as charlm runs it). ``lstm-ln[python]`` / ``lstm-bn[python]`` run the
 normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`charlm.cells.norm_lstm_cpp`).
+``CELL[key=value,...]`` sets the cell's own config keys (``model.CELL_key``): ``mogrifier[rank=32]``,
+``mogrifier[rounds=0]`` (``mogrifier`` alone: the config's defaults).
 ``nn.LSTM`` is the reference; ``CELL[autograd]`` runs any cell with a kernel through the engine's
 autograd loop instead. Paths: ``torch`` (a torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
 hand-written forward/backward-through-time kernel), ``c++``, ``compiled``, ``autograd``, ``naive``.
@@ -30,6 +32,7 @@ import sys
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +72,7 @@ class NaiveLSTM(nn.Module):
 class Stack(nn.Module):
     """``layers`` RecurrentLayers of one cell, hidden -> hidden, run one after another."""
 
-    def __init__(self, cell: str, hidden: int, layers: int, **layer_kwargs: bool) -> None:
+    def __init__(self, cell: str, hidden: int, layers: int, **layer_kwargs: Any) -> None:
         super().__init__()
         self.layers = nn.ModuleList(RecurrentLayer(cell, hidden, hidden, **layer_kwargs) for _ in range(layers))
 
@@ -101,7 +104,12 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     if row == "lstm[naive]":
         return CharLM(NaiveLSTM(h, layers), args.vocab, h), "naive"
     cell, _, variant = row.partition("[")
-    stack = Stack(cell, h, layers, torch_rnn=not variant, compile=variant == "compile]")
+    # [key=value,...]: the cell's own config keys, model.<cell>_<key> (mogrifier[rank=32]); else their defaults
+    pairs = [o.partition("=") for o in variant.rstrip("]").split(",") if "=" in o]
+    options = {f"{cell}_{k}": int(v) for k, _, v in pairs}
+    if options:
+        variant = ""
+    stack = Stack(cell, h, layers, torch_rnn=not variant, compile=variant == "compile]", cell_options=options)
     for layer in stack.layers:
         layer.cell.kernel_on = variant not in ("autograd]", "compile]")
     first = stack.layers[0]
@@ -155,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.cells == "all":
         rows = ["lstm[naive]", "lstm[autograd]", "lstm[compile]", "lstm[no-onednn]", "lstm[custom]", *CELLS,
+                "mogrifier[rank=32]",
                 *(f"{cell}[python]" for cell in NORM_CELLS)]
     else:
         rows = [c.strip() for c in args.cells.split(",") if c.strip()]
@@ -183,11 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         f"# {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
         f"{torch.get_num_threads()} threads, {args.stat} of {args.steps} timed steps, torch {torch.__version__}"
     )
-    print(f"{'cell':<18} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
+    print(f"{'cell':<20} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
     for row, (model, _, path) in models.items():
         rate = chars / stat(times[row])
         n = sum(p.numel() for p in model.parameters())
-        print(f"{row:<18} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
+        print(f"{row:<20} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ class ModelConfig:
     init: Literal["xavier", "kaiming"] = "xavier"
     forget_bias: float = 0.0  # LSTM-family forget-gate bias at init (lstm-b always uses 1)
     compile: bool = False  # torch.compile the custom cells' step
+    mogrifier_rounds: int = 5  # mogrifier: rounds of mutual gating of x and h (0: exactly lstm)
+    mogrifier_rank: int = 0  # mogrifier: rank k of the factorised Q / R matrices (0: full rank)
 
 
 @dataclass
@@ -326,7 +328,8 @@ def validate(config: Config) -> None:
               "optim.clip": o.clip, "optim.alpha": o.alpha, "optim.beta": o.beta,
               "optim.warmup_steps": o.warmup_steps, "train.val_every_steps": t.val_every_steps,
               "train.checkpoint_every_steps": t.checkpoint_every_steps, "train.threads": t.threads,
-              "sample.length": s.length, "sample.temperature": s.temperature}
+              "sample.length": s.length, "sample.temperature": s.temperature,
+              "model.mogrifier_rounds": m.mogrifier_rounds, "model.mogrifier_rank": m.mogrifier_rank}
     _require(nonneg, lambda v: v >= 0, "not be negative")
     if o.lr == 0:
         raise CharlmError("config key 'optim.lr' must be positive, got 0")

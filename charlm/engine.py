@@ -8,8 +8,9 @@ nn.RNN names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``
 Forward, custom cells: the input of every step is projected in one matmul, then the cell's step
 runs over ``unbind(0)`` of the time-major projection (never ``x[:, t]``, whose backward writes a
 full-size zero gradient per step) and the outputs are stacked once. LSTM-family cells (the gated
-variants, FGR, lstm-ln, and lstm-bn in training) use hand-written backward-through-time kernels
-(:mod:`charlm.cells.lstm_kernel`, :mod:`charlm.cells.norm_lstm_kernel`; for lstm-ln / lstm-bn on the CPU
+variants, FGR, mogrifier, lstm-ln, and lstm-bn in training) use hand-written backward-through-time kernels
+(:mod:`charlm.cells.lstm_kernel`, :mod:`charlm.cells.mogrifier_kernel`,
+:mod:`charlm.cells.norm_lstm_kernel`; for lstm-ln / lstm-bn on the CPU
 the C++ loops of :mod:`charlm.cells.norm_lstm_cpp`) instead of autograd.
 
 Forward, cells with a torch RNN kernel (``lstm``, ``lstm-b``, ``np`` -> LSTM; ``gru`` -> GRU; ``rnn`` /
@@ -33,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -123,6 +124,8 @@ class RecurrentLayer(nn.Module):
             (``model.forget_bias``, :class:`charlm.config.ModelConfig`). ``lstm-b`` forces 1.0.
         compile: run the custom step through ``torch.compile`` (:meth:`charlm.cells.Cell.compile_step`;
             cells that run a torch RNN kernel ignore it; off by default).
+        cell_options: :class:`charlm.config.ModelConfig` keys of one cell (``mogrifier_rounds``, ...); the
+            cell takes those its :attr:`charlm.cells.CellSpec.options` names and ignores the rest.
 
     States are tuples of (1, B, S) tensors, as nn.LSTM's h_0 for one layer: (h,) for single-state cells,
     (h, c) for the LSTM family, (h, c, gates) for ``fgr``. The output, like nn.LSTM's with
@@ -141,6 +144,7 @@ class RecurrentLayer(nn.Module):
         init: str = "xavier",
         forget_bias: float = ModelConfig.forget_bias,
         compile: bool = False,
+        cell_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         spec = get_cell(cell)
@@ -154,7 +158,8 @@ class RecurrentLayer(nn.Module):
         self.weight_drop_variational = weight_drop_variational
         self.init = init
         self.forget_bias = spec.forget_bias if spec.forget_bias is not None else forget_bias
-        self.cell = spec.build(input_size, hidden_size)
+        options = {k: v for k, v in (cell_options or {}).items() if k in spec.options}
+        self.cell = spec.build(input_size, hidden_size, **options)
         self.num_states: int = self.cell.num_states
         self.torch_rnn: bool = torch_rnn and spec.torch_rnn is not None
         if compile and not self.torch_rnn:

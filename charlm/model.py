@@ -11,6 +11,7 @@ With ``tie_weights`` the last layer is sized to the embedding so the decoder can
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -43,7 +44,7 @@ class CharLM(nn.Module):
         self.layers = nn.ModuleList(
             RecurrentLayer(c.cell, sizes[i], sizes[i + 1], weight_drop=c.weight_drop,
                            weight_drop_variational=c.weight_drop_variational, torch_rnn=c.torch_rnn, init=c.init,
-                           forget_bias=c.forget_bias, compile=c.compile)
+                           forget_bias=c.forget_bias, compile=c.compile, cell_options=dataclasses.asdict(c))
             for i in range(c.num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(sizes[i + 1]) if c.layer_norm else nn.Identity()
                                    for i in range(c.num_layers))

@@ -491,6 +491,7 @@ def test_registry() -> None:
     expected = {
         "rnn", "irnn", "lstm", "peephole", "gru", "gru-cho", "lstm-ln", "lstm-bn", "linear", "lstm-f", "lstm-i",
         "lstm-o", "lstm-b", "mut1", "mut2", "mut3", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr",
+        "mogrifier",
     }
     assert set(cell_names()) == expected == set(CELLS)
     for name, summary in describe_cells():
@@ -499,7 +500,7 @@ def test_registry() -> None:
         layer = RecurrentLayer(name, IN, H)
         assert spec.num_states == layer.num_states
         doc = type(layer.cell).__doc__ or ""
-        assert "=" in doc and any(str(year) in doc for year in range(1950, 2018)), name  # equations + paper
+        assert "=" in doc and any(str(year) in doc for year in range(1950, 2021)), name  # equations + paper
 
 
 def test_unknown_cell_message() -> None:

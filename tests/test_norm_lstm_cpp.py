@@ -17,8 +17,8 @@ from filelock import FileLock
 from torch import Tensor
 
 from charlm.cells import norm_lstm_cpp
-from charlm.cells.norm_lstm_cpp import CppNormLSTMKernel
-from charlm.cells.norm_lstm_kernel import NormLSTMKernel, StepNorm
+from charlm.cells.norm_lstm_cpp import CPP_LOOP
+from charlm.cells.norm_lstm_kernel import PYTHON_LOOP, NormLSTMKernel, StepNorm, TimeLoop
 from charlm.config import load_config
 from charlm.engine import RecurrentLayer
 from charlm.train import train
@@ -65,10 +65,10 @@ def inputs(kind: str, dtype: torch.dtype) -> tuple[list[Tensor], tuple[Tensor, .
     return [a.requires_grad_() for a in args], running
 
 
-def run(kernel: type[torch.autograd.Function], kind: str, dtype: torch.dtype) -> list[Tensor]:
+def run(loop: TimeLoop, kind: str, dtype: torch.dtype) -> list[Tensor]:
     """Outputs, the gradients of every input and the running statistics after one call, as float64."""
     args, running = inputs(kind, dtype)
-    hs, h, c = kernel.apply(*args, StepNorm(kind, 1e-5, running, 0.1))
+    hs, h, c = NormLSTMKernel.apply(*args, StepNorm(kind, 1e-5, running, 0.1), loop)
     g = torch.Generator().manual_seed(3)
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (hs, h, c)]
     loss = sum((t.double() * w).sum() for t, w in zip((hs, h, c), weights, strict=True))
@@ -78,7 +78,7 @@ def run(kernel: type[torch.autograd.Function], kind: str, dtype: torch.dtype) ->
 
 @pytest.mark.parametrize("kind", ["layer", "batch"])
 def test_float64_equals_the_python_kernel(built: None, two_threads: None, kind: str) -> None:
-    for got, want in zip(run(CppNormLSTMKernel, kind, torch.float64), run(NormLSTMKernel, kind, torch.float64),
+    for got, want in zip(run(CPP_LOOP, kind, torch.float64), run(PYTHON_LOOP, kind, torch.float64),
                          strict=True):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
 
@@ -87,8 +87,8 @@ def test_float64_equals_the_python_kernel(built: None, two_threads: None, kind: 
 def test_float32_is_as_close_to_float64_as_the_python_kernel(built: None, two_threads: None, kind: str) -> None:
     """The float32 exp / tanh polynomials cost no accuracy that matters: error relative to each tensor's
     largest value, against the float64 result, within 5x the Python kernel's (ATen's functions)."""
-    exact = run(NormLSTMKernel, kind, torch.float64)
-    cpp, python = run(CppNormLSTMKernel, kind, torch.float32), run(NormLSTMKernel, kind, torch.float32)
+    exact = run(PYTHON_LOOP, kind, torch.float64)
+    cpp, python = run(CPP_LOOP, kind, torch.float32), run(PYTHON_LOOP, kind, torch.float32)
     for got, py, want in zip(cpp, python, exact, strict=True):
         scale = want.abs().max()
         err, err_py = (got - want).abs().max() / scale, (py - want).abs().max() / scale
@@ -96,15 +96,15 @@ def test_float32_is_as_close_to_float64_as_the_python_kernel(built: None, two_th
 
 
 def kernels(out: Tensor) -> set[str]:
-    """The names of the time-loop kernels in the autograd graph behind ``out``."""
+    """The time loops (their names) of the kernels in the autograd graph behind ``out``."""
     seen, todo, names = set(), [out.grad_fn], set()
     while todo:
         fn = todo.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        if type(fn).__name__.endswith("NormLSTMKernelBackward"):
-            names.add(type(fn).__name__)
+        if type(fn).__name__ == "NormLSTMKernelBackward":
+            names.add(fn.loop.name)
         todo.extend(f for f, _ in fn.next_functions)
     return names
 
@@ -115,10 +115,10 @@ def test_layers_run_the_cpp_kernel_unless_it_is_off(built: None, cell: str) -> N
     layer = RecurrentLayer(cell, 3, 8).train()
     x = torch.randn(4, 20, 3)
     out, _ = layer(x)
-    assert kernels(out) == {"CppNormLSTMKernelBackward"}
+    assert kernels(out) == {"c++"}
     with norm_lstm_cpp.cpp_off():
         ref, _ = layer(x)
-    assert kernels(ref) == {"NormLSTMKernelBackward"}
+    assert kernels(ref) == {"python"}
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # float32, 20 steps
 
 
@@ -141,14 +141,15 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     first, second = norm_lstm_cpp.available(), norm_lstm_cpp.available()
 out, _ = RecurrentLayer("lstm-ln", 3, 8)(torch.randn(2, 5, 3))
-print(first, second, len(caught), type(out.grad_fn.next_functions[0][0]).__name__)
+kernel = out.grad_fn.next_functions[0][0]
+print(first, second, len(caught), type(kernel).__name__, kernel.loop.name)
 print(caught[0].message)
 """
     run = in_fresh_python(code, CHARLM_NATIVE_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"))
     assert run.returncode == 0, run.stderr
     decided, message = run.stdout.splitlines()[:2]
     # decided once per process (one build, one warning); the layer runs the Python kernel
-    assert decided.split() == ["False", "False", "1", "NormLSTMKernelBackward"]
+    assert decided.split() == ["False", "False", "1", "NormLSTMKernelBackward", "python"]
     assert message.startswith("charlm: could not build the C++ kernel of lstm-ln / lstm-bn (")
     assert "no-such-compiler" in message  # the shell's word on the missing compiler, not ninja's last line
     assert message.endswith("or set CHARLM_NATIVE=0 to skip the build.")

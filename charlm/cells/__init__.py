@@ -12,6 +12,7 @@ from functools import partial
 from charlm.cells.base import Cell, CellSpec
 from charlm.cells.gru import GRUCell
 from charlm.cells.lstm import GateConfig, GatedLSTMCell, GateRecurrentLSTMCell
+from charlm.cells.mogrifier import MogrifierLSTMCell
 from charlm.cells.mut_cells import MUT1Cell, MUT2Cell, MUT3Cell
 from charlm.cells.norm_lstm import BatchNormLSTMCell, LayerNormLSTMCell
 from charlm.cells.rnn import ElmanCell, LinearCell
@@ -29,10 +30,10 @@ def _gated(**kw: bool) -> partial[Cell]:
 
 
 def _spec(
-    name: str, summary: str, paper: str, num_states: int, build: Callable[[int, int], Cell],
-    torch_rnn: str | None = None, forget_bias: float | None = None,
+    name: str, summary: str, paper: str, num_states: int, build: Callable[..., Cell],
+    torch_rnn: str | None = None, forget_bias: float | None = None, options: tuple[str, ...] = (),
 ) -> CellSpec:
-    return CellSpec(name, summary, paper, num_states, build, torch_rnn, forget_bias)
+    return CellSpec(name, summary, paper, num_states, build, torch_rnn, forget_bias, options)
 
 
 _SPECS = [
@@ -54,6 +55,9 @@ _SPECS = [
           "Ba, Kiros & Hinton 2016, 'Layer Normalization'", 2, LayerNormLSTMCell),
     _spec("lstm-bn", "recurrent batch-norm LSTM, per-time-step statistics, gains 0.1",
           "Cooijmans et al. 2016, 'Recurrent Batch Normalization'", 2, BatchNormLSTMCell),
+    _spec("mogrifier", "Mogrifier LSTM: x, h gate each other for r rounds (2 s(Q h) * x, ...), then the LSTM",
+          "Melis, Kocisky & Blunsom 2020, 'Mogrifier LSTM'", 2, MogrifierLSTMCell,
+          options=("mogrifier_rounds", "mogrifier_rank")),
     # Jozefowicz et al. 2015
     _spec("lstm-f", "LSTM without forget gate (f = 1)", _JOZ, 2, _gated(forget_gate=False)),
     _spec("lstm-i", "LSTM without input gate (i = 1)", _JOZ, 2, _gated(input_gate=False)),

@@ -39,16 +39,19 @@ class CellSpec:
 
     ``torch_rnn`` names the torch RNN kernel (the ATen op behind nn.LSTM / nn.GRU / nn.RNN, by nn.RNNBase's
     mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU") that computes exactly this cell, or is None;
-    ``forget_bias`` forces the forget-gate bias initialisation (lstm-b).
+    ``forget_bias`` forces the forget-gate bias initialisation (lstm-b); ``options`` names the
+    :class:`charlm.config.ModelConfig` keys of this cell alone, which ``build`` takes as keyword arguments
+    (``mogrifier_rounds``, ``mogrifier_rank``).
     """
 
     name: str
     summary: str
     paper: str
     num_states: int
-    build: Callable[[int, int], Cell] = field(repr=False, compare=False)
+    build: Callable[..., Cell] = field(repr=False, compare=False)  # (input_size, hidden_size, **options)
     torch_rnn: str | None = None
     forget_bias: float | None = None
+    options: tuple[str, ...] = ()
 
 
 class Cell(nn.Module):

@@ -13,16 +13,15 @@ from torch.nn import functional as F
 from charlm.cells import norm_lstm_cpp
 from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
 from charlm.cells.lstm_kernel import kernel_runs_on
-from charlm.cells.norm_lstm_cpp import CppNormLSTMKernel
-from charlm.cells.norm_lstm_kernel import NormLSTMKernel, StepNorm, batch_norm_over_steps
+from charlm.cells.norm_lstm_kernel import PYTHON_LOOP, NormLSTMKernel, StepNorm, TimeLoop, batch_norm_over_steps
 from charlm.cells.onednn_matmul import linear
 
 EPS = 1e-5
 
 
-def _kernel(x: Tensor) -> type[torch.autograd.Function]:
-    """The C++ kernel on the CPU where it is built, else the Python one."""
-    return CppNormLSTMKernel if x.device.type == "cpu" and norm_lstm_cpp.available() else NormLSTMKernel
+def _loop(x: Tensor) -> TimeLoop:
+    """The kernel's C++ time loops on the CPU where they are built, else the Python ones."""
+    return norm_lstm_cpp.CPP_LOOP if x.device.type == "cpu" and norm_lstm_cpp.available() else PYTHON_LOOP
 
 
 def _lstm_tail(gates: Tensor, c: Tensor, hs: int) -> tuple[Tensor, Gates]:
@@ -99,9 +98,9 @@ class LayerNormLSTMCell(_NormalisedLSTMCell):
     def run(self, x: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
         if not self.uses_kernel(x):
             return super().run(x, state, q)
-        hs, h, c = _kernel(x).apply(
+        hs, h, c = NormLSTMKernel.apply(
             linear(x, q["weight_ih"]), q["ln_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1],
-            q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"], StepNorm("layer", EPS),
+            q["weight_hh"], q["ln_hh_weight"], q["ln_c_weight"], q["ln_c_bias"], StepNorm("layer", EPS), _loop(x),
         )
         return hs, (h, c)
 
@@ -185,14 +184,15 @@ class BatchNormLSTMCell(_NormalisedLSTMCell):
         if not (self.training and self.uses_kernel(x) and x.shape[1] > 1):
             return super().run(x, state, q)
         running = tuple(q[f"bn_{k}_{s}"] for k in ("ih", "hh", "c") for s in ("mean", "var"))
-        kernel = _kernel(x)
-        if kernel is CppNormLSTMKernel:  # the C++ loop normalises each step's rows itself: time-major
-            v = linear(x, q["weight_ih"])
-        else:  # batch-major underneath, for one native_batch_norm over every step
+        loop = _loop(x)
+        if loop.batch_major_input:  # batch-major underneath, for one native_batch_norm over every step
             v = linear(x.transpose(0, 1), q["weight_ih"]).transpose(0, 1)
-        hs, h, c = kernel.apply(
+        else:  # the C++ loop normalises each step's rows itself: time-major
+            v = linear(x, q["weight_ih"])
+        hs, h, c = NormLSTMKernel.apply(
             v, q["bn_ih_weight"], q["bias_ih"] + q["bias_hh"], state[0], state[1], q["weight_hh"],
             q["bn_hh_weight"], q["bn_c_weight"], q["bn_c_bias"], StepNorm("batch", EPS, running, self.momentum),
+            loop,
         )
         return hs, (h, c)
 

@@ -1,5 +1,5 @@
 """The C++ time loops of ``lstm-ln`` / ``lstm-bn`` (``csrc/norm_lstm.cpp``): built on first use, loaded,
-and called through :class:`CppNormLSTMKernel`.
+and run by :class:`charlm.cells.norm_lstm_kernel.NormLSTMKernel` given :data:`CPP_LOOP`.
 
 The Python kernel of :mod:`charlm.cells.norm_lstm_kernel` pays, every step, for a dozen ATen calls on
 (B, 4H) rows, each a pass over memory with its own dispatch. The C++ loops do the same math in one
@@ -32,7 +32,7 @@ import platform
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch import Tensor
 from charlm.cells.lstm_kernel import recurrent_weight_grad
 from charlm.cells.norm_lstm_kernel import StepNorm
 from charlm.cells.onednn_matmul import StepProduct
+from charlm.cells.switch import Switch
 
 SOURCE = Path(__file__).with_name("csrc") / "norm_lstm.cpp"
 NAME = "charlm_norm_lstm"
@@ -60,7 +61,7 @@ LOCK_NAME = "charlm-build.lock"
 TORCH_LOCK_NAME = "lock"
 
 _loaded: bool | None = None  # None: not tried in this process yet
-_enabled = True
+_enabled = Switch()
 
 
 def build_directory() -> Path:
@@ -175,46 +176,43 @@ def build_before_training(cell: str, device: torch.device) -> None:
         available()
 
 
-@contextmanager
-def cpp_off() -> Iterator[None]:
-    """Inside the block the normalised LSTMs run the Python kernel (for side-by-side checks)."""
-    global _enabled
-    saved, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = saved
+def cpp_off() -> AbstractContextManager[None]:
+    """Inside the block the normalised LSTMs run the Python time loops (for side-by-side checks)."""
+    return _enabled.off()
 
 
-class CppNormLSTMKernel(torch.autograd.Function):
-    """:class:`charlm.cells.norm_lstm_kernel.NormLSTMKernel`'s signature and math, run by the C++ loops.
+class CppLoop:
+    """The time loops of :class:`charlm.cells.norm_lstm_kernel.NormLSTMKernel` in C++ (the CPU).
 
     The loops also normalise W x step by step (so v may be laid out either way: time-major suits the
     C++ loops best) and sum the gains' and the shift's gradients; dW_hh is one matmul here afterwards.
     """
 
+    name = "c++"
+    batch_major_input = False
+
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, v: Tensor, g_ih: Tensor, shift: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
-        g_c: Tensor, b_c: Tensor, norm: StepNorm,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, norm: StepNorm, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        v, g_ih, shift, h0, c0, w_hh, g_hh, g_c, b_c = inputs
         T, B = v.shape[:2]
         running = list(norm.running) if norm.running is not None else []
         Hs, Cs, G, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c = torch.ops.charlm.norm_lstm_forward(
             v, g_ih, shift, h0, c0, w_hh, StepProduct(w_hh, B, T).packed, g_hh, g_c, b_c, norm.kind == "batch",
             running, norm.momentum, norm.eps,
         )
-        ctx.norm = norm
         ctx.save_for_backward(G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
-    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, norm: StepNorm, grads: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor | None, ...]:
         G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, Hs, h0, w_hh, g_ih, g_hh, g_c = ctx.saved_tensors
         T, B = G.shape[:2]
         d_v, d_r, dh, dc, d_gih, d_shift, d_ghh, d_gc, d_bc = torch.ops.charlm.norm_lstm_backward(
-            g_hs, g_h, g_cT, G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, w_hh,
-            StepProduct(w_hh.t(), B, T).packed, g_ih, g_hh, g_c, ctx.norm.kind == "batch",
+            *grads, G, Cs, TC, Xi, Xh, rstd_in, rstd_hh, mean_c, rstd_c, w_hh,
+            StepProduct(w_hh.t(), B, T).packed, g_ih, g_hh, g_c, norm.kind == "batch",
         )
         d_w = recurrent_weight_grad(d_r, h0, Hs) if ctx.needs_input_grad[5] else None
-        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None
+        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc
+
+
+CPP_LOOP = CppLoop()

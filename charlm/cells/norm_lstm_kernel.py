@@ -20,15 +20,16 @@ tanh, h. Backward: the factors of every gate are precomputed for all steps and s
 dh and dc; the two norm backwards and one product carry the gradient to the step before.
 
 The math is that of :mod:`charlm.cells.norm_lstm`; the tests check value and gradient against it.
-:class:`charlm.cells.norm_lstm_cpp.CppNormLSTMKernel` has the same signature and runs the same math in
-C++ loops (where that library builds); the cells use it on the CPU, this kernel elsewhere and as the
-reference the C++ one is tested against.
+:class:`NormLSTMKernel` is the one autograd Function of both kernels: its ``TimeLoop`` argument runs the
+steps, :data:`PYTHON_LOOP` (this module) or :data:`charlm.cells.norm_lstm_cpp.CPP_LOOP`, the same math in
+C++ loops (where that library builds). The cells use the C++ loops on the CPU, the Python ones elsewhere;
+the Python loops are also the reference the C++ ones are tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -120,18 +121,50 @@ class StepNorm:
         return torch.ops.aten.native_batch_norm_backward(dy, v, gain, None, None, mean, rstd, True, self.eps, mask)
 
 
+class TimeLoop(Protocol):
+    """The forward and backward time loops behind :class:`NormLSTMKernel`: :data:`PYTHON_LOOP` (here, ATen
+    ops, any device) or :data:`charlm.cells.norm_lstm_cpp.CPP_LOOP` (C++, the CPU). Both take and give what
+    the kernel does (``inputs``: its nine tensors in order) and keep on ``ctx`` what their backward needs."""
+
+    name: str
+    batch_major_input: bool  # lstm-bn's W x: laid out batch-major underneath (else time-major)
+
+    def forward(self, ctx: Any, norm: StepNorm, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def backward(self, ctx: Any, norm: StepNorm, grads: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor | None, ...]:
+        ...
+
+
 class NormLSTMKernel(torch.autograd.Function):
     """(v (T,B,4H) = W x, gain_ih [4H], shift [4H] (both biases), h0, c0 (B,H), weight_hh [4H,H],
-    gain_hh [4H], gain_c, shift_c [H], StepNorm) -> (hs (T,B,H), h, c).
+    gain_hh [4H], gain_c, shift_c [H], StepNorm, TimeLoop) -> (hs (T,B,H), h, c).
 
-    The kernel normalises the projected input itself, into the buffer the loop then works in.
+    The kernel normalises the projected input itself, into the buffer the loop then works in. The
+    ``TimeLoop`` runs the steps both ways: the Python one of this module or the C++ one.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, v: Tensor, g_ih: Tensor, shift: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, g_hh: Tensor,
-        g_c: Tensor, b_c: Tensor, norm: StepNorm,
+        g_c: Tensor, b_c: Tensor, norm: StepNorm, loop: TimeLoop,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        ctx.norm, ctx.loop = norm, loop
+        return loop.forward(ctx, norm, (v, g_ih, shift, h0, c0, w_hh, g_hh, g_c, b_c))
+
+    @staticmethod
+    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
+        return (*ctx.loop.backward(ctx, ctx.norm, (g_hs, g_h, g_cT)), None, None)
+
+
+class PythonLoop:
+    """The time loops of :class:`NormLSTMKernel` in Python, with ATen ops (on any device)."""
+
+    name = "python"
+    batch_major_input = True  # one native_batch_norm over every step wants W x batch-major underneath
+
+    @staticmethod
+    def forward(ctx: Any, norm: StepNorm, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        v, g_ih, shift, h0, c0, w_hh, g_hh, g_c, b_c = inputs
         T, B = v.shape[:2]
         H = h0.shape[1]
         gsl = slice(2 * H, 3 * H)
@@ -162,15 +195,14 @@ class NormLSTMKernel(torch.autograd.Function):
             h = torch.mul(o_l[t], tc_l[t], out=h_l[t])
             kept.append((r, mean, rstd, mean_c, rstd_c))
         A[:, :, gsl].mul_(2.0).sub_(1.0)  # the g block now holds tanh(a_g)
-        ctx.norm = norm
         ctx.kept = kept  # intermediates of this call only: kept on ctx, not through save_for_backward
         ctx.save_for_backward(v, mean_in, rstd_in, A, Cs, TC, Hs, h0, w_hh, g_ih, shift, g_hh, g_c, b_c)
         return Hs, Hs[T - 1].clone(), Cs[T].clone()
 
     @staticmethod
-    def backward(ctx: Any, g_hs: Tensor, g_h: Tensor, g_cT: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, norm: StepNorm, grads: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor | None, ...]:
+        g_hs, g_h, g_cT = grads
         v, mean_in, rstd_in, G, Cs, TC, Hs, h0, w_hh, g_ih, shift, g_hh, g_c, b_c = ctx.saved_tensors
-        norm: StepNorm = ctx.norm
         needs = ctx.needs_input_grad
         T, B = G.shape[:2]
         H = Hs.shape[2]
@@ -218,4 +250,7 @@ class NormLSTMKernel(torch.autograd.Function):
             dh = back.add_to(dh_l[t - 1], dr_l[t]) if t > 0 else back(dr_l[t])  # (B, H)
         d_w = recurrent_weight_grad(DR, h0, Hs) if needs[5] else None
         d_v, d_gih, d_shift = norm.input_backward(dG, v, mean_in, rstd_in, g_ih, shift, (needs[0], needs[1], needs[2]))
-        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc, None
+        return d_v, d_gih, d_shift, dh, dc, d_w, d_ghh, d_gc, d_bc
+
+
+PYTHON_LOOP = PythonLoop()

@@ -3,7 +3,8 @@
 On x86 CPUs PyTorch's float32 ``addmm`` calls MKL's sgemm, while ``nn.LSTM`` runs oneDNN's RNN
 primitive; oneDNN's own products, with the weight packed once, beat ``addmm`` for the kernels' shapes
 on the CPU the benchmarks ran on (``benchmarks/results/onednn-notes.md``). This module depends on
-nothing else of charlm: it is the layer under the cells and the kernels.
+nothing else of charlm but its on/off :class:`~charlm.cells.switch.Switch`: it is the layer under the cells
+and the kernels.
 
 - :class:`StepProduct` packs a weight once per kernel call (oneDNN's linear-weight reorder) and then
   computes ``x @ W^T`` for every step, added into or written to the step's buffer.
@@ -19,14 +20,16 @@ plain ATen op, with the same result up to float rounding (``tests/test_onednn_ma
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+
+from charlm.cells.switch import Switch
 
 OneDNNOps = tuple[Callable[..., Tensor], Callable[..., Tensor]]  # (packed-weight linear, weight reorder)
 
@@ -48,6 +51,7 @@ def _onednn_ops() -> OneDNNOps | None:
 
 
 _ONEDNN = _onednn_ops()
+_enabled = Switch()
 
 
 def onednn_in_use() -> bool:
@@ -59,6 +63,7 @@ def _onednn_eligible(x: Tensor, w: Tensor) -> bool:
     """oneDNN is there and on, and the operands are float32 CPU tensors outside autocast and compile."""
     return (
         _ONEDNN is not None
+        and _enabled
         and x.dtype == w.dtype == torch.float32
         and x.device.type == w.device.type == "cpu"
         and not torch.is_autocast_enabled("cpu")
@@ -66,15 +71,9 @@ def _onednn_eligible(x: Tensor, w: Tensor) -> bool:
     )
 
 
-@contextmanager
-def onednn_off() -> Iterator[None]:
+def onednn_off() -> AbstractContextManager[None]:
     """Inside the block every product here is PyTorch's own (for side-by-side measurements)."""
-    global _ONEDNN
-    saved, _ONEDNN = _ONEDNN, None
-    try:
-        yield
-    finally:
-        _ONEDNN = saved
+    return _enabled.off()
 
 
 # Packing a weight costs more than one small product, so oneDNN is used only where the packing pays for
