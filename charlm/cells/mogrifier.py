@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from charlm.cells.base import CellState, Params, init_input_block
+from charlm.cells.base import CellState, Gates, Params, init_input_block
 from charlm.cells.lstm import GateConfig, GatedLSTMCell
 from charlm.cells.mogrifier_kernel import MogrifierKernel
 
@@ -103,11 +103,12 @@ class MogrifierLSTMCell(GatedLSTMCell):
                 h = torch.addcmul(h, h, torch.tanh(x @ q[f"half_{name}"].t()))
         return x, h
 
-    def step(self, xw: Tensor, state: CellState, q: Params, t: int) -> CellState:
+    def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         if not self.rounds:
-            return super().step(xw, state, q, t)
+            return super().step_gates(xw, state, q, t)
         x, h = self.mogrify(xw, state[0], q)
         gates = torch.addmm(torch.addmm(q["bias"], x, q["weight_ih"].t()), h, q["weight_hh"].t())
         i, f, g, o = gates.chunk(4, 1)
-        c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c = f * state[1] + i * g
+        return (o * torch.tanh(c), c), {"i": i, "f": f, "g": g, "o": o}
