@@ -13,6 +13,7 @@ from charlm.commands.cells import cells
 from charlm.commands.compare import compare
 from charlm.commands.data import data_
 from charlm.commands.evaluate import evaluate
+from charlm.commands.export import export
 from charlm.commands.sample import sample
 from charlm.commands.train import TrainCommand, train
 
@@ -24,6 +25,7 @@ app.command()(sample)
 app.command("data")(data_)
 app.command()(cells)
 app.command()(compare)
+app.command()(export)
 
 
 def main() -> None:
