@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import shakespeare_text
 from typer.testing import CliRunner
 
 from charlm.cells import cell_names
@@ -25,7 +26,6 @@ from charlm.model import CharLM
 from charlm.onnx_export import INSTALL_HINT, NOT_EXPORTABLE, export_model, state_slots
 from charlm.sampling import generate
 from charlm.vocab import Vocab
-from tests.conftest import shakespeare_text
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_onnx.py"
