@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from charlm import __version__
-from charlm.atomic import atomic_write_text, fsync_folder
+from charlm.atomic import FOLDER_MODE, atomic_write_text, fsync_folder
 from charlm.cells.onednn_matmul import onednn_off
 from charlm.config import Config
 from charlm.errors import CharlmError
@@ -232,6 +232,7 @@ def _move_in(staging: Path, out: Path) -> None:
     if not out.exists() or not any(out.iterdir()):
         if out.exists():
             out.rmdir()
+        os.chmod(staging, FOLDER_MODE)
         os.replace(staging, out)  # the caller's cleanup then finds nothing left to remove
     else:
         for name in (ONNX_FILE, META_FILE):

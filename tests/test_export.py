@@ -15,6 +15,7 @@ import torch
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
+from charlm.atomic import FOLDER_MODE
 from charlm.cells import cell_names
 from charlm.cells.norm_lstm_cpp import cpp_off
 from charlm.checkpoint import load_model
@@ -83,6 +84,7 @@ def test_onnx_matches_charlm_eval_on_1000_chars(trained_run: Path, tmp_path: Pat
     code, output = invoke("export", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "onnx"))
     assert code == 0, output
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["model.json", "model.onnx"]
+    assert (tmp_path / "onnx").stat().st_mode & 0o777 == FOLDER_MODE  # as a plain mkdir, not mkdtemp's 0700
     model, vocab, cfg, _ = load_model(ckpt)
     meta = json.loads((tmp_path / "onnx" / "model.json").read_text(encoding="utf-8"))
     assert meta["vocab"] == vocab.chars and meta["cell"] == cfg.model.cell

@@ -13,7 +13,8 @@ from rich.table import Table
 from charlm.commands.common import checkpoint_path, err, friendly, out, stdout_may_close
 from charlm.errors import CharlmError
 
-DYNAMIC_LR, DYNAMIC_DECAY = 3e-4, 0.01  # --dynamic's step size and decay (benchmarks/results/dynamic-eval.md)
+DYNAMIC_LR, DYNAMIC_DECAY = 1e-4, 0.0  # --dynamic's step size and decay: the best of a small search on a val piece
+# (benchmarks/results/dynamic-eval.md)
 
 
 @friendly
