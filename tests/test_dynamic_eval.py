@@ -58,7 +58,7 @@ def test_static_per_char_adds_up_to_the_eval_loss(trained_run: Path, tmp_path: P
 def test_no_score_depends_on_its_own_character_or_later(trained_run: Path, tmp_path: Path) -> None:
     ckpt = str(trained_run / "best.ckpt")
     text = shakespeare_text(20_600)[20_000:]
-    j = 301  # in the middle of a dynamic segment (50) and of a static stream (8 streams of 74)
+    j = 325  # in the middle of a dynamic segment (positions 301-350) and of a static stream (297-370)
     changed = text[:j] + ("e" if text[j] != "e" else "a") + text[j + 1 :]
     for mode in ([], ["--dynamic", "--dynamic-bptt", "50", "--dynamic-lr", "1e-3"]):
         scores = []
