@@ -14,9 +14,9 @@ at zeros) and the sampling defaults of the checkpoint's ``sample`` section. Both
 temporary folder beside the target and moved in only when complete, so a failed export leaves nothing.
 
 The exporter is PyTorch's TorchScript-based one (``dynamo=False``): the graph is a fixed, branch-free
-step, which tracing captures exactly, and it exports in about a second where ``dynamo=True`` takes tens
-of seconds for the same tiny graph. Checked with torch 2.13 (where it is deprecated but present);
-``tests/test_export.py`` fails if it stops producing a graph that matches.
+step, which tracing captures exactly, and tracing is far quicker than ``torch.export`` (``dynamo=True``,
+which also works) for the test that exports every cell. Checked with torch 2.13, where it is deprecated
+but present; ``tests/test_export.py`` fails if it stops producing a graph that matches.
 """
 
 from __future__ import annotations
