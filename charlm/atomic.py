@@ -25,7 +25,9 @@ def _read_umask() -> int:
 
 
 # read once, at import: os.umask is process-wide, and setting it while other threads create files races them
-FILE_MODE = 0o666 & ~_read_umask()  # what a plain open() gives a new file; mkstemp makes 0600
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() gives a new file; mkstemp makes 0600
+FOLDER_MODE = 0o777 & ~_UMASK  # what a plain mkdir() gives a new folder; mkdtemp makes 0700
 
 
 @contextmanager

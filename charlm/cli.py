@@ -14,6 +14,7 @@ from charlm.commands.compare import compare
 from charlm.commands.data import data_
 from charlm.commands.env import env
 from charlm.commands.evaluate import evaluate
+from charlm.commands.export import export
 from charlm.commands.gradients import gradients
 from charlm.commands.sample import sample
 from charlm.commands.serve import serve
@@ -32,6 +33,7 @@ app.command()(serve)
 app.command()(env)
 app.command()(viz)
 app.command()(gradients)
+app.command()(export)
 
 
 def main() -> None:

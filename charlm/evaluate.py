@@ -16,13 +16,14 @@ from charlm.model import CharLM, States
 from charlm.streams import Batch, StreamLayout, WindowSampler
 
 
-def score_batch(model: CharLM, batch: Batch, states: States | None) -> tuple[Tensor, States]:
-    """Summed NLL (nats) of one window and the states to carry; a tail window continues the last row."""
+def score_batch(model: CharLM, batch: Batch, states: States | None, reduction: str = "sum") -> tuple[Tensor, States]:
+    """Summed NLL (nats) of one window and the states to carry; a tail window continues the last row.
+    ``reduction="none"``: the NLL of every character instead, (B T,) row by row."""
     if batch.tail and states is not None:
         states = [tuple(t[:, -1:] for t in s) for s in states]
     out = model(batch.x, states)
     logits = out.logits.reshape(-1, out.logits.size(-1)).float()
-    return F.cross_entropy(logits, batch.y.reshape(-1), reduction="sum"), out.states
+    return F.cross_entropy(logits, batch.y.reshape(-1), reduction=reduction), out.states
 
 
 @torch.no_grad()
@@ -43,6 +44,31 @@ def evaluate_ids(model: CharLM, ids: Tensor, *, batch_size: int = 16, bptt: int 
         chars += batch.y.numel()
     seconds = time.perf_counter() - start
     return {**summarize(nll_sum, chars), "seconds": seconds, "chars_per_s": chars / max(seconds, 1e-9)}
+
+
+@torch.no_grad()
+def char_nlls(model: CharLM, ids: Tensor, *, batch_size: int = 16, bptt: int = 256,
+              device: torch.device | str = "cpu") -> Tensor:
+    """The NLL (nats, float64) of every character of ``ids`` but the first, in text order (entry ``p - 1`` is
+    the character at position ``p``), scored exactly as :func:`evaluate_ids` scores them: the same streams,
+    windows and carried state, so their sum is its summed NLL."""
+    model.eval()
+    batch_size = max(1, min(batch_size, ids.numel() - 1))
+    layout = StreamLayout(ids, batch_size, keep_tail=True)
+    nll = torch.empty(ids.numel() - 1, dtype=torch.float64)
+    used = layout.row_length * batch_size
+    rows = nll[:used].view(batch_size, layout.row_length)  # row r, column j: the target at r L + j + 1
+    states: States | None = None
+    for window in WindowSampler(layout, bptt):
+        batch = layout.batch(window)
+        per_char, states = score_batch(model, Batch(batch.x.to(device), batch.y.to(device), batch.tail), states,
+                                       reduction="none")
+        per_char = per_char.view(batch.y.shape).double().cpu()
+        if batch.tail:
+            nll[used + window.start : used + window.start + window.length] = per_char[0]
+        else:
+            rows[:, window.start : window.start + window.length] = per_char
+    return nll
 
 
 def validation_streams(checkpoint: dict[str, Any], n_ids: int, eval_batch_size: int) -> int:

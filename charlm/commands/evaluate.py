@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -11,6 +12,9 @@ from rich.table import Table
 
 from charlm.commands.common import checkpoint_path, err, friendly, out, stdout_may_close
 from charlm.errors import CharlmError
+
+DYNAMIC_LR, DYNAMIC_DECAY = 1e-4, 0.0  # --dynamic's step size and decay: the best of a small search on a val piece
+# (benchmarks/results/dynamic-eval.md)
 
 
 @friendly
@@ -23,11 +27,24 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option(
         help="Streams evaluated side by side (default: as the run's validation, so the loss matches its "
              "val_loss: data.eval_batch_size x the processes it trained on).", show_default=False)] = None,
+    dynamic: Annotated[bool, typer.Option(
+        help="Dynamic evaluation: adapt the weights to the text as it is read (one stream, each segment "
+             "scored before its gradient step).")] = False,
+    dynamic_lr: Annotated[float | None, typer.Option(
+        help=f"Step size of --dynamic (default {DYNAMIC_LR:g}).", show_default=False)] = None,
+    dynamic_decay: Annotated[float | None, typer.Option(
+        help=f"Decay toward the trained weights per segment (default {DYNAMIC_DECAY:g}).",
+        show_default=False)] = None,
+    dynamic_bptt: Annotated[int | None, typer.Option(
+        help="Segment length of --dynamic (default: the run's data.bptt).", show_default=False)] = None,
+    per_char: Annotated[str | None, typer.Option(
+        help="Write each character's NLL to this CSV (position, char, nll in nats).", show_default=False)] = None,
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
     from charlm.checkpoint import load_model
     from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
     from charlm.datamodule import corpus_ids, split_ids, text_ids
+    from charlm.dynamic_eval import evaluate_dynamic, evaluate_static, write_char_nlls
     from charlm.evaluate import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
     from charlm.train import fast_cpu_math
 
@@ -35,23 +52,49 @@ def evaluate(
         raise CharlmError(f"--split must be val or test, got '{split}'")
     if batch_size is not None and batch_size < 1:
         raise CharlmError(f"--batch-size must be at least 1, got {batch_size}")
+    given = [flag for flag, v in (("--dynamic-lr", dynamic_lr), ("--dynamic-decay", dynamic_decay),
+                                  ("--dynamic-bptt", dynamic_bptt)) if v is not None]
+    if given and not dynamic:
+        raise CharlmError(f"{given[0]} sets up dynamic evaluation; add --dynamic")
+    if dynamic and batch_size not in (None, 1):
+        raise CharlmError("--dynamic reads the text as one stream, in order, so that every score stays a "
+                          f"prediction; leave out --batch-size (got {batch_size}) or give 1")
+    from charlm.dynamic_eval import DynamicSettings
+
+    settings = DynamicSettings(lr=DYNAMIC_LR if dynamic_lr is None else dynamic_lr,
+                               decay=DYNAMIC_DECAY if dynamic_decay is None else dynamic_decay,
+                               bptt=1 if dynamic_bptt is None else dynamic_bptt)  # 1: the run's, once loaded
+    settings.check()  # before the slow load
     path = checkpoint_path(checkpoint)
     model, vocab, cfg, ckpt = load_model(path)
     fast_cpu_math()
+    splits = None
+    if text is None or dynamic:  # dynamic evaluation's gradient statistics come from the training split
+        corpus = load_corpus(data if data is not None else cfg.data.path)
+        # as the run cut it: a fine-tuned run with data.drop_unknown trained without the characters it dropped
+        all_ids, _ = corpus_ids(vocab, corpus.text, f"corpus {corpus.path}", drop_unknown=cfg.data.drop_unknown)
+        splits = split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction)
+        ids, source = getattr(splits, split), f"{corpus.path} ({split} split)"
     if text is not None:
         corpus = read_corpus(resolve_corpus_path(text, option="--text"))
         ids = text_ids(vocab, corpus.text, what=f"--text file {corpus.path}")
         source = str(corpus.path)
-    else:
-        corpus = load_corpus(data if data is not None else cfg.data.path)
-        # as the run cut it: a fine-tuned run with data.drop_unknown trained without the characters it dropped
-        all_ids, _ = corpus_ids(vocab, corpus.text, f"corpus {corpus.path}", drop_unknown=cfg.data.drop_unknown)
-        ids = getattr(split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction), split)
-        source = f"{corpus.path} ({split} split)"
-    streams = batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)
+    streams = 1 if dynamic else batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)
     # the training run's window, as its validation used: lstm-bn's per-step statistics restart with every
     # window, so its loss depends on the window length (the other cells' does not, up to float rounding)
-    result = evaluate_ids(model, ids, batch_size=streams, bptt=cfg.data.bptt)
+    nll = None
+    if dynamic:
+        assert splits is not None
+        settings = replace(settings, bptt=cfg.data.bptt if dynamic_bptt is None else dynamic_bptt)
+        result, nll = evaluate_dynamic(model, ids, splits.train, settings, train_batch_size=cfg.data.batch_size,
+                                       train_bptt=cfg.data.bptt)
+        result["dynamic"] = settings.to_dict()
+    elif per_char is not None:
+        result, nll = evaluate_static(model, ids, batch_size=streams, bptt=cfg.data.bptt)
+    else:
+        result = evaluate_ids(model, ids, batch_size=streams, bptt=cfg.data.bptt)
+    if per_char is not None and nll is not None:
+        write_char_nlls(per_char, ids, vocab, nll)
     bad = nonfinite_parameters(model)
     why = (f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. {bad[0]})" if bad
            else "the model's scores overflowed on this text")
@@ -60,7 +103,9 @@ def evaluate(
         if as_json:
             print(json.dumps(result, allow_nan=False))
             return
-        table = Table(title=f"{path}\n{source}", show_header=False)
+        mode = (f"\ndynamic evaluation: lr {settings.lr:g}, decay {settings.decay:g}, segments of {settings.bptt}"
+                if dynamic else "")
+        table = Table(title=f"{path}\n{source}{mode}", show_header=False)
         for key, fmt in (("loss", "{:.4f} nats/char"), ("bpc", "{:.4f} bits/char"), ("perplexity", "{:.3f}"),
                          ("chars", "{:,}"), ("chars_per_s", "{:,.0f}")):
             table.add_row(key, "not a finite number" if result[key] is None else fmt.format(result[key]))
