@@ -1,0 +1,128 @@
+"""``CharLM.step`` in one C++ call (``cells/csrc/model_step.cpp``), for the models whose every layer it knows.
+
+Generating a character at one row is a few dozen small ATen calls (the embedding row, per layer the gate
+products, the nonlinearities and the state update, the decoder); from Python each pays the interpreter
+and the dispatcher's Python entry, which at that size costs more than the arithmetic. The C++ op calls
+the same ATen functions in the same order with the same arguments, so its logits and states are those
+of the Python step, bit for bit, and a seeded sample is the same text.
+
+It runs for models in eval mode on the CPU, outside autocast, whose layers are all
+
+- a cell with a torch RNN kernel in use (``lstm``, ``lstm-b``, ``np``, ``gru``, ``rnn``, ``irnn``:
+  ``torch.lstm_cell`` / ``gru_cell`` / ``rnn_*_cell``), or
+- a gated LSTM of :class:`charlm.cells.lstm.GatedLSTMCell` (``peephole``, ``lstm-f/i/o``, ``nig`` ...
+  ``cifg``, and the LSTMs with ``model.torch_rnn=false``),
+
+each followed by nothing or a LayerNorm (``model.layer_norm``). Every other model (``gru-cho``,
+``lstm-ln``, ``lstm-bn``, ``fgr``, ``mut1-3``, ``linear``; training mode, with its weight drop; CUDA)
+runs the Python step, as does every model where the library cannot be built: it is built like the
+C++ kernel of ``lstm-ln`` / ``lstm-bn``, by the same machinery (:func:`charlm.cells.norm_lstm_cpp.load_library`:
+the cache folder, the lock, one warning when it cannot be built, ``CHARLM_NATIVE=0`` to turn it off,
+``cpp_off()`` inside a block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from charlm.cells import norm_lstm_cpp
+from charlm.cells.lstm import GatedLSTMCell
+
+if TYPE_CHECKING:
+    from charlm.model import CharLM, States
+
+SOURCE = Path(__file__).parent / "cells" / "csrc" / "model_step.cpp"
+NAME = "charlm_model_step"
+# the layer kinds and the gated cells' parts, as model_step.cpp numbers them
+TORCH_RNN_KINDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+GATED = 4
+GATE_BITS = (("input_gate", 1), ("forget_gate", 2), ("output_gate", 4), ("coupled", 8), ("g_tanh", 16),
+             ("out_tanh", 32), ("peephole", 64))
+_LAYER_PARAMS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+_NONE = torch.empty(0)  # a tensor the op reads as "this layer has none"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the op needs to know of a model besides its tensors: each layer's kind and flags, the norms' eps."""
+
+    kinds: list[int]
+    flags: list[int]
+    norm_eps: float
+    layer_norm: bool
+
+
+def available() -> bool:
+    """Whether the op is on and loaded, building and loading it on the first call."""
+    return norm_lstm_cpp.load_library(SOURCE, NAME, "model_step", "the model's single step (sampling)",
+                                      "CharLM.step runs its slower Python code")
+
+
+def plan_for(model: CharLM) -> Plan | None:
+    """The op's description of ``model``, or None where one of its layers or norms is not one it knows."""
+    kinds, flags, eps = [], [], set()
+    for layer, norm in zip(model.layers, model.norms, strict=True):
+        if layer.torch_rnn and layer.spec.torch_rnn in TORCH_RNN_KINDS:
+            kinds.append(TORCH_RNN_KINDS[layer.spec.torch_rnn])
+            flags.append(0)
+        elif type(layer.cell) is GatedLSTMCell:
+            kinds.append(GATED)
+            config = layer.cell.config
+            flags.append(sum(bit for name, bit in GATE_BITS if getattr(config, name)))
+        else:
+            return None
+        if isinstance(norm, nn.LayerNorm):
+            if norm.weight is None or norm.bias is None or norm.normalized_shape != (layer.hidden_size,):
+                return None
+            eps.add(norm.eps)
+        elif not isinstance(norm, nn.Identity):
+            return None
+    if len(eps) > 1:
+        return None
+    return Plan(kinds, flags, min(eps, default=1e-5), bool(eps))
+
+
+def _plan(model: CharLM) -> Plan | None:
+    """:func:`plan_for`, worked out once per model (its layers do not change after it is built)."""
+    try:
+        return model.__dict__["_fast_step_plan"]  # type: ignore[no-any-return]
+    except KeyError:
+        plan = model.__dict__["_fast_step_plan"] = plan_for(model)
+        return plan
+
+
+def _tensors(model: CharLM, plan: Plan) -> list[Tensor]:
+    """The model's tensors in the op's order (gathered per call: a parameter may have been replaced)."""
+    decoder = model.decoder
+    out = [model.encoder.weight, decoder.weight, _NONE if decoder.bias is None else decoder.bias]
+    for layer, norm in zip(model.layers, model.norms, strict=True):
+        p = layer._parameters
+        out += [p[name] for name in _LAYER_PARAMS]  # type: ignore[misc]
+        peephole = p.get("peephole_l0")
+        out.append(_NONE if peephole is None else peephole)
+        out += [norm.weight, norm.bias] if plan.layer_norm else [_NONE, _NONE]
+    return out
+
+
+def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, States] | None:
+    """``model.step(x, states)`` through the op, or None where it does not run (the caller steps in Python)."""
+    if model.training or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return None
+    plan = _plan(model)
+    if plan is None or not available():
+        return None
+    flat = [] if states is None else [t for state in states for t in state]
+    out = torch.ops.charlm.model_step.default(x, flat, _tensors(model, plan), plan.kinds, plan.flags, plan.norm_eps)
+    new_states: States = []
+    i = 1
+    for layer, kind in zip(model.layers, plan.kinds, strict=True):
+        n = 1 if kind in (1, 2, 3) else 2
+        new_states.append(tuple(out[i:i + n]))
+        i += n
+        layer._next_t = 1 if states is None else layer._next_t + 1  # as RecurrentLayer.step counts
+    return out[0], new_states
