@@ -124,5 +124,6 @@ def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, State
         n = 1 if kind in (1, 2, 3) else 2
         new_states.append(tuple(out[i:i + n]))
         i += n
-        layer._next_t = 1 if states is None else layer._next_t + 1  # as RecurrentLayer.step counts
+        # as RecurrentLayer.step counts; a plain attribute, set past nn.Module.__setattr__'s costly type checks
+        object.__setattr__(layer, "_next_t", 1 if states is None else layer._next_t + 1)
     return out[0], new_states
