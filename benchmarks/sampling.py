@@ -10,7 +10,9 @@ is read as one sequence (one ``model(prime)`` forward), then each character is `
 nn.LSTMCell still: a fresh peephole LSTM has zero peepholes, so it computes the same thing). ``charlm
 (python)`` is charlm's step with its C++ op turned off (:mod:`charlm.fast_step`). The rows take turns,
 one chunk of ``--length`` characters each per repeat, so a busy machine slows them alike; the figures are
-the medians over the repeats and the ratio's spread is its range over the repeats.
+the medians over the repeats and the ratio's spread is its range over the repeats. ``--clock cpu`` times
+with the process's CPU time instead of the wall clock: on a machine shared with other work, the time this
+process computed rather than the time it waited for a core.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def plain_loop(plain: PlainLoop, streams: int, seed: int) -> Loop:
     return run
 
 
-def measure(cell: str, streams: int, length: int, repeats: int) -> dict[str, object]:
+def measure(cell: str, streams: int, length: int, repeats: int, clock: Callable[[], float]) -> dict[str, object]:
     torch.manual_seed(0)
     model = CharLM(VOCAB, load_config("default", [f"model.cell={cell}"]).model).eval()
     loops = {"plain": plain_loop(PlainLoop(model).eval(), streams, 0),
@@ -102,9 +104,9 @@ def measure(cell: str, streams: int, length: int, repeats: int) -> dict[str, obj
     times: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(repeats):
         for name, loop in loops.items():
-            start = time.perf_counter()
+            start = clock()
             loop(length)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     ratios = [p / c for p, c in zip(times["plain"], times["charlm"], strict=True)]
     rate = {name: streams * length / statistics.median(t) for name, t in times.items()}
     return {"cell": cell, "streams": streams, "threads": torch.get_num_threads(),
@@ -131,19 +133,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", default="2", help="comma-separated torch thread counts, one table each")
     ap.add_argument("--length", type=int, default=300, help="characters per timed chunk")
     ap.add_argument("--repeats", type=int, default=7, help="timed chunks per row, taking turns")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or this process's CPU time (on a shared machine: the work, not the waits)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--out", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)  # as charlm.train.fast_cpu_math does, for every row alike
     fast_step.available()  # build (or load) the op before anything is timed
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     results = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for cell in args.cells.split(","):
             for streams in (int(s) for s in args.streams.split(",")):
-                results.append(measure(cell.strip(), streams, args.length, args.repeats))
+                results.append(measure(cell.strip(), streams, args.length, args.repeats, clock))
     report = {"machine": cpu_name(), "torch": torch.__version__,
-              "length": args.length, "repeats": args.repeats, "results": results}
+              "clock": args.clock, "length": args.length, "repeats": args.repeats, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.json:
@@ -151,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"# {report['machine']}, {torch.get_num_threads()} threads at the end")
     print(f"# default config (2 x 256, tied), random init, temperature {TEMPERATURE}, prime read as one sequence; "
-          f"median of {args.repeats} chunks of {args.length} chars, taking turns; torch {torch.__version__}")
+          f"median of {args.repeats} chunks of {args.length} chars, taking turns, {args.clock} clock; "
+          f"torch {torch.__version__}")
     print(f"{'cell':<9} {'streams':>7} {'threads':>7} {'plain loop':>10} {'charlm (python)':>15} "
           f"{'charlm':>9} {'vs plain':>8} {'spread':>11}")
     for r in results:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -43,18 +43,31 @@ TORCH_RNN_KINDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 GATED = 4
 GATE_BITS = (("input_gate", 1), ("forget_gate", 2), ("output_gate", 4), ("coupled", 8), ("g_tanh", 16),
              ("out_tanh", 32), ("peephole", 64))
-_LAYER_PARAMS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+_LAYER_PARAMS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")  # (+ peephole_l0 where there)
 _NONE = torch.empty(0)  # a tensor the op reads as "this layer has none"
+
+
+Source = tuple[dict[str, Any], str] | None  # where a tensor of the op's list lives (a module's parameters), or none
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the op needs to know of a model besides its tensors: each layer's kind and flags, the norms' eps."""
+    """What the op needs to know of a model besides its tensors: each layer's kind and flags, the norms' eps,
+    and where each of the op's tensors lives."""
 
     kinds: list[int]
     flags: list[int]
     norm_eps: float
-    layer_norm: bool
+    sources: list[Source]
+
+    def tensors(self) -> list[Tensor]:
+        """The model's tensors in the op's order, read from their modules at each call (so a parameter
+        replaced by a new one is seen; without nn.Module's attribute lookups, which would cost more)."""
+        out = []
+        for source in self.sources:
+            t = None if source is None else source[0][source[1]]
+            out.append(_NONE if t is None else t)
+        return out
 
 
 def available() -> bool:
@@ -66,6 +79,9 @@ def available() -> bool:
 def plan_for(model: CharLM) -> Plan | None:
     """The op's description of ``model``, or None where one of its layers or norms is not one it knows."""
     kinds, flags, eps = [], [], set()
+    decoder = model.decoder
+    sources: list[Source] = [(model.encoder._parameters, "weight"), (decoder._parameters, "weight"),
+                             (decoder._parameters, "bias")]
     for layer, norm in zip(model.layers, model.norms, strict=True):
         if layer.torch_rnn and layer.spec.torch_rnn in TORCH_RNN_KINDS:
             kinds.append(TORCH_RNN_KINDS[layer.spec.torch_rnn])
@@ -76,15 +92,20 @@ def plan_for(model: CharLM) -> Plan | None:
             flags.append(sum(bit for name, bit in GATE_BITS if getattr(config, name)))
         else:
             return None
+        sources += [(layer._parameters, name) for name in _LAYER_PARAMS]
+        sources.append((layer._parameters, "peephole_l0") if "peephole_l0" in layer._parameters else None)
         if isinstance(norm, nn.LayerNorm):
             if norm.weight is None or norm.bias is None or norm.normalized_shape != (layer.hidden_size,):
                 return None
             eps.add(norm.eps)
-        elif not isinstance(norm, nn.Identity):
+            sources += [(norm._parameters, "weight"), (norm._parameters, "bias")]
+        elif isinstance(norm, nn.Identity):
+            sources += [None, None]
+        else:
             return None
     if len(eps) > 1:
         return None
-    return Plan(kinds, flags, min(eps, default=1e-5), bool(eps))
+    return Plan(kinds, flags, min(eps, default=1e-5), sources)
 
 
 def _plan(model: CharLM) -> Plan | None:
@@ -96,19 +117,6 @@ def _plan(model: CharLM) -> Plan | None:
         return plan
 
 
-def _tensors(model: CharLM, plan: Plan) -> list[Tensor]:
-    """The model's tensors in the op's order (gathered per call: a parameter may have been replaced)."""
-    decoder = model.decoder
-    out = [model.encoder.weight, decoder.weight, _NONE if decoder.bias is None else decoder.bias]
-    for layer, norm in zip(model.layers, model.norms, strict=True):
-        p = layer._parameters
-        out += [p[name] for name in _LAYER_PARAMS]  # type: ignore[misc]
-        peephole = p.get("peephole_l0")
-        out.append(_NONE if peephole is None else peephole)
-        out += [norm.weight, norm.bias] if plan.layer_norm else [_NONE, _NONE]
-    return out
-
-
 def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, States] | None:
     """``model.step(x, states)`` through the op, or None where it does not run (the caller steps in Python)."""
     if model.training or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
@@ -117,7 +125,7 @@ def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, State
     if plan is None or not available():
         return None
     flat = [] if states is None else [t for state in states for t in state]
-    out = torch.ops.charlm.model_step.default(x, flat, _tensors(model, plan), plan.kinds, plan.flags, plan.norm_eps)
+    out = torch.ops.charlm.model_step.default(x, flat, plan.tensors(), plan.kinds, plan.flags, plan.norm_eps)
     new_states: States = []
     i = 1
     for layer, kind in zip(model.layers, plan.kinds, strict=True):

@@ -93,6 +93,21 @@ def test_float64_and_a_state_from_forward(built: None) -> None:
                for a, b in zip(s, r, strict=True))
 
 
+def test_changed_and_replaced_parameters_are_seen(built: None) -> None:
+    """The op reads the tensors from the modules at each call: after .double() (the data swapped under the
+    same parameters) and after a parameter is replaced by a new one."""
+    model = small_model("lstm")
+    x = torch.tensor([4, 5])
+    model.step(x)  # the plan is worked out here, in float32
+    model.double()
+    model.layers[1].weight_hh_l0 = torch.nn.Parameter(torch.randn_like(model.layers[1].weight_hh_l0))
+    fast = run_steps(model, x, 3)
+    with cpp_off():
+        plain = run_steps(model, x, 3)
+    assert fast[-1][0].dtype == torch.float64
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(fast, plain, strict=True))
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "peephole"])
 def test_a_seeded_sample_is_the_same_text(built: None, cell: str) -> None:
     text = shakespeare_text(3000)
