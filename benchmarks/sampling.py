@@ -141,29 +141,31 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)  # as charlm.train.fast_cpu_math does, for every row alike
     fast_step.available()  # build (or load) the op before anything is timed
     clock = time.perf_counter if args.clock == "wall" else time.process_time
+    machine = cpu_name()
+    if not args.json:
+        print(f"# {machine}; default config (2 x 256, tied), random init, temperature {TEMPERATURE}, prime read "
+              f"as one sequence; median of {args.repeats} chunks of {args.length} chars, taking turns, "
+              f"{args.clock} clock; torch {torch.__version__}")
+        print(f"{'cell':<9} {'streams':>7} {'threads':>7} {'plain loop':>10} {'charlm (python)':>15} "
+              f"{'charlm':>9} {'vs plain':>8} {'spread':>11}", flush=True)
     results = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for cell in args.cells.split(","):
             for streams in (int(s) for s in args.streams.split(",")):
-                results.append(measure(cell.strip(), streams, args.length, args.repeats, clock))
-    report = {"machine": cpu_name(), "torch": torch.__version__,
-              "clock": args.clock, "length": args.length, "repeats": args.repeats, "results": results}
+                r = measure(cell.strip(), streams, args.length, args.repeats, clock)
+                results.append(r)
+                if not args.json:  # each row as it comes: a long run cut short keeps what it measured
+                    print(f"{r['cell']:<9} {r['streams']:>7} {r['threads']:>7} {r['plain_chars_per_s']:>10,.0f} "
+                          f"{r['python_chars_per_s']:>15,.0f} {r['charlm_chars_per_s']:>9,.0f} {r['ratio']:>8.2f} "
+                          f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}", flush=True)
+    report = {"machine": machine, "torch": torch.__version__, "clock": args.clock, "length": args.length,
+              "repeats": args.repeats, "results": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"# {report['machine']}, {torch.get_num_threads()} threads at the end")
-    print(f"# default config (2 x 256, tied), random init, temperature {TEMPERATURE}, prime read as one sequence; "
-          f"median of {args.repeats} chunks of {args.length} chars, taking turns, {args.clock} clock; "
-          f"torch {torch.__version__}")
-    print(f"{'cell':<9} {'streams':>7} {'threads':>7} {'plain loop':>10} {'charlm (python)':>15} "
-          f"{'charlm':>9} {'vs plain':>8} {'spread':>11}")
-    for r in results:
-        print(f"{r['cell']:<9} {r['streams']:>7} {r['threads']:>7} {r['plain_chars_per_s']:>10,.0f} "
-              f"{r['python_chars_per_s']:>15,.0f} {r['charlm_chars_per_s']:>9,.0f} {r['ratio']:>8.2f} "
-              f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}")
     print("chars/s = streams x characters / second; vs plain = charlm / plain loop, per repeat, median")
 
 

@@ -45,6 +45,9 @@ GATE_BITS = (("input_gate", 1), ("forget_gate", 2), ("output_gate", 4), ("couple
              ("out_tanh", 32), ("peephole", 64))
 _LAYER_PARAMS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")  # (+ peephole_l0 where there)
 _NONE = torch.empty(0)  # a tensor the op reads as "this layer has none"
+# Threads for generation on the CPU: at a few rows a step's products are too small to split, and a second
+# thread waiting at each op's end costs more than it saves (benchmarks/results/sampling.txt, 1 and 16 streams).
+SAMPLING_THREADS = 1
 
 
 Source = tuple[dict[str, Any], str] | None  # where a tensor of the op's list lives (a module's parameters), or none

@@ -25,6 +25,7 @@ def sample(
     """Generate text, streamed as it comes; the output starts with the prime."""
     from charlm.checkpoint import load_model
     from charlm.evaluate import nonfinite_parameters
+    from charlm.fast_step import SAMPLING_THREADS
     from charlm.sampling import check_options, generate, stream
     from charlm.train import fast_cpu_math
 
@@ -36,7 +37,7 @@ def sample(
     if bad:
         raise CharlmError(f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. "
                           f"{bad[0]}), so it cannot generate text; use an earlier checkpoint of that run or retrain")
-    fast_cpu_math()
+    fast_cpu_math(SAMPLING_THREADS)
     with stdout_may_close():
         if num_samples == 1:
             sys.stdout.write(prime)
