@@ -79,6 +79,13 @@ def available() -> bool:
                                       "CharLM.step runs its slower Python code")
 
 
+def build_before_training(model: CharLM, device: torch.device) -> None:
+    """Build (or load) the op now if the samples printed during training will step ``model`` through it, so
+    that the build is not part of the first validation (nor of the run's time budget)."""
+    if device.type == "cpu" and plan_for(model) is not None:
+        available()
+
+
 def plan_for(model: CharLM) -> Plan | None:
     """The op's description of ``model``, or None where one of its layers or norms is not one it knows."""
     kinds, flags, eps = [], [], set()
@@ -132,7 +139,7 @@ def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, State
     new_states: States = []
     i = 1
     for layer, kind in zip(model.layers, plan.kinds, strict=True):
-        n = 1 if kind in (1, 2, 3) else 2
+        n = 2 if kind in (TORCH_RNN_KINDS["LSTM"], GATED) else 1  # (h, c) or (h,)
         new_states.append(tuple(out[i:i + n]))
         i += n
         # as RecurrentLayer.step counts; a plain attribute, set past nn.Module.__setattr__'s costly type checks
