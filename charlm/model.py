@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from charlm import fast_step
 from charlm.config import ModelConfig
 from charlm.engine import RecurrentLayer, State
 from charlm.regularizers import LockedDropout, embedding_dropout
@@ -72,7 +73,12 @@ class CharLM(nn.Module):
 
     @torch.no_grad()
     def step(self, x: Tensor, states: States | None = None) -> tuple[Tensor, States]:
-        """One character per stream (eval mode): x (N,) ids -> logits (N, V), new states."""
+        """One character per stream (eval mode): x (N,) ids -> logits (N, V), new states.
+
+        In one C++ call (:mod:`charlm.fast_step`) where the model's layers allow, with the same result."""
+        fast = fast_step.step(self, x, states)
+        if fast is not None:
+            return fast
         h = self.encoder(x)  # (N, E)
         new_states: States = []
         for i, (layer, norm) in enumerate(zip(self.layers, self.norms, strict=True)):

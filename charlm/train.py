@@ -176,6 +176,9 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
     # the C++ kernel of lstm-ln / lstm-bn is built (once per machine) here, not in the first timed step
     from charlm.cells.norm_lstm_cpp import build_before_training
     build_before_training(config.model.cell, trainer.strategy.root_device)
+    if config.sample.enabled:  # and the model step's C++ op, which the samples at validation use
+        from charlm.fast_step import build_before_training as build_step_before_training
+        build_step_before_training(module.model, trainer.strategy.root_device)
 
     start = dt.datetime.now()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)

@@ -227,8 +227,8 @@ def test_training_builds_the_kernel_before_the_trainer_starts(
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             events.append("fit")
 
-    monkeypatch.setattr(norm_lstm_cpp, "_loaded", None)
-    monkeypatch.setattr(norm_lstm_cpp, "_build_and_load", lambda: events.append("build"))
+    monkeypatch.setattr(norm_lstm_cpp, "_loaded", {})
+    monkeypatch.setattr(norm_lstm_cpp, "_build_and_load", lambda *library: events.append("build"))
     config = load_config("smoke", [f"data.path={corpus_file}", "model.cell=lstm-ln", "train.accelerator=cpu",
                                    "train.max_steps=1", "train.val_every_steps=1", "sample.enabled=false"])
     train(config, run_dir=tmp_path / "run", callbacks=[FitStart()])
@@ -236,8 +236,8 @@ def test_training_builds_the_kernel_before_the_trainer_starts(
 
 
 def test_charlm_native_0_skips_the_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(norm_lstm_cpp, "_loaded", None)
+    monkeypatch.setattr(norm_lstm_cpp, "_loaded", {})
     monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path))
     monkeypatch.setenv("CHARLM_NATIVE", "0")
     assert not norm_lstm_cpp.available()
-    assert norm_lstm_cpp._loaded is None and not any(tmp_path.iterdir())
+    assert norm_lstm_cpp._loaded == {} and not any(tmp_path.iterdir())

@@ -60,19 +60,20 @@ CELLS = ("lstm-ln", "lstm-bn")
 LOCK_NAME = "charlm-build.lock"
 TORCH_LOCK_NAME = "lock"
 
-_loaded: bool | None = None  # None: not tried in this process yet
+_loaded: dict[str, bool] = {}  # library name -> loaded; not there: not tried in this process yet
 _enabled = Switch()
 
 
-def build_directory() -> Path:
-    """Where the library is built and cached: a folder per PyTorch, Python, instruction set, source and flags."""
+def build_directory(source: Path | None = None) -> Path:
+    """Where a library is built and cached (``source``: :data:`SOURCE` by default): a folder per PyTorch,
+    Python, instruction set, source and flags."""
     root = os.environ.get("CHARLM_NATIVE_DIR")
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm" / "native")
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     arch = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}".lower()
     cflags, ldflags = compile_flags()
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256((source or SOURCE).read_bytes())
     key.update("\0".join(["cflags", *cflags, "ldflags", *ldflags]).encode())
     return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}-{key.hexdigest()[:12]}"
 
@@ -105,10 +106,10 @@ def _folder_lock(directory: Path) -> Iterator[None]:
         lock.release()
 
 
-def _build_and_load() -> None:
+def _build_and_load(source_path: Path, name: str, what: str) -> None:
     from torch.utils import cpp_extension
 
-    directory = build_directory()
+    directory = build_directory(source_path)
     directory.mkdir(parents=True, exist_ok=True)
     with _folder_lock(directory):
         # with our lock held no other build runs here: a lock file of PyTorch's was left by a killed one
@@ -117,20 +118,20 @@ def _build_and_load() -> None:
             print(f"charlm: removing {torch_lock}, left by a build that did not finish", file=sys.stderr)
             torch_lock.unlink(missing_ok=True)
         # built from a copy kept here: the build does not depend on the checkout's path
-        source = directory / SOURCE.name
-        if not source.is_file() or source.read_bytes() != SOURCE.read_bytes():
+        source = directory / source_path.name
+        if not source.is_file() or source.read_bytes() != source_path.read_bytes():
             partial = source.with_suffix(".partial")
-            partial.write_bytes(SOURCE.read_bytes())
+            partial.write_bytes(source_path.read_bytes())
             partial.replace(source)
-        if not any(directory.glob(f"{NAME}.*")):
-            print(f"charlm: building the C++ kernel of lstm-ln / lstm-bn (once) in {directory}", file=sys.stderr)
+        if not any(directory.glob(f"{name}.*")):
+            print(f"charlm: building the C++ kernel of {what} (once) in {directory}", file=sys.stderr)
         cflags, ldflags = compile_flags()
         saved_path = os.environ.get("PATH", "")
         # ninja from pip lives beside this Python, which need not be on PATH (a venv used without activating it)
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
         try:
             cpp_extension.load(
-                name=NAME, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
+                name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
                 build_directory=str(directory), is_python_module=False, verbose=False,
             )
         finally:
@@ -147,26 +148,32 @@ def build_error(err: Exception) -> str:
     return (telling or lines or [type(err).__name__])[0 if telling else -1]
 
 
-def available() -> bool:
-    """Whether the C++ kernel is on and loaded, building and loading it on the first call."""
-    global _loaded
+def load_library(source: Path, name: str, op: str, what: str, instead: str) -> bool:
+    """Whether the C++ library built from ``source`` is on and loaded (its op ``torch.ops.charlm.<op>`` is
+    there), building and loading it on the first call; where it cannot be built, one warning says why and
+    that ``instead`` runs (``what`` names the library's users in the messages)."""
     if not _enabled or os.environ.get("CHARLM_NATIVE", "1") == "0":
         return False
-    if _loaded is None:
+    if name not in _loaded:
         try:
-            _build_and_load()
-            _loaded = hasattr(torch.ops.charlm, "norm_lstm_forward")
-        except Exception as err:  # no compiler, no ninja, a failed build: the Python kernel runs instead
-            _loaded = False
+            _build_and_load(source, name, what)
+            _loaded[name] = hasattr(torch.ops.charlm, op)
+        except Exception as err:  # no compiler, no ninja, a failed build: the Python code runs instead
+            _loaded[name] = False
             why = build_error(err)
             warnings.warn(
-                f"charlm: could not build the C++ kernel of lstm-ln / lstm-bn ({why}); "
-                "they run the slower Python kernel. Install a C++ compiler and ninja, or set CHARLM_NATIVE=0 "
-                "to skip the build.",
+                f"charlm: could not build the C++ kernel of {what} ({why}); {instead}. Install a C++ compiler "
+                "and ninja, or set CHARLM_NATIVE=0 to skip the build.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    return _loaded
+    return _loaded[name]
+
+
+def available() -> bool:
+    """Whether the C++ kernel is on and loaded, building and loading it on the first call."""
+    return load_library(SOURCE, NAME, "norm_lstm_forward", "lstm-ln / lstm-bn",
+                        "they run the slower Python kernel")
 
 
 def build_before_training(cell: str, device: torch.device) -> None:
@@ -177,7 +184,8 @@ def build_before_training(cell: str, device: torch.device) -> None:
 
 
 def cpp_off() -> AbstractContextManager[None]:
-    """Inside the block the normalised LSTMs run the Python time loops (for side-by-side checks)."""
+    """Inside the block the normalised LSTMs run the Python time loops, and every other user of these
+    libraries (:mod:`charlm.fast_step`) its Python code (for side-by-side checks)."""
     return _enabled.off()
 
 

@@ -105,6 +105,7 @@ def _refuse_combinations(beam: int | None, as_json: bool, interactive: bool, num
 def _load(checkpoint: str | None) -> tuple[CharLM, Vocab, Path]:
     from charlm.checkpoint import load_model
     from charlm.evaluate import nonfinite_parameters
+    from charlm.fast_step import SAMPLING_THREADS
     from charlm.train import fast_cpu_math
 
     path = checkpoint_path(checkpoint)
@@ -113,7 +114,7 @@ def _load(checkpoint: str | None) -> tuple[CharLM, Vocab, Path]:
     if bad:
         raise CharlmError(f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. "
                           f"{bad[0]}), so it cannot generate text; use an earlier checkpoint of that run or retrain")
-    fast_cpu_math()
+    fast_cpu_math(SAMPLING_THREADS)
     return model, vocab, path
 
 
