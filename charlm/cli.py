@@ -15,6 +15,7 @@ from charlm.commands.data import data_
 from charlm.commands.evaluate import evaluate
 from charlm.commands.sample import sample
 from charlm.commands.train import TrainCommand, train
+from charlm.commands.tune import tune
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Character-level recurrent language models of Shakespeare, AWD-LSTM style.")
@@ -24,6 +25,7 @@ app.command()(sample)
 app.command("data")(data_)
 app.command()(cells)
 app.command()(compare)
+app.command()(tune)
 
 
 def main() -> None:
