@@ -79,8 +79,8 @@ class Objective:
             config = with_values(self.base, {**params, "train.name": name, "train.out": str(self.study_dir)})
             validate(config)
             result = train(config, callbacks=[pruning])
-        except TrainingInterrupted as exc:
-            trial.set_user_attr(STOPPED_ATTR, str(exc).splitlines()[0])
+        except (TrainingInterrupted, KeyboardInterrupt) as exc:  # a signal (see charlm.tune.study)
+            trial.set_user_attr(STOPPED_ATTR, (str(exc) or "interrupted").splitlines()[0])
             raise
         except CharlmError as exc:
             trial.set_user_attr(ERROR_ATTR, str(exc))

@@ -121,7 +121,7 @@ def _alive(pid: int) -> bool:
 
 def fail_orphans(study: optuna.Study) -> list[int]:
     """Mark FAIL the RUNNING trials of this machine whose process is gone; return their numbers."""
-    storage = study._storage  # Study has no public accessor for it (Optuna 4.x, 5.1 checked); test_tune covers it
+    storage = study._storage  # Study has no public accessor for it (Optuna 5.1 checked); test_tune covers it
     study_id = storage.get_study_id_from_name(study.study_name)
     host, failed = socket.gethostname(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -164,7 +164,7 @@ def _signals_raise() -> Iterator[list[int]]:
 
     def handler(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"interrupted by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}")
 
     if not threading_main():
         yield received
@@ -217,19 +217,18 @@ def _stopped_message(settings: TuneSettings, code: int) -> str:
             f"run the same command to continue study '{settings.study}'")
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: SIGTERM this worker when the command process dies, even by SIGKILL (prctl PR_SET_PDEATHSIG)."""
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG). The parent
+    is the command, or the fork server, which itself ends when the command does."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before that
-        sys.exit(143)
 
 
-def _worker_process(settings: TuneSettings, parent: int) -> None:
+def _worker_process(settings: TuneSettings) -> None:
     """A worker process: its exit code tells the command how it ended (the command prints the one line)."""
     os.setpgrp()  # Ctrl-C reaches the command alone, which stops the workers with one SIGTERM each
-    _die_with_parent(parent)
+    _die_with_parent()
     from charlm.commands.common import err
 
     try:
@@ -251,9 +250,20 @@ def run_study(settings: TuneSettings) -> optuna.Study:
     return study
 
 
+def _process_context() -> Any:
+    """Never a fork of this process (its torch may have started OpenMP threads, which a fork cannot carry):
+    a fork server that imports torch, Lightning and Optuna once, before any thread starts, then forks each
+    worker; where there is none (Windows), a fresh interpreter per worker."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["charlm.train", "charlm.tune.study"])
+    return context
+
+
 def _run_processes(settings: TuneSettings) -> None:
-    context = multiprocessing.get_context("spawn")  # not fork: each worker starts torch's threads afresh
-    procs = [context.Process(target=_worker_process, args=(settings, os.getpid()), name=f"charlm-tune-{i}")
+    context = _process_context()
+    procs = [context.Process(target=_worker_process, args=(settings,), name=f"charlm-tune-{i}")
              for i in range(settings.workers)]
     received: list[int] = []
 
