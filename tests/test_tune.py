@@ -185,16 +185,19 @@ def test_a_pruner_prunes_and_the_pruned_run_ends_cleanly(tmp_path: Path, corpus_
             "budget as before, or give a new --study") in again.output
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _descendants(pid: int) -> list[int]:
+    """The processes under ``pid``, deepest first (the workers are forked by a fork server under the command)."""
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry))
+    found, level = [], [pid]
+    while level:
+        level = [p for p, parent in parents.items() if parent in level]
+        found = level + found
     return found
 
 
@@ -226,7 +229,7 @@ def test_a_study_continues_after_sigkill_and_after_sigterm(tmp_path: Path, corpu
     # 1. everything killed at once (SIGKILL: a crash) while a trial runs and one is done
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(out, first, lambda ts: running(ts) and any(t.state == TrialState.COMPLETE for t in ts))
-    for pid in [*_children(first.pid), first.pid]:
+    for pid in [*_descendants(first.pid), first.pid]:
         os.kill(pid, signal.SIGKILL)
     first.communicate()
     before = load(out).trials
