@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,6 +184,25 @@ def test_a_pruner_prunes_and_the_pruned_run_ends_cleanly(tmp_path: Path, corpus_
     assert again.exit_code == 2
     assert ("study 's' was started with another search space; run it with the same --space, --config, --set and "
             "budget as before, or give a new --study") in again.output
+
+
+def test_a_trial_whose_process_is_gone_is_marked_failed_and_others_are_left_alone() -> None:
+    from charlm.tune.study import counts, fail_orphans
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="s")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owners = [(socket.gethostname(), int(gone.stdout)), (socket.gethostname(), os.getpid()),
+              ("another-machine", int(gone.stdout))]
+    for host, pid in owners:
+        trial = study.ask()
+        trial.set_user_attr("host", host)
+        trial.set_user_attr("pid", pid)
+    assert fail_orphans(study, storage) == [0]
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING]
+    assert study.trials[0].user_attrs["stopped"] == f"its process ({int(gone.stdout)}) ended without finishing it"
+    assert [counts(t) for t in study.trials] == [False, True, True]  # an interrupted trial is replaced
 
 
 def _descendants(pid: int) -> list[int]:

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -119,9 +120,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_orphans(study: optuna.Study) -> list[int]:
-    """Mark FAIL the RUNNING trials of this machine whose process is gone; return their numbers."""
-    storage = study._storage  # Study has no public accessor for it (Optuna 5.1 checked); test_tune covers it
+def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """Mark FAIL the RUNNING trials of this machine whose process is gone; return their numbers.
+
+    ``storage`` is the study's (Optuna reads unfinished trials from it again, so the study sees the change)."""
     study_id = storage.get_study_id_from_name(study.study_name)
     host, failed = socket.gethostname(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -178,16 +180,14 @@ def _signals_raise() -> Iterator[list[int]]:
 
 
 def threading_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def run_worker(settings: TuneSettings) -> None:
     """Run trials until the study has ``settings.trials`` that count; a signal raises :class:`TuneInterrupted`."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.load_study(study_name=settings.study, storage=open_storage(settings.storage),
-                              pruner=make_pruner(settings.pruner))
+    storage = open_storage(settings.storage)
+    study = optuna.load_study(study_name=settings.study, storage=storage, pruner=make_pruner(settings.pruner))
     lock = FileLock(settings.study_dir / LOCK_FILE)
     from charlm.tune.report import print_trial_end
 
@@ -196,8 +196,8 @@ def run_worker(settings: TuneSettings) -> None:
             while True:
                 lock.acquire()
                 try:
-                    fail_orphans(study)
-                    if sum(counts(t) for t in study.get_trials(deepcopy=False)) >= settings.trials:
+                    fail_orphans(study, storage)
+                    if _counted(study) >= settings.trials:
                         return
                     study.optimize(lambda trial: settings.objective(trial, started=lock.release), n_trials=1,
                                    catch=(TrialFailed,), callbacks=[print_trial_end])
@@ -240,12 +240,16 @@ def _worker_process(settings: TuneSettings) -> None:
         sys.exit(exc.exit_code)
 
 
+def _counted(study: optuna.Study) -> int:
+    return sum(counts(t) for t in study.get_trials(deepcopy=False))
+
+
 def run_study(settings: TuneSettings) -> optuna.Study:
     """Run the study to ``settings.trials`` trials: in this process, or in ``settings.workers`` processes."""
     study = prepare_study(settings)
     if settings.workers == 1:
         run_worker(settings)
-    else:
+    elif _counted(study) < settings.trials:  # else nothing to start processes for
         _run_processes(settings)
     return study
 
