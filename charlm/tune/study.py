@@ -140,9 +140,12 @@ def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> l
 
 def prepare_study(settings: TuneSettings) -> optuna.Study:
     """Create the study, or join it (refused if it was started with another space, config or budget)."""
-    settings.study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # charlm prints its own line per trial
-    study = optuna.create_study(storage=open_storage(settings.storage), study_name=settings.study,
+    if settings.storage == default_storage(settings.study_dir):
+        settings.study_dir.mkdir(parents=True, exist_ok=True)  # the SQLite file's folder
+    storage = open_storage(settings.storage)  # a bad URL is refused before any folder is made
+    settings.study_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(storage=storage, study_name=settings.study,
                                 direction="minimize", load_if_exists=True, pruner=make_pruner(settings.pruner))
     recorded = study.user_attrs.get(SETTINGS_ATTR)
     if recorded is None:
