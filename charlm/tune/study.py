@@ -232,14 +232,12 @@ def _worker_process(settings: TuneSettings) -> None:
     """A worker process: its exit code tells the command how it ended (the command prints the one line)."""
     os.setpgrp()  # Ctrl-C reaches the command alone, which stops the workers with one SIGTERM each
     _die_with_parent()
-    from charlm.commands.common import err
-
     try:
         run_worker(settings)
     except TuneInterrupted as exc:
         sys.exit(exc.exit_code)
     except CharlmError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)
 
 
