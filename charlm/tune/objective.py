@@ -68,14 +68,14 @@ class Objective:
     def __call__(self, trial: optuna.Trial, started: Callable[[], None] = lambda: None) -> float:
         trial.set_user_attr(HOST_ATTR, socket.gethostname())
         trial.set_user_attr(PID_ATTR, os.getpid())
-        started()  # the trial exists and says whose it is: other workers may ask for theirs now
         from charlm.train import train  # late: torch and Lightning start-up
 
-        params = self.space.suggest(trial)
-        name = trial_folder(trial.number)
-        trial.set_user_attr(RUN_DIR_ATTR, name)
         pruning = PruneOnValidation(trial)
         try:
+            started()  # the trial exists and says whose it is: other workers may ask for theirs now
+            params = self.space.suggest(trial)
+            name = trial_folder(trial.number)
+            trial.set_user_attr(RUN_DIR_ATTR, name)
             config = with_values(self.base, {**params, "train.name": name, "train.out": str(self.study_dir)})
             validate(config)
             result = train(config, callbacks=[pruning])

@@ -182,6 +182,24 @@ def _signals_raise() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+class _HeldSignals:
+    """SIGINT and SIGTERM blocked (POSIX, main thread) from creation until ``release()``: one that
+    arrives meanwhile is delivered then. Optuna creates a trial before it calls the objective, and a signal
+    raised in between would leave that trial RUNNING for good; held, it lands inside the objective."""
+
+    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+    def __init__(self) -> None:
+        self.blocked = hasattr(signal, "pthread_sigmask") and threading_main()
+        if self.blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+
+    def release(self) -> None:
+        if self.blocked:
+            self.blocked = False
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+
+
 def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
@@ -192,26 +210,40 @@ def run_worker(settings: TuneSettings) -> None:
     storage = open_storage(settings.storage)
     study = optuna.load_study(study_name=settings.study, storage=storage, pruner=make_pruner(settings.pruner))
     lock = FileLock(settings.study_dir / LOCK_FILE)
-    from charlm.tune.report import print_trial_end
-
     with _signals_raise() as received:
         try:
-            while True:
-                lock.acquire()
-                try:
-                    fail_orphans(study, storage)
-                    if _counted(study) >= settings.trials:
-                        return
-                    study.optimize(lambda trial: settings.objective(trial, started=lock.release), n_trials=1,
-                                   catch=(TrialFailed,), callbacks=[print_trial_end])
-                finally:
-                    if lock.is_locked:
-                        lock.release()
+            while _next_trial(settings, study, storage, lock):
+                pass
         except TrainingInterrupted as exc:
             raise TuneInterrupted(_stopped_message(settings, exc.exit_code), exc.exit_code) from None
         except KeyboardInterrupt:
             code = 128 + (received[0] if received else signal.SIGINT)
             raise TuneInterrupted(_stopped_message(settings, code), code) from None
+
+
+def _next_trial(settings: TuneSettings, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                lock: FileLock) -> bool:
+    """Run the study's next trial here, unless it has all its trials (then ``False``)."""
+    from charlm.tune.report import print_trial_end
+
+    lock.acquire()
+    held = _HeldSignals()  # until the trial is ours (see started): a signal then fails it
+    try:
+        fail_orphans(study, storage)
+        if _counted(study) >= settings.trials:
+            return False
+
+        def started() -> None:
+            lock.release()
+            held.release()
+
+        study.optimize(lambda trial: settings.objective(trial, started=started), n_trials=1, catch=(TrialFailed,),
+                       callbacks=[print_trial_end])
+        return True
+    finally:
+        if lock.is_locked:
+            lock.release()
+        held.release()
 
 
 def _stopped_message(settings: TuneSettings, code: int) -> str:
