@@ -82,6 +82,10 @@ class Objective:
         except (TrainingInterrupted, KeyboardInterrupt) as exc:  # a signal (see charlm.tune.study)
             trial.set_user_attr(STOPPED_ATTR, (str(exc) or "interrupted").splitlines()[0])
             raise
+        except SystemExit:  # Lightning 2.6's answer to a KeyboardInterrupt in fit before StopOnInterrupt has the
+            # signals (exit(1)); Optuna would leave the trial RUNNING: make it the interruption it was
+            trial.set_user_attr(STOPPED_ATTR, "interrupted while its run started")
+            raise KeyboardInterrupt("interrupted while its run started") from None
         except CharlmError as exc:
             trial.set_user_attr(ERROR_ATTR, str(exc))
             raise TrialFailed(str(exc)) from None

@@ -120,19 +120,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+def fail_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage, *, unowned: bool = False) -> list[int]:
     """Mark FAIL the RUNNING trials of this machine whose process is gone; return their numbers.
 
-    ``storage`` is the study's (Optuna reads unfinished trials from it again, so the study sees the change)."""
+    ``storage`` is the study's (Optuna reads unfinished trials from it again, so the study sees the change).
+    ``unowned``: also those that never said whose they are (a process killed between Optuna creating the trial
+    and the objective's first line). Only true when every worker of the study holds the study folder's lock
+    (the SQLite file in it): the lock is held from before a trial is created until it has its owner.
+    """
     study_id = storage.get_study_id_from_name(study.study_name)
     host, failed = socket.gethostname(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get(PID_ATTR)
-        if trial.user_attrs.get(HOST_ATTR) != host or not isinstance(pid, int) or _alive(pid):
+        if isinstance(pid, int):
+            if trial.user_attrs.get(HOST_ATTR) != host or _alive(pid):
+                continue
+            why = f"its process ({pid}) ended without finishing it"
+        elif unowned:
+            why = "its process ended before it started"
+        else:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker was first
-            storage.set_trial_user_attr(trial_id, STOPPED_ATTR, f"its process ({pid}) ended without finishing it")
+            storage.set_trial_user_attr(trial_id, STOPPED_ATTR, why)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
             failed.append(trial.number)
     return failed
@@ -229,7 +239,7 @@ def _next_trial(settings: TuneSettings, study: optuna.Study, storage: optuna.sto
     lock.acquire()
     held = _HeldSignals()  # until the trial is ours (see started): a signal then fails it
     try:
-        fail_orphans(study, storage)
+        fail_orphans(study, storage, unowned=settings.storage == default_storage(settings.study_dir))
         if _counted(study) >= settings.trials:
             return False
 
