@@ -19,6 +19,7 @@ from charlm.commands.gradients import gradients
 from charlm.commands.sample import sample
 from charlm.commands.serve import serve
 from charlm.commands.train import TrainCommand, train
+from charlm.commands.tune import tune
 from charlm.commands.viz import viz
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -34,6 +35,7 @@ app.command()(env)
 app.command()(viz)
 app.command()(gradients)
 app.command()(export)
+app.command()(tune)
 
 
 def main() -> None:

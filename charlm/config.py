@@ -197,16 +197,23 @@ def apply(config: Config, values: dict[str, Any], source: str = "config") -> Con
         if not isinstance(entries, dict):
             raise CharlmError(f"{source}: section '{section_name}' must be a mapping of keys to values")
         section = getattr(config, section_name)
-        hints = _HINTS[section_name]
         for key, value in entries.items():
             dotted = f"{section_name}.{key}"
-            if dotted in RENAMED_KEYS:
-                raise CharlmError(f"config key '{dotted}' is now called '{RENAMED_KEYS[dotted]}'; use that name")
-            if key not in hints:
-                raise CharlmError(
-                    f"unknown config key '{dotted}'; keys of '{section_name}': {', '.join(hints)}")
-            setattr(section, key, _coerce(dotted, value, hints[key]))
+            setattr(section, key, _coerce(dotted, value, key_type(dotted)))
     return config
+
+
+def key_type(dotted: str) -> Any:
+    """The type of config key ``section.key`` (e.g. ``int``, ``float | None``, a ``Literal``); an unknown or
+    renamed key is an error that names it."""
+    section_name, _, key = dotted.partition(".")
+    _section(section_name)
+    if dotted in RENAMED_KEYS:
+        raise CharlmError(f"config key '{dotted}' is now called '{RENAMED_KEYS[dotted]}'; use that name")
+    hints = _HINTS[section_name]
+    if key not in hints:
+        raise CharlmError(f"unknown config key '{dotted}'; keys of '{section_name}': {', '.join(hints)}")
+    return hints[key]
 
 
 def parse_override(text: str) -> dict[str, dict[str, Any]]:
