@@ -103,19 +103,30 @@ def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: b
             f"set CHARLM_DATA_DIR to its folder, or pass --data FILE.") from None
 
 
-def read_corpus(path: Path) -> Corpus:
-    """Read a UTF-8 text file, refusing empty and non-UTF-8 files with a clear message."""
+def read_utf8(path: Path, what: str, empty: str = "") -> tuple[str, bytes]:
+    """The text of a UTF-8 file and its bytes, or one sentence naming ``what`` it was (``corpus``,
+    ``--prime-file``) and why it cannot be read; ``empty`` is added to the sentence for an empty file."""
     try:
         raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CharlmError(f"{what} {path} does not exist; give the path of a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise CharlmError(f"{what} {path} is a folder; give the path of a UTF-8 text file") from None
     except OSError as exc:
-        raise CharlmError(f"cannot read corpus {path}: {exc.strerror}") from None
+        raise CharlmError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CharlmError(f"corpus {path} is not UTF-8 text (invalid byte at offset {exc.start}); "
-                          "convert it to UTF-8 first") from None
+        raise CharlmError(f"{what} {path} is not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start}); save it as UTF-8") from None
     if not text:
-        raise CharlmError(f"corpus {path} is empty")
+        raise CharlmError(f"{what} {path} is empty{empty}")
+    return text, raw
+
+
+def read_corpus(path: Path) -> Corpus:
+    """Read a UTF-8 text file, refusing empty and non-UTF-8 files with a clear message."""
+    text, raw = read_utf8(path, "corpus")
     return Corpus(path=path, text=text, sha256=hashlib.sha256(raw).hexdigest())
 
 

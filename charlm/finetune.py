@@ -16,7 +16,6 @@ has it, so re-running a fine-tuned run's ``config.yaml`` starts from the same we
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,10 @@ import torch
 
 from charlm.checkpoint import load_model
 from charlm.config import Config, apply, parse_override, validate
+from charlm.corpus import sha256_of
 from charlm.errors import CharlmError
 from charlm.resume import model_changes
 from charlm.vocab import Vocab
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fine_tune_config(config: Config, overrides: list[str]) -> Config:
@@ -78,7 +70,7 @@ def load_starting_point(config: Config) -> StartingPoint:
     weights fit ``config.model``."""
     path = Path(str(config.train.init_from))
     model, vocab, saved, ckpt = load_model(path)
-    sha = file_sha256(path)
+    sha = sha256_of(path)
     expected = config.train.init_from_sha256
     if expected is not None and expected != sha:
         raise CharlmError(f"checkpoint {path} has sha256 {sha}, but the config (train.init_from_sha256) expects "

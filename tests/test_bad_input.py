@@ -33,7 +33,7 @@ def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "is empty"),
-    (b"ROMEO:\xff\xfe what light\n" * 400, "is not UTF-8 text (invalid byte at offset 6); convert it to UTF-8 first"),
+    (b"ROMEO:\xff\xfe what light\n" * 400, "is not UTF-8 text (invalid byte 0xff at offset 6); save it as UTF-8"),
 ], ids=["empty", "not-utf8"])
 def test_bad_corpus(tmp_path: Path, content: bytes, message: str) -> None:
     corpus = tmp_path / "corpus.txt"

@@ -211,7 +211,7 @@ def test_bad_corpus_files(tmp_path: Path) -> None:
         corpus_mod.load_corpus(empty)
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(CharlmError, match=r"is not UTF-8 text \(invalid byte at offset 3\)"):
+    with pytest.raises(CharlmError, match=r"is not UTF-8 text \(invalid byte 0xe9 at offset 3\)"):
         corpus_mod.load_corpus(latin)
     with pytest.raises(CharlmError, match="does not exist; give --data an existing text file"):
         corpus_mod.load_corpus(tmp_path / "missing.txt")

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +20,14 @@ from charlm.errors import CharlmError, TrainingInterrupted
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+# options several commands share, spelled once
+ConfigOption = Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")]
+DataOption = Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")]
+RunStepsOption = Annotated[int | None, typer.Option(  # compare's and tune's budget for each training run
+    help="Steps of each training run (alone, it turns the config's time limit off).")]
+RunTimeOption = Annotated[float | None, typer.Option(
+    help="Seconds of each training run (alone, it turns the config's step limit off).")]
 
 
 def friendly(func: F) -> F:

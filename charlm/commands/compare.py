@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from charlm.commands.common import friendly, out
+from charlm.commands.common import ConfigOption, DataOption, RunStepsOption, RunTimeOption, friendly, out
 
 
 @friendly
@@ -19,12 +19,10 @@ def compare(
     preset: Annotated[str | None, typer.Option(
         help="jozefowicz: Tanh, LSTM, LSTM-f/i/o/b, GRU, MUT1-3 (Jozefowicz et al. 2015); "
              "greff: V (peephole) and NIG NFG NOG NIAF NOAF NP CIFG FGR (Greff et al. 2017).")] = None,
-    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
-    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
-    max_steps: Annotated[int | None, typer.Option(
-        help="Steps per run (alone, it turns the config's time limit off).")] = None,
-    max_time: Annotated[float | None, typer.Option(
-        help="Seconds per run (alone, it turns the config's step limit off).")] = None,
+    config: ConfigOption = "default",
+    data: DataOption = None,
+    max_steps: RunStepsOption = None,
+    max_time: RunTimeOption = None,
     seeds: Annotated[str | None, typer.Option(
         help="Comma-separated seeds, e.g. 1,2,3: each cell is trained once per seed; mean ± std and "
              "min–max are reported. Default: the config's seed.")] = None,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperCommand
 
-from charlm.commands.common import friendly, out
+from charlm.commands.common import ConfigOption, DataOption, friendly, out
 from charlm.errors import CharlmError
 
 
@@ -27,9 +27,9 @@ class TrainCommand(TyperCommand):
 
 @friendly
 def train(
-    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
+    config: ConfigOption = "default",
     cell: Annotated[str | None, typer.Option(help="Recurrent cell (see `charlm cells`).")] = None,
-    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
+    data: DataOption = None,
     max_epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     max_time: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,

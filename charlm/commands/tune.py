@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from charlm.commands.common import friendly, out
+from charlm.commands.common import ConfigOption, DataOption, RunStepsOption, RunTimeOption, friendly, out
 from charlm.errors import CharlmError
 
 
@@ -22,12 +22,10 @@ def tune(
         help="Optuna storage URL (e.g. postgresql://...): every machine given it joins the study. "
              "Default: sqlite:///<out>/<study>/study.db.")] = None,
     workers: Annotated[int, typer.Option(help="Trials run at once on this machine, one process each.")] = 1,
-    config: Annotated[str, typer.Option(help="A named config (default, smoke, awd-lstm) or a YAML file.")] = "default",
-    data: Annotated[str | None, typer.Option(help="Corpus text file (UTF-8).")] = None,
-    max_steps: Annotated[int | None, typer.Option(
-        help="Steps per trial (alone, it turns the config's time limit off).")] = None,
-    max_time: Annotated[float | None, typer.Option(
-        help="Seconds per trial (alone, it turns the config's step limit off).")] = None,
+    config: ConfigOption = "default",
+    data: DataOption = None,
+    max_steps: RunStepsOption = None,
+    max_time: RunTimeOption = None,
     pruner: Annotated[str, typer.Option(
         help="median, hyperband, threshold:LOSS or none: stops a trial whose validation curve is bad.")] = "median",
     out_dir: Annotated[str | None, typer.Option("--out", help="Folder of studies (default: the config's train.out).")

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from charlm.corpus import read_utf8
 from charlm.errors import CharlmError
 
 MAX_LENGTH = 100_000_000  # characters one command generates (several samples or beams: all of them together)
@@ -135,20 +136,4 @@ def decode_escapes(text: str, what: str = "text") -> str:
 
 def read_prime_file(path: str | Path, option: str = "--prime-file") -> str:
     """The whole text of a UTF-8 file (a final newline included), or one sentence saying why it cannot be."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CharlmError(f"{option} {path} does not exist; give the path of a UTF-8 text file") from None
-    except IsADirectoryError:
-        raise CharlmError(f"{option} {path} is a folder; give the path of a UTF-8 text file") from None
-    except OSError as exc:
-        raise CharlmError(f"{option} {path} cannot be read: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise CharlmError(f"{option} {path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset "
-                          f"{exc.start}); save it as UTF-8") from None
-    if not text:
-        raise CharlmError(f"{option} {path} is empty; the prime needs at least one character")
-    return text
+    return read_utf8(Path(path), option, "; the prime needs at least one character")[0]
