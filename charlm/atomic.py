@@ -68,6 +68,13 @@ def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8") -
         fh.write(text)
 
 
+def rename_into_place(source: str | Path, target: str | Path) -> None:
+    """Move a finished file or folder ``source`` onto ``target`` in one rename (same file system), so a
+    reader sees the old one or the new one, never a mix; durable once the target's folder is synced."""
+    os.replace(source, target)
+    fsync_folder(Path(target).parent)
+
+
 def fsync_folder(folder: str | Path) -> None:
     """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
     try:

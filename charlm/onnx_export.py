@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from charlm import __version__
-from charlm.atomic import FOLDER_MODE, atomic_write_text, fsync_folder
+from charlm.atomic import FOLDER_MODE, atomic_write_text, fsync_folder, rename_into_place
 from charlm.cells.onednn_matmul import onednn_off
 from charlm.config import Config
 from charlm.errors import CharlmError
@@ -233,9 +233,8 @@ def _move_in(staging: Path, out: Path) -> None:
         if out.exists():
             out.rmdir()
         os.chmod(staging, FOLDER_MODE)
-        os.replace(staging, out)  # the caller's cleanup then finds nothing left to remove
+        rename_into_place(staging, out)  # the caller's cleanup then finds nothing left to remove
     else:
         for name in (ONNX_FILE, META_FILE):
-            os.replace(staging / name, out / name)
+            rename_into_place(staging / name, out / name)
     fsync_folder(out)
-    fsync_folder(out.parent)
