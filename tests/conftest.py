@@ -3,13 +3,24 @@ checkpoint per session, and an environment with no corpus configured."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-excerpt.txt"
+
+
+def require_cpp_build(available: Callable[[], bool], what: str) -> None:
+    """Build a C++ library (``available`` builds and loads it); where a compiler and ninja are installed a
+    failed build is a test failure, elsewhere the test is skipped."""
+    if available():
+        return
+    if shutil.which("c++") and shutil.which("ninja"):
+        pytest.fail(f"a C++ compiler and ninja are installed, but {what} did not build")
+    pytest.skip(f"no C++ compiler or ninja: {what} cannot be built here")
 
 
 def shakespeare_text(n_chars: int | None = None) -> str:

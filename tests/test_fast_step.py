@@ -4,14 +4,13 @@ its fallback."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import shakespeare_text
+from conftest import require_cpp_build, shakespeare_text
 
 from charlm import fast_step
 from charlm.cells.norm_lstm_cpp import cpp_off
@@ -25,12 +24,8 @@ V = 23
 
 @pytest.fixture(scope="module")
 def built() -> None:
-    """The op is built here; where a compiler and ninja are installed a failed build is a failure."""
-    if fast_step.available():
-        return
-    if shutil.which("c++") and shutil.which("ninja"):
-        pytest.fail("a C++ compiler and ninja are installed, but the model step's C++ op did not build")
-    pytest.skip("no C++ compiler or ninja: the op cannot be built here")
+    """The op is built here: see :func:`conftest.require_cpp_build`."""
+    require_cpp_build(fast_step.available, "the model step's C++ op")
 
 
 def small_model(cell: str, seed: int = 0, **overrides: object) -> CharLM:

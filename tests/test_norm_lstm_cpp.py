@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import require_cpp_build
 from filelock import FileLock
 from torch import Tensor
 
@@ -29,12 +29,8 @@ T, B, H, STEPS_KEPT = 9, 5, 37, 12
 
 @pytest.fixture(scope="module")
 def built() -> None:
-    """The kernel is built here; where a compiler and ninja are installed a failed build is a failure."""
-    if norm_lstm_cpp.available():
-        return
-    if shutil.which("c++") and shutil.which("ninja"):
-        pytest.fail("a C++ compiler and ninja are installed, but the C++ kernel did not build")
-    pytest.skip("no C++ compiler or ninja: the C++ kernel cannot be built here")
+    """The kernel is built here: see :func:`conftest.require_cpp_build`."""
+    require_cpp_build(norm_lstm_cpp.available, "the C++ kernel")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shakespeare_text
 from typer.testing import CliRunner
 
 from charlm.checkpoint import load_model
@@ -19,7 +20,6 @@ from charlm.cli import app
 from charlm.viz.features import find_units, text_features
 from charlm.viz.page import embed_json
 from charlm.viz.trace import LayerTrace, Trace, trace
-from tests.conftest import shakespeare_text
 
 runner = CliRunner()
 

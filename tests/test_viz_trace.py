@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shakespeare_text
 
 from charlm.cells import cell_names, get_cell
 from charlm.config import ModelConfig
@@ -13,7 +14,6 @@ from charlm.errors import CharlmError
 from charlm.model import CharLM
 from charlm.viz.trace import MAX_CHARS, trace
 from charlm.vocab import Vocab
-from tests.conftest import shakespeare_text
 
 TEXT = shakespeare_text(120)
 
