@@ -292,7 +292,7 @@ def test_unknown_cells_and_presets_list_the_valid_ones() -> None:
 
 def test_presets_use_the_papers_row_names() -> None:
     joz = resolve_entries(None, "jozefowicz")
-    assert [e.name for e in joz] == ["Tanh", "LSTM", "LSTM-f", "LSTM-i", "LSTM-o", "LSTM-b", "GRU",
+    assert [e.name for e in joz] == ["LSTM", "Tanh", "LSTM-f", "LSTM-i", "LSTM-o", "LSTM-b", "GRU",
                                      "MUT1", "MUT2", "MUT3"]
     greff = resolve_entries(None, "Greff")
     assert [(e.cell, e.name) for e in greff][:2] == [("peephole", "V"), ("nig", "NIG")]

@@ -17,7 +17,7 @@ def compare(
         help="Comma-separated cells, e.g. lstm,gru,peephole (see `charlm cells`); the first is the reference.")
     ] = None,
     preset: Annotated[str | None, typer.Option(
-        help="jozefowicz: Tanh, LSTM, LSTM-f/i/o/b, GRU, MUT1-3 (Jozefowicz et al. 2015); "
+        help="jozefowicz: LSTM, Tanh, LSTM-f/i/o/b, GRU, MUT1-3 (Jozefowicz et al. 2015); "
              "greff: V (peephole) and NIG NFG NOG NIAF NOAF NP CIFG FGR (Greff et al. 2017).")] = None,
     config: ConfigOption = "default",
     data: DataOption = None,

@@ -22,15 +22,16 @@ from rich.console import Console
 from charlm.config import Config, ModelConfig, cell_registry_names, check_seed, logger_names, validate
 from charlm.errors import CharlmError
 
-# The rows of the papers' tables, in their order: cell name -> the name the paper gives it.
+# The rows of the papers' tables, in their order (the reference row first: LSTM, vanilla V), cell name ->
+# the name the paper gives it.
 PRESETS: dict[str, dict[str, str]] = {
-    "jozefowicz": {"rnn": "Tanh", "lstm": "LSTM", "lstm-f": "LSTM-f", "lstm-i": "LSTM-i", "lstm-o": "LSTM-o",
+    "jozefowicz": {"lstm": "LSTM", "rnn": "Tanh", "lstm-f": "LSTM-f", "lstm-i": "LSTM-i", "lstm-o": "LSTM-o",
                    "lstm-b": "LSTM-b", "gru": "GRU", "mut1": "MUT1", "mut2": "MUT2", "mut3": "MUT3"},
     "greff": {"peephole": "V", "nig": "NIG", "nfg": "NFG", "nog": "NOG", "niaf": "NIAF", "noaf": "NOAF",
               "np": "NP", "cifg": "CIFG", "fgr": "FGR"},
 }
 PRESET_SOURCES = {
-    "jozefowicz": "Jozefowicz, Zaremba & Sutskever 2015: Tanh, LSTM and its ablations, GRU, MUT1-3",
+    "jozefowicz": "Jozefowicz, Zaremba & Sutskever 2015: LSTM, Tanh, the LSTM ablations, GRU, MUT1-3",
     "greff": "Greff et al. 2017, 'LSTM: A Search Space Odyssey': vanilla (peephole) LSTM and its 8 variants",
 }
 # Config overrides a preset applies before the user's --set. Jozefowicz et al. start every LSTM-family
