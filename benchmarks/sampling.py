@@ -4,11 +4,14 @@
     python -m benchmarks.sampling --threads 1,2 --repeats 9 --out benchmarks/results/sampling.json
 
 Each model is a random-init model of the default config (2 x 256, tied weights, 65 characters). The prime
-is read as one sequence (one ``model(prime)`` forward), then each character is ``sampling.pick`` and one
-``CharLM.step``. The reference is the loop a user writes by hand: embedding -> nn.LSTMCell -> nn.LSTMCell
--> nn.Linear -> the same ``pick``, loaded with the same weights (for ``gru`` nn.GRUCell; for ``peephole``
-nn.LSTMCell still: a fresh peephole LSTM has zero peepholes, so it computes the same thing). ``charlm
-(python)`` is charlm's step with its C++ op turned off (:mod:`charlm.fast_step`). The rows take turns,
+is read as one sequence (one ``model(prime)`` forward), then charlm draws as ``charlm sample`` does (a
+:class:`charlm.sampling.Continuation`: for the plain LSTM stacks, runs of characters drawn and stepped
+per call of the fused C++ route of :mod:`charlm.fused_lstm`; for the other cells ``sampling.pick`` and
+one ``CharLM.step`` through the ATen op of :mod:`charlm.fast_step`). The reference is the loop a user
+writes by hand: embedding -> nn.LSTMCell -> nn.LSTMCell -> nn.Linear -> the same ``pick``, loaded with
+the same weights (for ``gru`` nn.GRUCell; for ``peephole`` nn.LSTMCell still: a fresh peephole LSTM has
+zero peepholes, so it computes the same thing). ``charlm (python)`` is charlm with its C++ code turned
+off: pick and the Python step. The rows take turns,
 one chunk of ``--length`` characters each per repeat, so a busy machine slows them alike; the figures are
 the medians over the repeats and the ratio's spread is its range over the repeats. ``--clock cpu`` times
 with the process's CPU time instead of the wall clock: on a machine shared with other work, the time this
@@ -29,11 +32,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from charlm import fast_step
+from charlm import fast_step, fused_lstm
 from charlm.cells.norm_lstm_cpp import cpp_off
 from charlm.config import load_config
 from charlm.model import CharLM
-from charlm.sampling import pick
+from charlm.sampling import Continuation, pick, read_prime
 
 VOCAB = 65
 PRIME = torch.tensor([30, 27, 25, 17, 27, 10])  # "ROMEO:" in tiny Shakespeare's vocabulary
@@ -65,15 +68,17 @@ class PlainLoop(nn.Module):
 
 
 def charlm_loop(model: CharLM, streams: int, seed: int, fast: bool) -> Loop:
+    """What ``charlm sample`` runs: the prime read as one sequence, then a Continuation's draws (runs of
+    characters per C++ call where the fused route takes the model, else pick + CharLM.step)."""
     gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def run(length: int) -> None:
         with nullcontext() if fast else cpp_off():
-            out = model(PRIME.expand(streams, -1))  # the prime as one sequence
-            logits, states = out.logits[:, -1], out.states
-            for _ in range(length):
-                logits, states = model.step(pick(logits, TEMPERATURE, None, gen), states)
+            logits, states = read_prime(model, PRIME, streams)
+            for _ in Continuation(model, logits, states, length, temperature=TEMPERATURE, top_k=None, top_p=None,
+                                  generator=gen):
+                pass
 
     return run
 
@@ -110,10 +115,17 @@ def measure(cell: str, streams: int, length: int, repeats: int, clock: Callable[
     ratios = [p / c for p, c in zip(times["plain"], times["charlm"], strict=True)]
     rate = {name: streams * length / statistics.median(t) for name, t in times.items()}
     return {"cell": cell, "streams": streams, "threads": torch.get_num_threads(),
-            "fast_path": fast_step.plan_for(model) is not None and fast_step.available(),
+            "route": route(model, streams),
             "plain_chars_per_s": rate["plain"], "python_chars_per_s": rate["python"],
             "charlm_chars_per_s": rate["charlm"], "ratio": statistics.median(ratios),
             "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+
+def route(model: CharLM, streams: int) -> str:
+    """Which C++ route charlm's loop takes for this model and stream count."""
+    if streams <= fused_lstm.MAX_ROWS and fused_lstm.packed(model, fast_step.available) is not None:
+        return "fused"
+    return "aten op" if fast_step.plan_for(model) is not None and fast_step.available() else "python"
 
 
 def cpu_name() -> str:
@@ -147,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
               f"as one sequence; median of {args.repeats} chunks of {args.length} chars, taking turns, "
               f"{args.clock} clock; torch {torch.__version__}")
         print(f"{'cell':<9} {'streams':>7} {'threads':>7} {'plain loop':>10} {'charlm (python)':>15} "
-              f"{'charlm':>9} {'vs plain':>8} {'spread':>11}", flush=True)
+              f"{'charlm':>9} {'vs plain':>8} {'spread':>11}  route", flush=True)
     results = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.json:  # each row as it comes: a long run cut short keeps what it measured
                     print(f"{r['cell']:<9} {r['streams']:>7} {r['threads']:>7} {r['plain_chars_per_s']:>10,.0f} "
                           f"{r['python_chars_per_s']:>15,.0f} {r['charlm_chars_per_s']:>9,.0f} {r['ratio']:>8.2f} "
-                          f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}", flush=True)
+                          f"{r['ratio_min']:>5.2f}-{r['ratio_max']:<5.2f}  {r['route']}", flush=True)
     report = {"machine": machine, "torch": torch.__version__, "clock": args.clock, "length": args.length,
               "repeats": args.repeats, "results": results}
     if args.out:

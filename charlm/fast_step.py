@@ -30,13 +30,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from charlm import fused_lstm
 from charlm.cells import norm_lstm_cpp
 from charlm.cells.lstm import GatedLSTMCell
+from charlm.errors import CharlmError
 
 if TYPE_CHECKING:
     from charlm.model import CharLM, States
 
-SOURCE = Path(__file__).parent / "cells" / "csrc" / "model_step.cpp"
+# one library for both routes of CharLM.step: the ATen op, and the fused LSTM stack of charlm.fused_lstm
+SOURCES = (Path(__file__).parent / "cells" / "csrc" / "model_step.cpp", fused_lstm.SOURCE)
 NAME = "charlm_model_step"
 # the layer kinds and the gated cells' parts, as model_step.cpp numbers them
 TORCH_RNN_KINDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -75,7 +78,7 @@ class Plan:
 
 def available() -> bool:
     """Whether the op is on and loaded, building and loading it on the first call."""
-    return norm_lstm_cpp.load_library(SOURCE, NAME, "model_step", "the model's single step (sampling)",
+    return norm_lstm_cpp.load_library(SOURCES, NAME, "model_step", "the model's single step (sampling)",
                                       "CharLM.step runs its slower Python code")
 
 
@@ -129,8 +132,13 @@ def _plan(model: CharLM) -> Plan | None:
 
 def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, States] | None:
     """``model.step(x, states)`` through the op, or None where it does not run (the caller steps in Python)."""
-    if model.training or x.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    if not _may_run(model, x):
         return None
+    pack = _fused_pack(model) if x.size(0) <= fused_lstm.MAX_ROWS else None
+    if pack is not None:
+        logits, fused_states = fused_lstm.step(x, states, pack)
+        _count_step(model, states)
+        return logits, fused_states
     plan = _plan(model)
     if plan is None or not available():
         return None
@@ -138,10 +146,53 @@ def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, State
     out = torch.ops.charlm.model_step.default(x, flat, plan.tensors(), plan.kinds, plan.flags, plan.norm_eps)
     new_states: States = []
     i = 1
-    for layer, kind in zip(model.layers, plan.kinds, strict=True):
+    for kind in plan.kinds:
         n = 2 if kind in (TORCH_RNN_KINDS["LSTM"], GATED) else 1  # (h, c) or (h,)
         new_states.append(tuple(out[i:i + n]))
         i += n
-        # as RecurrentLayer.step counts; a plain attribute, set past nn.Module.__setattr__'s costly type checks
-        object.__setattr__(layer, "_next_t", 1 if states is None else layer._next_t + 1)
+    _count_step(model, states)
     return out[0], new_states
+
+
+def sample(model: CharLM, logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator, states: States | None,
+           length: int) -> tuple[Tensor, Tensor, tuple[Tensor, States]] | None:
+    """``length`` times ``pick(logits, temperature, top_k, generator, top_p)`` and ``model.step`` of the ids,
+    in one C++ call (:mod:`charlm.fused_lstm`): the ids (length, N), the scores each was drawn from
+    (length, N, V), and (logits, states) after the last; None where that call does not run (the caller
+    picks and steps itself)."""
+    if not (temperature >= torch.finfo(torch.float32).tiny and temperature != float("inf")):
+        return None  # greedy, or the float64 scores of a tiny temperature: pick's own code
+    if (top_k is not None and top_k < logits.size(-1)) or (top_p is not None and top_p < 1.0):
+        return None
+    if logits.size(0) > fused_lstm.MAX_ROWS or not _may_run(model, logits):
+        return None
+    pack = _fused_pack(model)
+    if pack is None:
+        return None
+    try:
+        out = fused_lstm.sample(logits, temperature, generator, states, pack, length)
+    except RuntimeError as err:  # NaN / inf scores (as pick says them)
+        if "not finite" not in str(err):
+            raise
+        from charlm.sampling.options import NOT_FINITE
+
+        raise CharlmError(NOT_FINITE) from None
+    _count_step(model, states, length)
+    return out
+
+
+def _fused_pack(model: CharLM) -> list[Tensor] | None:
+    """The fused route's packed weights, where the model takes that route and the library is loaded."""
+    return fused_lstm.packed(model, available)
+
+
+def _may_run(model: CharLM, x: Tensor) -> bool:
+    return not model.training and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+def _count_step(model: CharLM, states: States | None, steps: int = 1) -> None:
+    """Count ``steps`` steps as RecurrentLayer.step does; a plain attribute, set past nn.Module.__setattr__'s
+    costly type checks."""
+    for layer in model.layers:
+        object.__setattr__(layer, "_next_t", (0 if states is None else layer._next_t) + steps)

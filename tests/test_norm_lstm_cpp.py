@@ -157,18 +157,28 @@ def test_the_suite_builds_in_a_temporary_folder(tmp_path_factory: pytest.TempPat
 
 def test_the_build_folder_is_keyed_by_the_source_and_the_flags(
         built: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Checkouts with different sources keep a build each; with the same source they share one, built from
-    the folder's copy (a build from the checkout's path would be redone for every checkout)."""
+    """Checkouts with different sources (or headers beside them) keep a build each; with the same ones they
+    share one, built from the folder's copies (a build from the checkout's path would be redone for every
+    checkout)."""
     here = norm_lstm_cpp.build_directory()
-    assert (here / norm_lstm_cpp.SOURCE.name).read_bytes() == norm_lstm_cpp.SOURCE.read_bytes()
+    headers = norm_lstm_cpp.headers(norm_lstm_cpp.SOURCE.parent)
+    assert [h.name for h in headers] == ["fast_math.h"]
+    for original in [norm_lstm_cpp.SOURCE, *headers]:
+        assert (here / original.name).read_bytes() == original.read_bytes()
     assert str(norm_lstm_cpp.SOURCE) not in (here / "build.ninja").read_text()
     other = tmp_path / norm_lstm_cpp.SOURCE.name
     monkeypatch.setattr(norm_lstm_cpp, "SOURCE", other)
-    other.write_bytes((here / norm_lstm_cpp.SOURCE.name).read_bytes())
-    assert norm_lstm_cpp.build_directory() == here  # another checkout, the same source
+    for original in [norm_lstm_cpp.SOURCE, *headers]:
+        (tmp_path / original.name).write_bytes((here / original.name).read_bytes())
+    other.write_bytes((here / other.name).read_bytes())
+    assert norm_lstm_cpp.build_directory() == here  # another checkout, the same source and headers
+    header = tmp_path / headers[0].name
+    header.write_text(header.read_text() + "// changed\n")
+    changed_header = norm_lstm_cpp.build_directory()
+    assert changed_header != here
     other.write_text(other.read_text() + "// changed\n")
     changed = norm_lstm_cpp.build_directory()
-    assert changed != here and changed.parent == here.parent
+    assert changed not in (here, changed_header) and changed.parent == here.parent
     cflags, ldflags = norm_lstm_cpp.compile_flags()
     monkeypatch.setattr(norm_lstm_cpp, "compile_flags", lambda: ([*cflags, "-DCHANGED"], ldflags))
     assert norm_lstm_cpp.build_directory() not in (here, changed)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from charlm import fast_step
 from charlm.checkpoint import load_model
 from charlm.cli import app
 from charlm.errors import CharlmError
@@ -20,6 +21,13 @@ from charlm.sampling import StopMatcher, beam_search, decode_escapes, generate, 
 from charlm.vocab import Vocab
 
 runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def step_library_built() -> None:
+    """The model step's C++ library built (or found not buildable) before any output is compared: the build
+    says so in a line on stderr, which the CLI runner mixes into the output."""
+    fast_step.available()
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -194,9 +202,11 @@ def test_prime_is_read_in_one_forward_pass(cell: str, tmp_path: Path, monkeypatc
     old_states = None
     for i in ids.tolist():  # the old way: one step per prime character
         old_logits, old_states = model.step(torch.full((3,), i), old_states)
-    assert torch.allclose(logits, old_logits, atol=1e-5)
+    # this model is chaotic (scale 4): the sequence kernel's and the step's rounding differ by a few ulp at
+    # each of the prime's 40 characters and grow along it, by an amount that depends on the CPU's kernels
+    assert torch.allclose(logits, old_logits, rtol=1e-4, atol=1e-4)
     for new, old in zip(states, old_states, strict=True):
-        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(new, old, strict=True))
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(new, old, strict=True))
     old_text, x, s = [], old_logits[:1].argmax(-1), [tuple(t[:, :1] for t in st) for st in old_states]
     for _ in range(60):  # this model is chaotic: float rounding differences grow, after ~100 chars for gru
         old_text.append(vocab.chars[int(x)])

@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,18 +64,33 @@ _loaded: dict[str, bool] = {}  # library name -> loaded; not there: not tried in
 _enabled = Switch()
 
 
-def build_directory(source: Path | None = None) -> Path:
+Sources = Path | Sequence[Path]  # a library's source file, or its several (one folder)
+
+
+def _paths(sources: Sources) -> list[Path]:
+    return [sources] if isinstance(sources, Path) else list(sources)
+
+
+def build_directory(source: Sources | None = None) -> Path:
     """Where a library is built and cached (``source``: :data:`SOURCE` by default): a folder per PyTorch,
-    Python, instruction set, source and flags."""
+    Python, instruction set, sources and flags."""
     root = os.environ.get("CHARLM_NATIVE_DIR")
     if not root:
         root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm" / "native")
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     arch = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}".lower()
     cflags, ldflags = compile_flags()
-    key = hashlib.sha256((source or SOURCE).read_bytes())
+    paths = _paths(source or SOURCE)
+    key = hashlib.sha256(paths[0].read_bytes())
+    for extra in [*paths[1:], *headers(paths[0].parent)]:
+        key.update(extra.name.encode() + b"\0" + extra.read_bytes())
     key.update("\0".join(["cflags", *cflags, "ldflags", *ldflags]).encode())
     return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}-{key.hexdigest()[:12]}"
+
+
+def headers(folder: Path) -> list[Path]:
+    """The headers beside a library's source, which it includes by name (``#include "fast_math.h"``)."""
+    return sorted(folder.glob("*.h"))
 
 
 def compile_flags() -> tuple[list[str], list[str]]:
@@ -106,10 +121,11 @@ def _folder_lock(directory: Path) -> Iterator[None]:
         lock.release()
 
 
-def _build_and_load(source_path: Path, name: str, what: str) -> None:
+def _build_and_load(sources: Sources, name: str, what: str) -> None:
     from torch.utils import cpp_extension
 
-    directory = build_directory(source_path)
+    paths = _paths(sources)
+    directory = build_directory(paths)
     directory.mkdir(parents=True, exist_ok=True)
     with _folder_lock(directory):
         # with our lock held no other build runs here: a lock file of PyTorch's was left by a killed one
@@ -117,12 +133,14 @@ def _build_and_load(source_path: Path, name: str, what: str) -> None:
         if torch_lock.exists():
             print(f"charlm: removing {torch_lock}, left by a build that did not finish", file=sys.stderr)
             torch_lock.unlink(missing_ok=True)
-        # built from a copy kept here: the build does not depend on the checkout's path
-        source = directory / source_path.name
-        if not source.is_file() or source.read_bytes() != source_path.read_bytes():
-            partial = source.with_suffix(".partial")
-            partial.write_bytes(source_path.read_bytes())
-            partial.replace(source)
+        # built from a copy kept here (the source and the headers it may include from its folder): the
+        # build does not depend on the checkout's path
+        for original in [*headers(paths[0].parent), *paths]:
+            copy = directory / original.name
+            if not copy.is_file() or copy.read_bytes() != original.read_bytes():
+                partial = copy.with_suffix(".partial")
+                partial.write_bytes(original.read_bytes())
+                partial.replace(copy)
         if not any(directory.glob(f"{name}.*")):
             print(f"charlm: building the C++ kernel of {what} (once) in {directory}", file=sys.stderr)
         cflags, ldflags = compile_flags()
@@ -131,7 +149,7 @@ def _build_and_load(source_path: Path, name: str, what: str) -> None:
         os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
         try:
             cpp_extension.load(
-                name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=ldflags,
+                name=name, sources=[str(directory / p.name) for p in paths], extra_cflags=cflags, extra_ldflags=ldflags,
                 build_directory=str(directory), is_python_module=False, verbose=False,
             )
         finally:
@@ -148,10 +166,11 @@ def build_error(err: Exception) -> str:
     return (telling or lines or [type(err).__name__])[0 if telling else -1]
 
 
-def load_library(source: Path, name: str, op: str, what: str, instead: str) -> bool:
-    """Whether the C++ library built from ``source`` is on and loaded (its op ``torch.ops.charlm.<op>`` is
-    there), building and loading it on the first call; where it cannot be built, one warning says why and
-    that ``instead`` runs (``what`` names the library's users in the messages)."""
+def load_library(source: Sources, name: str, op: str, what: str, instead: str) -> bool:
+    """Whether the C++ library built from ``source`` (one file or several) is on and loaded (its op
+    ``torch.ops.charlm.<op>`` is there), building and loading it on the first call; where it cannot be
+    built, one warning says why and that ``instead`` runs (``what`` names the library's users in the
+    messages)."""
     if not _enabled or os.environ.get("CHARLM_NATIVE", "1") == "0":
         return False
     if name not in _loaded:

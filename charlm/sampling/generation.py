@@ -15,12 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from charlm import fast_step
 from charlm.errors import CharlmError
 from charlm.model import CharLM, States
 from charlm.sampling.options import check_options, pick
 from charlm.vocab import Vocab
 
 _DECODE_CHUNK = 1 << 16  # ids turned into text at a time, so decoding a long sample stays compact
+# Characters a Continuation draws per C++ call: the first run short (the first characters show at once),
+# each next one twice as long up to MAX_RUN (a Ctrl-C or a stop string waits for at most one run).
+FIRST_RUN = 8
+MAX_RUN = 256
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,70 @@ def char_logprobs(logits: Tensor, ids: Tensor) -> Tensor:
     return F.log_softmax(logits.double(), dim=-1).gather(1, ids.view(-1, 1)).squeeze(1)
 
 
-@torch.no_grad()
+class Continuation:
+    """Characters drawn one after another from the scores ``logits`` (N, V) and ``states`` (eval mode, the
+    options checked): iterating yields ``length`` times the drawn ids (N,) and the scores they were drawn
+    from (N, V); :meth:`finish` ends it after the last one taken.
+
+    Where :func:`charlm.fast_step.sample` runs, the characters are drawn and stepped in runs of up to
+    :data:`MAX_RUN` per C++ call (shorter at first, so the first characters come at once), else one
+    :func:`pick` and one :meth:`CharLM.step` at a time.
+    """
+
+    def __init__(self, model: CharLM, logits: Tensor, states: States, length: int, *, temperature: float,
+                 top_k: int | None, top_p: float | None, generator: torch.Generator) -> None:
+        self.model, self.length, self.generator = model, length, generator
+        self.options = (temperature, top_k, top_p)
+        self._start: tuple[Tensor, States] = (logits, states)  # logits and states before the current run
+        self._run: tuple[Tensor, tuple[Tensor, States], Tensor] | None = None  # ids, the carry after, rng before
+        self._taken = 0  # characters of the current run yielded
+        self._pending: Tensor | None = None  # a character drawn one at a time, not yet stepped
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        temperature, top_k, top_p = self.options
+        left, run = self.length, FIRST_RUN
+        while left > 0:
+            logits, states = self._start
+            rng = self.generator.get_state()
+            fused = fast_step.sample(self.model, logits, temperature, top_k, top_p, self.generator, states,
+                                     min(run, left))
+            if fused is None:
+                nxt = pick(logits.cpu(), temperature, top_k, self.generator, top_p=top_p)
+                self._pending, left = nxt.to(logits.device), left - 1
+                yield nxt, logits
+                if left > 0:  # the step after the last character only if finish() asks for it
+                    self._start, self._pending = self.model.step(self._pending, states), None
+                continue
+            ids, scores, after = fused
+            self._run, self._taken = (ids, after, rng), 0
+            for i in range(ids.size(0)):
+                self._taken = i + 1
+                yield ids[i], scores[i]
+            self._start, self._run = after, None
+            left, run = left - ids.size(0), min(2 * run, MAX_RUN)
+
+    @torch.no_grad()
+    def finish(self) -> tuple[Tensor, States]:
+        """(logits, states) after the last character taken, with the generator where the one-at-a-time draws
+        would have left it: a run cut short is stepped again up to there (the same arithmetic, so the same
+        state) and its unused draws are given back."""
+        if self._pending is not None:
+            self._start, self._pending = self.model.step(self._pending, self._start[1]), None
+        if self._run is None:
+            return self._start
+        ids, after, rng = self._run
+        if self._taken < ids.size(0):
+            logits, states = self._start
+            for i in range(self._taken):
+                logits, states = self.model.step(ids[i], states)
+            after = (logits, states)
+            self.generator.set_state(rng)
+            torch.rand(self._taken * ids.size(1), dtype=torch.float64, generator=self.generator)  # the draws used
+        self._start, self._run = after, None
+        return after
+
+
 def generate_steps(model: CharLM, prime_ids: Tensor, length: int, *, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                    num_samples: int = 1, logprobs: bool = False) -> Iterator[tuple[Tensor, Tensor | None]]:
@@ -83,15 +151,10 @@ def generate_steps(model: CharLM, prime_ids: Tensor, length: int, *, temperature
     (num_samples,) at temperature 1 (else None)."""
     check_options(length, temperature, top_k, num_samples, seed=seed, top_p=top_p)
     model.eval()
-    device = next(model.parameters()).device
-    generator = seeded_generator(seed)
     logits, states = read_prime(model, prime_ids, num_samples)
-    for i in range(length):
-        scores = logits.cpu()
-        nxt = pick(scores, temperature, top_k, generator, top_p=top_p)
-        yield nxt, char_logprobs(scores, nxt) if logprobs else None
-        if i + 1 < length:  # the last character needs no step after it
-            logits, states = model.step(nxt.to(device), states)
+    for nxt, scores in Continuation(model, logits, states, length, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, generator=seeded_generator(seed)):
+        yield nxt, char_logprobs(scores.cpu(), nxt) if logprobs else None
 
 
 def generate_ids(model: CharLM, prime_ids: Tensor, length: int, *, temperature: float = 1.0,

@@ -46,10 +46,19 @@ def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         probs = _nucleus(probs, top_p)
-    try:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    except RuntimeError:  # NaN / inf scores: the probabilities are NaN, which multinomial refuses
-        raise CharlmError(NOT_FINITE) from None
+    return draw(probs, generator)
+
+
+def draw(weights: Tensor, generator: torch.Generator) -> Tensor:
+    """One id per row of ``weights`` (N, V), each drawn with probability proportional to its weight: with one
+    u ~ U[0, 1) per row (``torch.rand(N, dtype=float64)``), the first id whose running sum (in float64)
+    exceeds u times the row's sum, so a zero weight is never drawn. (The fused C++ step draws the same way
+    from the same generator: :mod:`charlm.fused_lstm`.)"""
+    if not bool(torch.isfinite(weights).all()):  # NaN / inf scores give NaN probabilities
+        raise CharlmError(NOT_FINITE)
+    running = weights.double().cumsum(dim=-1)
+    u = torch.rand((weights.size(0), 1), dtype=torch.float64, generator=generator)
+    return (running <= u * running[:, -1:]).sum(dim=-1).clamp_(max=weights.size(-1) - 1)
 
 
 def _nucleus(probs: Tensor, top_p: float) -> Tensor:
@@ -57,7 +66,7 @@ def _nucleus(probs: Tensor, top_p: float) -> Tensor:
     ordered, order = probs.sort(dim=-1, descending=True, stable=True)
     before = ordered.cumsum(dim=-1) - ordered  # the mass of the likelier characters: 0 for the first
     drop = torch.empty_like(before, dtype=torch.bool).scatter_(-1, order, before >= top_p)
-    return probs.masked_fill(drop, 0.0)  # multinomial renormalises what is left
+    return probs.masked_fill(drop, 0.0)  # the draw renormalises what is left
 
 
 def check_options(length: int, temperature: float, top_k: int | None, num_samples: int = 1,

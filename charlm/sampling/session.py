@@ -14,8 +14,8 @@ from torch import Tensor
 
 from charlm.errors import CharlmError
 from charlm.model import CharLM, States
-from charlm.sampling.generation import StopMatcher, seeded_generator
-from charlm.sampling.options import check_options, pick
+from charlm.sampling.generation import Continuation, StopMatcher, seeded_generator
+from charlm.sampling.options import check_options
 from charlm.vocab import Vocab
 
 
@@ -65,17 +65,21 @@ class Session:
             raise CharlmError("there is nothing to continue yet: read some text first")
         s = self.settings
         matcher, chars = StopMatcher(s.stop), self.vocab.chars
-        for _ in range(s.length):
-            if stop_now():
-                return "interrupted"
-            logits, states = self._carry
-            nxt = pick(logits.cpu(), s.temperature, s.top_k, self._generator, top_p=s.top_p)
-            self._carry = self.model.step(nxt.to(self._device), states)
-            ch = chars[int(nxt[0])]
-            write(ch)
-            if matcher.feed(ch):
-                return "stop"
-        return "length"
+        continuation = Continuation(self.model, *self._carry, s.length, temperature=s.temperature, top_k=s.top_k,
+                                    top_p=s.top_p, generator=self._generator)
+        steps = iter(continuation)
+        try:
+            for _ in range(s.length):
+                if stop_now():
+                    return "interrupted"
+                nxt, _ = next(steps)
+                ch = chars[int(nxt[0])]
+                write(ch)
+                if matcher.feed(ch):
+                    return "stop"
+            return "length"
+        finally:  # the state after the last character drawn, however it ended
+            self._carry = continuation.finish()
 
 
 def usable_text(vocab: Vocab, text: str, what: str) -> tuple[str, str | None]:

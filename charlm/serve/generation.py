@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from charlm.model import CharLM
-from charlm.sampling import check_options, pick
-from charlm.sampling.generation import read_prime, seeded_generator
+from charlm.sampling import check_options
+from charlm.sampling.generation import Continuation, read_prime, seeded_generator
 from charlm.vocab import Vocab
 
 TOP = 5  # likeliest characters reported at each position
@@ -59,14 +59,10 @@ def generate_scored(model: CharLM, vocab: Vocab, prime: str, length: int, *, tem
     check_options(length, temperature, top_k, seed=seed, top_p=top_p)
     prime_ids = vocab.encode(prime, what="prime")
     model.eval()
-    device = next(model.parameters()).device
-    generator = seeded_generator(seed)
     logits, states = read_prime(model, prime_ids)
     chars = vocab.chars
-    for _ in range(length):
+    for nxt, scores in Continuation(model, logits, states, length, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, generator=seeded_generator(seed)):
         if stop is not None and stop.is_set():
             return
-        row = logits.cpu()
-        nxt = pick(row, temperature, top_k, generator, top_p=top_p)
-        yield score_step(row[0], int(nxt[0]), chars)
-        logits, states = model.step(nxt.to(device), states)
+        yield score_step(scores[0].cpu(), int(nxt[0]), chars)

@@ -1,0 +1,227 @@
+"""The fused LSTM route of CharLM.step (charlm.fused_lstm): its logits and states against PyTorch's step, its
+draws against charlm.sampling.pick's, runs cut short, and which models take it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import require_cpp_build, shakespeare_text
+
+from charlm import fast_step, fused_lstm
+from charlm.cells.norm_lstm_cpp import cpp_off
+from charlm.config import ModelConfig
+from charlm.errors import CharlmError
+from charlm.model import CharLM, States
+from charlm.sampling import Continuation, Session, Settings, generate, pick, read_prime
+from charlm.vocab import Vocab
+
+V = 23
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    require_cpp_build(fast_step.available, "the model step's C++ library")
+
+
+def lstm_model(hidden: int = 20, layers: int = 2, embedding: int = 12, seed: int = 0, **settings: object) -> CharLM:
+    """A plain LSTM stack with its weights moved off their init (odd sizes: no block of the packed matrices
+    is full)."""
+    torch.manual_seed(seed)
+    config = ModelConfig(cell="lstm", embedding_size=embedding, hidden_size=hidden, num_layers=layers,
+                         **settings)  # type: ignore[arg-type]
+    model = CharLM(V, config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def python_steps(model: CharLM, ids: list[torch.Tensor], states: States | None) -> list[tuple[torch.Tensor, States]]:
+    out = []
+    with cpp_off():
+        for x in ids:
+            logits, states = model.step(x, states)
+            out.append((logits, states))
+    return out
+
+
+SHAPES = [dict(hidden=20, layers=2, embedding=12, tie_weights=False), dict(hidden=20, layers=2, embedding=20),
+          dict(hidden=130, layers=1, embedding=7, tie_weights=False), dict(hidden=33, layers=3, embedding=33)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(str(v) for v in s.values()))
+@pytest.mark.parametrize("streams", [1, 3])
+def test_the_fused_step_equals_pytorchs_to_1e5(built: None, shape: dict[str, int], streams: int) -> None:
+    """Logits to 1e-5 and every state to 1e-5 (absolute or relative), over 30 steps with the state carried,
+    from a state a forward pass left."""
+    model = lstm_model(**shape)  # type: ignore[arg-type]
+    assert fused_lstm.packed(model, fast_step.available) is not None
+    gen = torch.Generator().manual_seed(4)
+    prime = torch.randint(0, V, (streams, 5), generator=gen)
+    start = model(prime).states
+    ids = [torch.randint(0, V, (streams,), generator=gen) for _ in range(30)]
+    fused, states = [], start
+    for x in ids:
+        logits, states = model.step(x, states)
+        fused.append((logits, states))
+    for (logits, states), (ref_logits, ref_states) in zip(fused, python_steps(model, ids, start), strict=True):
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+        for state, ref in zip(states, ref_states, strict=True):
+            assert [t.shape for t in state] == [t.shape for t in ref]
+            for a, b in zip(state, ref, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # c grows past 1: relative too
+
+
+def test_the_zero_state_and_int32_ids(built: None) -> None:
+    model = lstm_model()
+    x = torch.tensor([3, 7], dtype=torch.int32)
+    logits, states = model.step(x)
+    ref_logits, ref_states = python_steps(model, [x.long()], None)[0]
+    torch.testing.assert_close(states[1][1], ref_states[1][1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert [len(s) for s in states] == [2, 2] and states[0][0].shape == (1, 2, 20)
+
+
+def test_the_draw_is_picks_draw(built: None) -> None:
+    """Same scores, same generator: the C++ draw takes the same characters as pick and leaves the generator
+    where pick leaves it (one float64 uniform per row, as torch.rand draws them)."""
+    model = lstm_model()
+    pack = fused_lstm.packed(model, fast_step.available)
+    assert pack is not None
+    scores = torch.randn(3, V, generator=torch.Generator().manual_seed(5)) * 3
+    for temperature in (0.5, 1.0, 1.7):
+        ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+        ids, drawn_from, _ = fused_lstm.sample(scores, temperature, ours, None, pack, 1)
+        assert torch.equal(drawn_from[0], scores)
+        assert torch.equal(ids[0], pick(scores, temperature, None, theirs))
+        assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+def test_draws_follow_the_probabilities(built: None) -> None:
+    """20,000 draws from fixed scores: each character's share within 0.015 of its probability, and a
+    character of probability 0 (score -inf) never drawn."""
+    model = lstm_model()
+    pack = fused_lstm.packed(model, fast_step.available)
+    assert pack is not None
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [float("-inf")] + [-2.0] * (V - 5)]).repeat(4, 1)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(V)
+    for _ in range(5000):
+        ids = fused_lstm.sample(scores, 1.0, gen, None, pack, 1)[0]
+        counts += torch.bincount(ids.flatten(), minlength=V)
+    share = counts / counts.sum()
+    torch.testing.assert_close(share, torch.softmax(scores[0], -1), rtol=0, atol=0.015)
+    assert counts[4] == 0
+
+
+def run_of(model: CharLM, vocab_prime: torch.Tensor, length: int, seed: int, taken: int | None = None,
+           **options: object) -> tuple[list[int], Continuation, torch.Generator]:
+    logits, states = read_prime(model, vocab_prime)
+    gen = torch.Generator().manual_seed(seed)
+    run = Continuation(model, logits, states, length, temperature=0.9, top_k=None, top_p=None, generator=gen,
+                       **options)  # type: ignore[arg-type]
+    ids = []
+    for nxt, _ in run:
+        ids.append(int(nxt[0]))
+        if taken is not None and len(ids) == taken:
+            break
+    return ids, run, gen
+
+
+def test_a_seeded_text_is_the_one_at_a_time_text(built: None) -> None:
+    """Runs of the fused route against pick + PyTorch's step one character at a time: the same 600
+    characters (the logits differ by rounding only, far from any draw's boundary here)."""
+    model = lstm_model(hidden=32, embedding=32)
+    prime = torch.tensor([1, 2, 3])
+    fused, _, _ = run_of(model, prime, 600, seed=2)
+    with cpp_off():
+        plain, _, _ = run_of(model, prime, 600, seed=2)
+    assert fused == plain
+
+
+@pytest.mark.parametrize("taken", [1, 5, 8, 13, 24])
+def test_a_run_cut_short_leaves_state_and_generator_as_one_at_a_time(built: None, taken: int) -> None:
+    """Stopping after ``taken`` characters (inside or at the end of a run of 8, 16, ...): finish() gives the
+    state after exactly those characters and the generator after exactly their draws."""
+    model = lstm_model()
+    prime = torch.tensor([4, 5])
+    ids, run, gen = run_of(model, prime, 100, seed=3, taken=taken)
+    logits, states = run.finish()
+    exact_ids, exact_run, exact_gen = run_of(model, prime, taken, seed=3)
+    exact_logits, exact_states = exact_run.finish()
+    assert ids == exact_ids
+    assert torch.equal(gen.get_state(), exact_gen.get_state())
+    assert torch.equal(logits, exact_logits)
+    assert all(torch.equal(a, b) for s, r in zip(states, exact_states, strict=True) for a, b in zip(s, r, strict=True))
+
+
+def test_a_session_goes_on_from_a_stop_as_one_continuation(built: None) -> None:
+    """A continuation ended by a stop string inside a run, then another: together the text of one long
+    continuation from the same seed (state and generator carried exactly)."""
+    text = shakespeare_text(2000)
+    vocab = Vocab.from_text(text)
+    torch.manual_seed(1)
+    model = CharLM(len(vocab), ModelConfig(cell="lstm", embedding_size=24, hidden_size=24)).eval()
+    chunks: list[str] = []
+    session = Session(model, vocab, Settings(temperature=1.0, length=300, stop=("e",)), seed=7)
+    session.read("ROMEO:")
+    for _ in range(2):
+        session.continue_text(chunks.append)
+    whole: list[str] = []
+    one = Session(model, vocab, Settings(temperature=1.0, length=len(chunks)), seed=7)
+    one.read("ROMEO:")
+    one.continue_text(whole.append)
+    assert "".join(chunks).count("e") == 2 and "".join(whole) == "".join(chunks)
+
+
+def test_not_finite_scores_are_one_sentence(built: None) -> None:
+    model = lstm_model()
+    logits, states = model.step(torch.tensor([1]))
+    bad = logits.clone()
+    bad[0, 3] = float("nan")
+    with pytest.raises(CharlmError, match="not finite numbers"):
+        list(Continuation(model, bad, states, 5, temperature=1.0, top_k=None, top_p=None,
+                          generator=torch.Generator()))
+
+
+@pytest.mark.parametrize("settings", [dict(cell="gru"), dict(cell="peephole"), dict(cell="lstm", layer_norm=True),
+                                      dict(cell="lstm", torch_rnn=False)], ids=str)
+def test_other_models_take_the_aten_op(built: None, settings: dict[str, object]) -> None:
+    config = ModelConfig(embedding_size=8, hidden_size=8, **settings)  # type: ignore[arg-type]
+    model = CharLM(V, config).eval()
+    assert fused_lstm.packed(model, fast_step.available) is None
+    assert fast_step.sample(model, torch.zeros(1, V), 1.0, None, None, torch.Generator(), None, 4) is None
+
+
+def test_more_rows_filters_and_greedy_take_the_other_routes(built: None) -> None:
+    model = lstm_model()
+    logits = torch.zeros(fused_lstm.MAX_ROWS + 1, V)
+    gen = torch.Generator()
+    assert fast_step.sample(model, logits, 1.0, None, None, gen, None, 2) is None
+    assert fast_step.sample(model, logits[:1], 1.0, 5, None, gen, None, 2) is None
+    assert fast_step.sample(model, logits[:1], 1.0, None, 0.9, gen, None, 2) is None
+    assert fast_step.sample(model, logits[:1], 0.0, None, None, gen, None, 2) is None
+    assert fast_step.sample(model, logits[:1], 1.0, V, 1.0, gen, None, 2) is not None  # filters that keep all
+
+
+def test_changed_weights_are_packed_again(built: None) -> None:
+    """In-place changes (an optimizer step, load_state_dict) and a replaced parameter are seen."""
+    model = lstm_model()
+    x = torch.tensor([2])
+    model.step(x)
+    with torch.no_grad():
+        model.layers[0].weight_hh_l0.mul_(0.5)
+    torch.testing.assert_close(model.step(x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    model.layers[1].weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.layers[1].weight_ih_l0))
+    torch.testing.assert_close(model.step(x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+
+
+def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:
+    text = shakespeare_text(3000)
+    vocab = Vocab.from_text(text)
+    torch.manual_seed(3)
+    model = CharLM(len(vocab), ModelConfig(cell="lstm", embedding_size=32, hidden_size=32)).eval()
+    fast = generate(model, vocab, "ROMEO:", 300, temperature=0.8, seed=11, num_samples=2)
+    with fused_lstm.off():
+        plain = generate(model, vocab, "ROMEO:", 300, temperature=0.8, seed=11, num_samples=2)
+    assert fast == plain and len(fast[0]) == 306
