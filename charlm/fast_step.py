@@ -23,6 +23,7 @@ the cache folder, the lock, one warning when it cannot be built, ``CHARLM_NATIVE
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +49,10 @@ GATE_BITS = (("input_gate", 1), ("forget_gate", 2), ("output_gate", 4), ("couple
              ("out_tanh", 32), ("peephole", 64))
 _LAYER_PARAMS = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")  # (+ peephole_l0 where there)
 _NONE = torch.empty(0)  # a tensor the op reads as "this layer has none"
-# Threads for generation on the CPU: at a few rows a step's products are too small to split, and a second
-# thread waiting at each op's end costs more than it saves (benchmarks/results/sampling.txt, 1 and 16 streams).
-SAMPLING_THREADS = 1
+# Threads for generation on the CPU (sampling_threads): the fused route splits each product's blocks between
+# them, which pays at 2 on an idle machine; on a busy one a thread that waits for a core at every step's
+# barrier costs more than the split saves (benchmarks/results/sampling.txt). More than 2: not measured.
+MAX_SAMPLING_THREADS = 2
 
 
 Source = tuple[dict[str, Any], str] | None  # where a tensor of the op's list lives (a module's parameters), or none
@@ -74,6 +76,17 @@ class Plan:
             t = None if source is None else source[0][source[1]]
             out.append(_NONE if t is None else t)
         return out
+
+
+def sampling_threads() -> int:
+    """Threads for ``charlm sample``: as many CPUs as are idle now (the CPUs this process may use less the
+    last minute's load average, rounded), at least one and at most MAX_SAMPLING_THREADS."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows): do not count on an idle CPU
+        return 1
+    return max(1, min(MAX_SAMPLING_THREADS, round(cpus - busy)))
 
 
 def available() -> bool:

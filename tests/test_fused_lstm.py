@@ -225,3 +225,18 @@ def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:
     with fused_lstm.off():
         plain = generate(model, vocab, "ROMEO:", 300, temperature=0.8, seed=11, num_samples=2)
     assert fast == plain and len(fast[0]) == 306
+
+
+@pytest.mark.parametrize(("cpus", "load", "threads"), [(2, 0.2, 2), (2, 1.1, 1), (2, 3.0, 1), (8, 0.0, 2), (1, 0.0, 1),
+                                                       (2, None, 1)])
+def test_sampling_threads_use_the_idle_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int, load: float | None,
+                                            threads: int) -> None:
+    monkeypatch.setattr(fast_step.os, "sched_getaffinity", lambda _: set(range(cpus)), raising=False)
+
+    def loadavg() -> tuple[float, float, float]:
+        if load is None:
+            raise OSError("no load average here")
+        return (load, load, load)
+
+    monkeypatch.setattr(fast_step.os, "getloadavg", loadavg)
+    assert fast_step.sampling_threads() == threads

@@ -105,7 +105,7 @@ def _refuse_combinations(beam: int | None, as_json: bool, interactive: bool, num
 def _load(checkpoint: str | None) -> tuple[CharLM, Vocab, Path]:
     from charlm.checkpoint import load_model
     from charlm.evaluate import nonfinite_parameters
-    from charlm.fast_step import SAMPLING_THREADS
+    from charlm.fast_step import sampling_threads
     from charlm.train import fast_cpu_math
 
     path = checkpoint_path(checkpoint)
@@ -114,7 +114,7 @@ def _load(checkpoint: str | None) -> tuple[CharLM, Vocab, Path]:
     if bad:
         raise CharlmError(f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. "
                           f"{bad[0]}), so it cannot generate text; use an earlier checkpoint of that run or retrain")
-    fast_cpu_math(SAMPLING_THREADS)
+    fast_cpu_math(sampling_threads())
     return model, vocab, path
 
 
