@@ -8,9 +8,9 @@ the whole stack, decoder included, in one call; ``fused_lstm_sample`` draws and 
 characters in one call, each draw the one :func:`charlm.sampling.pick` makes from the same generator, so
 Python is not called per character at all.
 
-Its sums run in order with fused multiply-adds, so its logits differ from PyTorch's step by rounding
-only (held to 1e-5 by the tests) and are the same on every machine; a seed draws the same characters
-unless a draw falls within that rounding of the boundary between two characters.
+Its sums run in a fixed order with fused multiply-adds, so its logits do not depend on the thread count
+and differ from PyTorch's step by rounding only (held to 1e-5 by the tests); a seed draws the same
+characters unless a draw falls within that rounding of the boundary between two characters.
 
 :mod:`charlm.fast_step` takes this route (its library holds both C++ files) for models whose layers are
 all ``lstm`` on the torch kernel with no norm, in float32, at up to :data:`MAX_ROWS` rows, and the

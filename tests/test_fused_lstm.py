@@ -240,3 +240,20 @@ def test_sampling_threads_use_the_idle_cpus(monkeypatch: pytest.MonkeyPatch, cpu
 
     monkeypatch.setattr(fast_step.os, "getloadavg", loadavg)
     assert fast_step.sampling_threads() == threads
+
+
+def test_the_thread_count_does_not_change_a_bit(built: None) -> None:
+    """The products' blocks are split between the threads, each sum still in its one order."""
+    model = lstm_model(hidden=200, embedding=200)
+    x = torch.tensor([5])
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_logits, one_states = model.step(x)
+        torch.set_num_threads(2)
+        two_logits, two_states = model.step(x)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one_logits, two_logits)
+    pairs = [(a, b) for s, r in zip(one_states, two_states, strict=True) for a, b in zip(s, r, strict=True)]
+    assert all(torch.equal(a, b) for a, b in pairs)

@@ -14,9 +14,9 @@
 //     the running sum.
 //
 // Every sum runs over its inputs in order with fused multiply-adds (std::fma: one instruction where the
-// CPU has FMA, the exactly-rounded library call where it does not), so the result is the same on every
-// machine and thread count; it differs from PyTorch's products only in rounding (about 1e-6, held to
-// 1e-5 by the tests). Layout of the packed list (fused_lstm_pack): [table0, w_hh0, then per further
+// CPU has FMA, the exactly-rounded library call where it does not), so the result does not depend on the
+// thread count or the vector width; it differs from PyTorch's products only in rounding (about 1e-6,
+// held to 1e-5 by the tests). Layout of the packed list (fused_lstm_pack): [table0, w_hh0, then per further
 // layer w_ih, w_hh, bias, then the decoder's weight and bias]; states come and go as (1, N, H) tensors.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -24,7 +24,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/linear.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -119,8 +118,16 @@ std::vector<at::Tensor> fused_lstm_pack(at::TensorList weights) {
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor w_ih = gates_ifog(weights[1 + 4 * l]).to(at::kFloat);
     const at::Tensor bias = gates_ifog(weights[3 + 4 * l].add(weights[4 + 4 * l])).to(at::kFloat);
-    if (l == 0) {
-      out.push_back(at::linear(weights[0].to(at::kFloat), w_ih, bias).contiguous());  // (V, 4H)
+    if (l == 0) {  // the table (V, 4H): row c = bias + W_ih E[c], by the step's own products
+      const at::Tensor emb = weights[0].to(at::kFloat).contiguous(), packed_ih = pack_matrix(w_ih);
+      const at::Tensor b = bias.contiguous();
+      const int64_t vocab = emb.size(0), e = emb.size(1), g4 = w_ih.size(0);
+      at::Tensor table = at::empty({vocab, g4}, emb.options());
+      for (int64_t c = 0; c < vocab; ++c)
+        for (int64_t blk = 0; blk < packed_ih.size(0); ++blk)
+          product_block(blk, b.data_ptr<float>(), packed_ih.data_ptr<float>(), e, emb.data_ptr<float>() + c * e,
+                        nullptr, 0, nullptr, table.data_ptr<float>() + c * g4, g4);
+      out.push_back(table);
     } else {
       out.push_back(pack_matrix(w_ih));
     }
