@@ -49,17 +49,19 @@ def test_papers_claims_are_judged_on_the_test_split() -> None:
     rows = [summary("V", [1.50, 1.51, 1.52], "peephole"),
             summary("NFG", [1.70, 1.72, 1.71], "nfg"),  # clearly worse: agrees with Greff
             summary("CIFG", [1.70, 1.72, 1.71], "cifg"),  # clearly worse: Greff says no significant loss
-            summary("NP", [1.505, 1.515, 1.50], "np"),  # the same: agrees
+            summary("NP", [1.40, 1.41, 1.42], "np"),  # clearly better: no loss, agrees
             summary("FGR", [1.40, 1.41, 1.42], "fgr"),  # clearly better: Greff says it does not help
-            summary("NIG", [1.52, 1.50, 1.51], "nig")]  # no claim
+            summary("NIG", [1.52, 1.50, 1.51], "nig"),  # no claim
+            summary("NOAF", [1.505, 1.515, 1.50], "noaf")]  # the same: Greff says it hurts
     table = {r[0]: r for r in significance_rows(rows, "greff")}
     assert table["NFG"][4:] == ["significantly worse", "yes"]
     assert table["CIFG"][4:] == ["significantly worse", "no"]
-    assert table["NP"][4:] == ["no significant difference", "yes"]
+    assert table["NP"][4:] == ["significantly better", "yes"]
     assert table["FGR"][4:] == ["significantly better", "no"]
     assert table["NIG"][3:] == ["—", "—", "—"]
+    assert table["NOAF"][4:] == ["no significant difference", "no"]
     assert table["NFG"][2].startswith("+0.2000 (p=") and table["NFG"][2].endswith(" *")
-    assert not table["NP"][2].endswith("*")
+    assert not table["NIG"][2].endswith("*")
     md = "\n".join(significance_markdown(rows, "greff"))
     assert "## Against the reference row (V)" in md and "| NFG |" in md and "Welch's t-test" in md
 
@@ -70,3 +72,11 @@ def test_lstm_b_closing_the_gap_to_gru() -> None:
     assert table["LSTM-b"][5] == "yes" and "LSTM-GRU gap +0.1000" in table["LSTM-b"][4]
     rows[1] = summary("LSTM-b", [1.59, 1.60])
     assert {r[0]: r for r in significance_rows(rows, "jozefowicz")}["LSTM-b"][5] == "no"
+
+
+def test_mut1_matching_lstm_is_a_claim_of_no_difference() -> None:
+    rows = [summary("LSTM", [1.60, 1.61, 1.62]), summary("MUT1", [1.605, 1.615, 1.61])]
+    assert {r[0]: r for r in significance_rows(rows, "jozefowicz")}["MUT1"][4:] == ["no significant difference",
+                                                                                     "yes"]
+    rows[1] = summary("MUT1", [1.50, 1.51, 1.52])  # better is not "matches"
+    assert {r[0]: r for r in significance_rows(rows, "jozefowicz")}["MUT1"][4:] == ["significantly better", "no"]

@@ -11,6 +11,7 @@ comparison shows on the test split, and "agree?" says whether the two match:
 - ``worse``: the paper found the row significantly worse than the reference; agreed when ours is worse
   with p < 0.05.
 - ``same``: no significant difference in the paper; agreed when p >= 0.05.
+- ``not worse``: the change cost nothing significant; agreed unless ours is worse with p < 0.05.
 - ``not better``: the change did not help; agreed unless ours is better with p < 0.05.
 - ``closer to GRU``: LSTM-b's forget-gate bias of 1 closes most of the gap between LSTM and GRU;
   agreed when LSTM-b's mean is nearer GRU's than half the LSTM-GRU gap.
@@ -38,8 +39,8 @@ CLAIMS: dict[str, dict[str, tuple[str, str]]] = {
     "greff": {
         "NFG": ("no forget gate hurts significantly", "worse"),
         "NOAF": ("no output activation hurts significantly", "worse"),
-        "CIFG": ("coupled input and forget gates: no significant loss", "same"),
-        "NP": ("no peepholes: no significant loss", "same"),
+        "CIFG": ("coupled input and forget gates: no significant loss", "not worse"),
+        "NP": ("no peepholes: no significant loss", "not worse"),
         "FGR": ("full gate recurrence does not help", "not better"),
     },
     "jozefowicz": {
@@ -122,7 +123,7 @@ def verdict(kind: str, row: CellSummary, reference: CellSummary,
     if d.significant:
         seen = "significantly " + ("worse" if d.diff > 0 else "better")
     agree = {"worse": d.significant and d.diff > 0, "same": not d.significant,
-             "not better": not (d.significant and d.diff < 0)}[kind]
+             "not worse": not (d.significant and d.diff > 0), "not better": not (d.significant and d.diff < 0)}[kind]
     return seen, "yes" if agree else "no"
 
 
