@@ -405,3 +405,15 @@ def test_curves_of_runs_recorded_before_times_were_logged_have_no_times(
     assert [[p["seconds"] for p in r["curve"]] for r in runs] == [[None, None], [None, None]]
     assert [[p["step"] for p in r["curve"]] for r in runs] == [[3, 6], [3, 6]]  # still drawn against steps
     assert (copy_of / "curves.png").is_file()
+
+
+def test_a_diverged_run_does_not_flatten_the_others_curves() -> None:
+    """The y axis stops at 1.5x the median curve's highest point; the curves above it are named."""
+    from charlm.compare.plot import Curve, y_limits
+
+    curves = [Curve("V", [1, 2], [1.0, 2.0], [3.0, 2.6]), Curve("NP", [1, 2], [1.0, 2.0], [3.1, 2.6]),
+              Curve("NOAF", [1, 2], [1.0, 2.0], [650.0, 117.0]), Curve("NOAF", [1, 2], [1.0, 2.0], [3.2, 2.8])]
+    bottom, top, above = y_limits(curves)
+    assert above == ["NOAF"]
+    assert 2.6 > bottom > 2.3 and 4.8 < top < 5.0  # 1.5 x 3.2 (the median of the highs), and a margin
+    assert y_limits(curves[:2])[2] == []  # nothing clipped: the axis reaches the highest point

@@ -37,6 +37,24 @@ class Curve:
     bpc: Sequence[float]
 
 
+# The y axis ends at this many times the median of the curves' highest points, so that a run that diverged
+# (thousands of bits per character) does not flatten every other curve; those that leave it are named.
+Y_RANGE = 1.5
+
+
+def y_limits(curves: Sequence[Curve]) -> tuple[float, float, list[str]]:
+    """(bottom, top) of the shared y axis and the labels of the curves that go above the top."""
+    highs = sorted(max(c.bpc) for c in curves if c.bpc)
+    lows = [min(c.bpc) for c in curves if c.bpc]
+    if not highs:
+        return 0.0, 1.0, []
+    top = min(highs[-1], Y_RANGE * highs[len(highs) // 2])
+    bottom = min(lows)
+    margin = 0.05 * (top - bottom) or 0.05
+    above = list(dict.fromkeys(c.label for c in curves if c.bpc and max(c.bpc) > top))
+    return bottom - margin, top + margin, above
+
+
 def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None) -> Path:
     """Write a two-panel PNG (val bpc vs. optimizer step, vs. logged training wall time) to ``path``, atomically."""
     try:
@@ -64,9 +82,14 @@ def plot_curves(curves: Sequence[Curve], path: Path, *, title: str | None = None
     by_step.set_ylabel("validation bits per character")
     by_step.set_title("against steps")
     by_time.set_title("against wall time")
+    bottom, top, above = y_limits(curves)
     for ax in (by_step, by_time):
         ax.grid(True, alpha=0.3)
         ax.set_xlim(left=0)
+        ax.set_ylim(bottom, top)
+    if above:
+        by_step.text(0.02, 0.98, f"above the top of the axis: {', '.join(above)}", transform=by_step.transAxes,
+                     va="top", fontsize="small", color="0.3")
     if labels:
         fig.legend(loc="outside right upper", title="cell", fontsize="small")
     if title:
