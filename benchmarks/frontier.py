@@ -102,6 +102,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=system)
     ax.set_xscale("log")
+    budgets = sorted({r["minutes"] for r in rows})
+    ax.set_xticks(budgets, [f"{m:g}" for m in budgets])  # the budgets themselves, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("training minutes (wall time, CPU)")
     ax.set_ylabel("validation bits per character")
     ax.legend()
