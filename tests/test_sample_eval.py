@@ -180,9 +180,11 @@ def test_streaming_memory_stays_flat(tiny_checkpoint: Path) -> None:
 
 
 def test_long_streams_keep_no_python_objects(tiny_checkpoint: Path) -> None:
-    """The Python objects alive in the middle of a stream hardly differ after 600 and after 2,000 characters:
-    nothing is kept per character (the smallest object, 16 bytes, a character would show 22 KB), neither by
-    a stream with stop strings nor by a session's continuation."""
+    """The Python objects alive in the middle of a stream hardly grow from 600 to 1,300 to 2,000 characters:
+    nothing is kept per character (the smallest object, 16 bytes, a character would add 11 KB to each of
+    the two stretches), neither by a stream with stop strings nor by a session's continuation. One of the
+    two stretches may hold a one-off allocation of the interpreter or torch (a cache filled once); a leak
+    shows in both."""
     import gc
     import tracemalloc
 
@@ -201,7 +203,7 @@ def test_long_streams_keep_no_python_objects(tiny_checkpoint: Path) -> None:
     for name, run in runs.items():
         def write(ch: str, name: str = name) -> None:
             written[name] += 1
-            if written[name] in (600, 2000):
+            if written[name] in (600, 1300, 2000):
                 gc.collect()
                 held[name].append(tracemalloc.get_traced_memory()[0])
 
@@ -210,7 +212,7 @@ def test_long_streams_keep_no_python_objects(tiny_checkpoint: Path) -> None:
             run(write)
         finally:
             tracemalloc.stop()
-    assert all(len(h) == 2 and h[1] - h[0] < 8192 for h in held.values()), held
+    assert all(len(h) == 3 and min(h[1] - h[0], h[2] - h[1]) < 8192 for h in held.values()), held
 
 
 @pytest.mark.parametrize("args", [("sample", "--length", "1000000"), ("sample", "--num-samples", "2", "--length", "20"),
