@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import yaml
 from filelock import FileLock
 from optuna.trial import TrialState
@@ -234,6 +235,8 @@ def _wait_for(out: Path, proc: subprocess.Popen[str], ready: object, timeout: fl
                     return
             except (KeyError, optuna.exceptions.OptunaError):
                 pass  # the study is being created
+            except sqlalchemy.exc.OperationalError:  # our storage made its tables as the run made them: anew
+                _STORAGES.pop(out / "s" / "study.db", None)
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the study did not reach the state in time")
