@@ -296,3 +296,15 @@ def test_a_study_continues_after_sigkill_and_after_sigterm(tmp_path: Path, corpu
     folders = {p.name for p in (out / "s").glob("trial-*")}  # a trial killed early may have made none
     assert folders <= {f"trial-{t.number:04d}" for t in trials}
     assert {f"trial-{t.number:04d}" for t in finished} <= folders
+
+
+def test_processes_opening_a_new_storage_together_all_get_it(tmp_path: Path) -> None:
+    """Four processes open one new SQLite study storage at the same moment (machines joining a study, a reader):
+    each makes the tables or finds them made, none fails."""
+    code = ("import sys, time; from charlm.tune.study import open_storage\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_storage(sys.argv[1]); print('ok')")
+    url, start = f"sqlite:///{tmp_path / 'study.db'}", time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in results]

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,17 +76,30 @@ def default_storage(study_dir: Path) -> str:
     return f"sqlite:///{(study_dir / 'study.db').resolve()}"
 
 
+# Opening a new storage makes its tables; processes that open it together (machines joining one study, a
+# reader) race to make them, and the losers' inserts fail: they try again, and find the tables made.
+STORAGE_TRIES = 5
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """Optuna's database storage at ``url`` (SQLite waits up to a minute for another process's write)."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     try:
         shown = make_url(url).render_as_string(hide_password=True)
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-        with warnings.catch_warnings():  # the heartbeat is "experimental" (Optuna 5.1)
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
+        for attempt in range(STORAGE_TRIES):
+            try:
+                with warnings.catch_warnings():  # the heartbeat is "experimental" (Optuna 5.1)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                      grace_period=GRACE_S)
+            except (IntegrityError, OperationalError):
+                if attempt + 1 == STORAGE_TRIES:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise AssertionError("unreachable")
     except Exception as exc:  # a bad URL, a missing database driver, a server that does not answer
         shown = locals().get("shown", "(not a database URL)")
         raise CharlmError(f"could not open the study storage {shown}: {' '.join(str(exc).split())[:300]}") from None
