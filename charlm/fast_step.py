@@ -155,7 +155,7 @@ def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, State
     plan = _plan(model)
     if plan is None or not available():
         return None
-    flat = [] if states is None else [t for state in states for t in state]
+    flat = fused_lstm.flat_states(states)
     out = torch.ops.charlm.model_step.default(x, flat, plan.tensors(), plan.kinds, plan.flags, plan.norm_eps)
     new_states: States = []
     i = 1
@@ -169,11 +169,11 @@ def step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, State
 
 def sample(model: CharLM, logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
            generator: torch.Generator, states: States | None,
-           length: int) -> tuple[Tensor, Tensor, tuple[Tensor, States]] | None:
+           length: int) -> tuple[Tensor, Tensor, tuple[Tensor, States], Tensor] | None:
     """``length`` times ``pick(logits, temperature, top_k, generator, top_p)`` and ``model.step`` of the ids,
     in one C++ call (:mod:`charlm.fused_lstm`): the ids (length, N), the scores each was drawn from
-    (length, N, V), and (logits, states) after the last; None where that call does not run (the caller
-    picks and steps itself)."""
+    (length, N, V), (logits, states) after the last, and the generator's state before the draws; None
+    where that call does not run (the caller picks and steps itself; the generator untouched)."""
     if not (temperature >= torch.finfo(torch.float32).tiny and temperature != float("inf")):
         return None  # greedy, or the float64 scores of a tiny temperature: pick's own code
     if (top_k is not None and top_k < logits.size(-1)) or (top_p is not None and top_p < 1.0):
@@ -183,6 +183,7 @@ def sample(model: CharLM, logits: Tensor, temperature: float, top_k: int | None,
     pack = _fused_pack(model)
     if pack is None:
         return None
+    rng = generator.get_state()  # before the run's draws: Continuation.finish gives back those not taken
     try:
         out = fused_lstm.sample(logits, temperature, generator, states, pack, length)
     except RuntimeError as err:  # NaN / inf scores (as pick says them)
@@ -192,7 +193,7 @@ def sample(model: CharLM, logits: Tensor, temperature: float, top_k: int | None,
 
         raise CharlmError(NOT_FINITE) from None
     _count_step(model, states, length)
-    return out
+    return (*out, rng)
 
 
 def _fused_pack(model: CharLM) -> list[Tensor] | None:

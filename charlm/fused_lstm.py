@@ -83,7 +83,8 @@ def packed(model: CharLM, loaded: Callable[[], bool]) -> list[Tensor] | None:
     return pack  # type: ignore[no-any-return]
 
 
-def _flat(states: States | None) -> list[Tensor]:
+def flat_states(states: States | None) -> list[Tensor]:
+    """The states as the C++ ops take them: every layer's tensors in one list (none: the zero state)."""
     return [] if states is None else [t for state in states for t in state]
 
 
@@ -93,7 +94,7 @@ def _states(out: list[Tensor], first: int) -> States:
 
 def step(x: Tensor, states: States | None, pack: list[Tensor]) -> tuple[Tensor, States]:
     """``model.step(x, states)`` for x (N,) of at most MAX_ROWS rows, through the fused op."""
-    out = torch.ops.charlm.fused_lstm_step.default(x if x.dtype == torch.long else x.long(), _flat(states), pack)
+    out = torch.ops.charlm.fused_lstm_step.default(x if x.dtype == torch.long else x.long(), flat_states(states), pack)
     return out[0], _states(out, 1)
 
 
@@ -101,5 +102,5 @@ def sample(logits: Tensor, temperature: float, generator: torch.Generator, state
            pack: list[Tensor], length: int) -> tuple[Tensor, Tensor, tuple[Tensor, States]]:
     """``length`` times ``pick(logits, temperature, None, generator)`` and ``model.step`` of it: the ids
     (length, N), the scores each was drawn from (length, N, V), and (logits, states) after the last."""
-    out = torch.ops.charlm.fused_lstm_sample.default(logits, temperature, _flat(states), pack, length, generator)
+    out = torch.ops.charlm.fused_lstm_sample.default(logits, temperature, flat_states(states), pack, length, generator)
     return out[0], out[1], (out[2], _states(out, 3))

@@ -105,7 +105,6 @@ class Continuation:
         left, run = self.length, FIRST_RUN
         while left > 0:
             logits, states = self._start
-            rng = self.generator.get_state()
             fused = fast_step.sample(self.model, logits, temperature, top_k, top_p, self.generator, states,
                                      min(run, left))
             if fused is None:
@@ -115,7 +114,7 @@ class Continuation:
                 if left > 0:  # the step after the last character only if finish() asks for it
                     self._start, self._pending = self.model.step(self._pending, states), None
                 continue
-            ids, scores, after = fused
+            ids, scores, after, rng = fused
             self._run, self._taken = (ids, after, rng), 0
             for i in range(ids.size(0)):
                 self._taken = i + 1
