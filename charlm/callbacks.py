@@ -1,19 +1,22 @@
 """Training callbacks: ``last.ckpt`` (:class:`LastCheckpoint`), a clean stop on Ctrl-C / SIGTERM
 (:class:`StopOnInterrupt`), the last good checkpoint (:class:`TrackBestPath`), the sample printed at each
-validation (:class:`PrintSample`) and the progress bar."""
+validation (:class:`PrintSample`), the time a step budget will take (:class:`TimeEstimate`) and the
+progress bar."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar, Timer
 from rich.markup import escape
 
 from charlm.errors import TrainingInterrupted
@@ -253,9 +256,66 @@ class PrintSample(Callback):
         log_text(trainer, "sample", text)
         loss = trainer.callback_metrics.get("val_loss")
         head = f"step {trainer.global_step}" + (f", val loss {float(loss):.4f}" if loss is not None else "")
-        bar = trainer.progress_bar_callback
-        message = f"--- sample at {head} ---\n{text}\n---"
-        if bar is not None and hasattr(bar, "print"):
-            bar.print(escape(message))  # rich would read "[...]" in the text as markup
-        else:
-            print(message)
+        print_above_bar(trainer, f"--- sample at {head} ---\n{text}\n---")
+
+
+def print_above_bar(trainer: L.Trainer, message: str) -> None:
+    """Print a line above the progress bar when there is one (rich would read "[...]" as markup)."""
+    bar = trainer.progress_bar_callback
+    if bar is not None and hasattr(bar, "print"):
+        bar.print(escape(message))
+    else:
+        print(message, flush=True)
+
+
+class TimeEstimate(Callback):
+    """Once the first steps of a step-limited run are timed, print how long the rest will take here.
+
+    The first ``skip`` steps (warm-up: allocation, the kernels' first calls) are left out of the timing;
+    the next ``measure`` steps set the rate. Validations are not in it: they come on top.
+    """
+
+    def __init__(self, chars_per_step: int, skip: int = 5, measure: int = 20) -> None:
+        self.chars_per_step, self.skip, self.measure = chars_per_step, skip, measure
+        self._first_step: int | None = None
+        self._timed_from: tuple[int, float] | None = None  # (step, clock) where the timing began
+        self.printed: str | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step  # a resumed run is timed from where it resumed
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.printed is not None or trainer.max_steps <= 0 or not trainer.is_global_zero:
+            return
+        step, now = trainer.global_step, time.perf_counter()
+        if self._first_step is None:
+            return
+        if self._timed_from is None:
+            if step - self._first_step >= self.skip:
+                self._timed_from = (step, now)
+            return
+        first, began = self._timed_from
+        if step - first < self.measure:
+            return
+        per_step = (now - began) / (step - first)
+        seconds = max(trainer.max_steps - step, 0) * per_step
+        finish = (dt.datetime.now() + dt.timedelta(seconds=seconds)).strftime("%H:%M")
+        chars_per_s = self.chars_per_step * trainer.world_size / per_step
+        self.printed = (f"time: {trainer.max_steps - step:,} steps to go at {per_step:.3g} s a step "
+                        f"({chars_per_s:,.0f} chars/s): about {format_minutes(seconds)} here, done near {finish} "
+                        "(validations not counted)")
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        left = None if timer is None else timer.time_remaining("train")
+        if left is not None and left < seconds:
+            self.printed += (f"; the time limit stops it first, in {format_minutes(left)}, "
+                             f"near step {step + int(left / per_step):,}")
+        print_above_bar(trainer, self.printed)
+
+
+def format_minutes(seconds: float) -> str:
+    """``"40 s"``, ``"14 min"``, ``"1 h 05 min"``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"

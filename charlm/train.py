@@ -23,6 +23,7 @@ from charlm.callbacks import (
     PrintSample,
     ProgressBar,
     StopOnInterrupt,
+    TimeEstimate,
     TrackBestPath,
 )
 from charlm.checkpoint import AtomicCheckpointIO, safe_load
@@ -60,6 +61,8 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
     if config.sample.enabled:
         callbacks.append(PrintSample(config.sample.prime, config.sample.length, config.sample.temperature,
                                      t.seed))
+    if t.max_steps > 0:
+        callbacks.append(TimeEstimate(config.data.batch_size * config.data.bptt))
     if t.progress:
         callbacks.append(ProgressBar(leave=True))
     callbacks += extra_callbacks or []
@@ -82,6 +85,22 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
                           f"strategy={t.strategy!r}, num_nodes={t.num_nodes}, precision={t.precision!r}): "
                           f"{' '.join(str(exc).split())[:300]}") from None
     return trainer, best
+
+
+def describe_budget(config: Config, world: int = 1) -> str:
+    """The run's stopping rules in words: ``"4,200 steps (17.2 M chars)"``, ``"840 s"``, or both."""
+    t, d = config.train, config.data
+    rules = []
+    if t.max_steps > 0:
+        chars = t.max_steps * d.batch_size * world * d.bptt
+        amount = f"{chars / 1e6:.1f} M" if chars >= 1e6 else f"{chars:,}"
+        rules.append(f"{t.max_steps:,} steps ({amount} chars; the time it takes is shown once the "
+                     "first steps are timed)")
+    if t.max_epochs > 0:
+        rules.append(f"{t.max_epochs:,} epoch{'s' if t.max_epochs > 1 else ''}")
+    if t.max_time is not None:
+        rules.append(f"{t.max_time:g} s")
+    return ", or ".join(rules) + (", whichever comes first" if len(rules) > 1 else "")
 
 
 def max_threads() -> int:
@@ -165,6 +184,7 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
                       f"{d.batch_size * world * d.bptt:,} chars per step ({d.batch_size} per process x {world} "
                       f"process{'es' if world > 1 else ''})  [bold]lr[/] {config.optim.lr:g} "
                       f"({config.optim.schedule}, not scaled with the batch)  [bold]precision[/] {t.precision}")
+        console.print(f"[bold]budget[/] {describe_budget(config, world)}")
         if resume is not None:
             console.print(f"[bold]resuming[/] from {resume}")
         elif t.init_from is not None:
