@@ -1,6 +1,6 @@
 """Val loss at equal wall time: ``charlm train`` (a config) against the plain nn.LSTM loop.
 
-    python -m benchmarks.quality --seconds 840                # the default config, 14 minutes each
+    python -m benchmarks.quality --seconds 840                # the default config's model, 14 minutes each
     python -m benchmarks.quality --seconds 120 --set model.weight_drop=0.2
 
 Both train on the same 90 % split and are scored exactly on the same 5 % validation split. Prints a

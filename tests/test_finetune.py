@@ -100,7 +100,7 @@ def test_characters_outside_the_vocabulary_are_refused_without_drop_unknown(
 
 def test_the_model_is_the_checkpoints_and_only_shape_keeping_keys_change(trained_run: Path, new_text: Path) -> None:
     best = trained_run / "best.ckpt"
-    base = load_config("default", [f"train.init_from={best}", "optim.lr=0.001"])  # default: 2x256, not the smoke's
+    base = load_config("default", [f"train.init_from={best}", "optim.lr=0.001"])  # default: 2x384, not the smoke's
     tuned = fine_tune_config(base, ["model.dropout=0.25", "optim.lr=0.001"])
     _, _, saved, _ = load_model(best)
     assert (tuned.model.hidden_size, tuned.model.num_layers) == (saved.model.hidden_size, saved.model.num_layers)

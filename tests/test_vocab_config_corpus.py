@@ -36,7 +36,7 @@ def test_vocab_names_unknown_characters() -> None:
 
 def test_default_and_smoke_configs_load() -> None:
     default = load_config("default")
-    assert default.model.cell == "lstm" and default.train.max_time == 840
+    assert default.model.cell == "lstm" and default.train.max_steps == 4200 and default.train.max_time is None
     smoke = load_config("smoke")
     assert smoke.train.max_steps == 40 and smoke.train.max_time is None
     assert load_config("awd-lstm").model.num_layers == 3
