@@ -1,6 +1,7 @@
 """The frontier: best validation bpc per CPU-minute, charlm against a plain nn.LSTM and a transformer.
 
     python -m benchmarks.frontier --budgets 2,5,15                 # every system at 2, 5 and 15 minutes
+    python -m benchmarks.frontier --budgets 2,5,15 --jobs 2        # two runs at a time, one thread each
     python -m benchmarks.frontier --budgets 0.2 --systems charlm,transformer --out /tmp/f   # a quick check
 
 Every system trains on the same 90 % split of the same corpus for the same wall time and is scored by
@@ -12,8 +13,9 @@ the same code (:func:`charlm.evaluate.evaluate_ids`, every character of the 5 % 
 - ``transformer``: the nanoGPT-style decoder of ``benchmarks/transformer.py``, sized per budget
   (``TRANSFORMER_SIZES``).
 
-The sizes per budget are the starting points written below; how they were chosen (and any tuning runs)
-belongs in ``benchmarks/results/frontier.md`` beside the figures. Prints a table, writes
+The candidates per budget are written below (``CHARLM_SIZES``, ``TRANSFORMER_SIZES``); ``--tune`` runs
+them all and keeps the best of each system, the others listed as the tuning's record
+(``benchmarks/results/frontier/frontier.md``). Prints a table, writes
 ``frontier.json`` and ``frontier.png`` (val bpc against minutes, log x; needs matplotlib) to ``--out``.
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +41,34 @@ from charlm.datamodule import CharDataModule
 from charlm.evaluate import evaluate_ids
 from charlm.train import train
 
-# minutes at most -> config overrides of charlm's default recipe (the smallest budget that fits is used)
-CHARLM_SIZES: list[tuple[float, list[str]]] = [
-    (3, ["model.hidden_size=192", "model.embedding_size=192", "train.val_every_steps=100"]),
-    (8, ["train.val_every_steps=200"]),
-    (float("inf"), []),
+# Each table: minutes at most -> the candidates for that budget, the first of them the pick (the smallest budget
+# that fits is used). Without --tune only the pick runs; with --tune every candidate runs and the best is the
+# figure, the others are kept as the tuning's record. charlm validates once, after its budget (as the other
+# systems do), rather than every few hundred steps inside it.
+ONCE = "train.val_every_steps=1000000"
+NO_DROPOUT = ["model.dropout=0", "model.dropouth=0", "model.dropoute=0", "model.weight_drop=0"]
+
+
+def _charlm(width: int, lr: float, dropout: bool = False) -> list[str]:
+    """A charlm candidate: 2 layers of ``width`` (tied embedding), AdamW at ``lr``; the default's
+    regularizers where ``dropout``, none of them otherwise."""
+    return [f"model.hidden_size={width}", f"model.embedding_size={width}", f"optim.lr={lr:g}",
+            *([] if dropout else NO_DROPOUT), ONCE]
+
+
+def _gpt(layers: int, width: int, lr: float) -> TransformerConfig:
+    return TransformerConfig(layers=layers, width=width, heads=width // 32, block=128, lr=lr)
+
+
+CHARLM_SIZES: list[tuple[float, list[list[str]]]] = [
+    (3, [_charlm(128, 2e-2), _charlm(128, 3e-2), _charlm(192, 3e-2)]),
+    (8, [_charlm(192, 2e-2), _charlm(128, 2e-2), _charlm(256, 1e-2)]),
+    (float("inf"), [_charlm(256, 1e-2, dropout=True), _charlm(256, 3e-3, dropout=True)]),
 ]
-# minutes at most -> transformer size and learning rate
-TRANSFORMER_SIZES: list[tuple[float, TransformerConfig]] = [
-    (3, TransformerConfig(layers=3, width=128, heads=4, block=128, lr=2e-3)),
-    (8, TransformerConfig(layers=4, width=128, heads=4, block=128, lr=1.5e-3)),
-    (float("inf"), TransformerConfig(layers=4, width=192, heads=6, block=128, lr=1e-3)),
+TRANSFORMER_SIZES: list[tuple[float, list[TransformerConfig]]] = [
+    (3, [_gpt(2, 128, 4e-3), _gpt(3, 128, 4e-3), _gpt(2, 128, 8e-3)]),
+    (8, [_gpt(4, 128, 3e-3), _gpt(2, 128, 4e-3), _gpt(3, 128, 3e-3)]),
+    (float("inf"), [_gpt(4, 192, 2e-3)]),
 ]
 SYSTEMS = ("charlm", "mogrifier", "plain", "transformer")
 
@@ -56,8 +77,14 @@ def sized(table: list[tuple[float, Any]], minutes: float) -> Any:
     return next(value for limit, value in table if minutes <= limit)
 
 
-def run_charlm(minutes: float, data: CharDataModule, extra: list[str]) -> dict[str, Any]:
-    overrides = [*sized(CHARLM_SIZES, minutes), *extra, f"train.max_time={minutes * 60}", "train.max_steps=-1",
+Spec = list[str] | TransformerConfig | None  # a charlm size (overrides) or a transformer; None: the table's
+Task = tuple[str, float, Spec]  # (system, minutes, spec)
+
+
+def run_charlm(minutes: float, data: CharDataModule, extra: list[str], size: list[str] | None = None
+               ) -> dict[str, Any]:
+    size = sized(CHARLM_SIZES, minutes)[0] if size is None else size
+    overrides = [*size, *extra, f"train.max_time={minutes * 60}", "train.max_steps=-1",
                  "train.progress=false", "sample.enabled=false"]
     cfg = load_config("default", overrides)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,26 +93,93 @@ def run_charlm(minutes: float, data: CharDataModule, extra: list[str]) -> dict[s
         model, _, _, _ = load_model(result.best_checkpoint)
         val = evaluate_ids(model, data.splits.val, batch_size=16, bptt=128)
     m = cfg.model
-    return {"size": f"{m.cell} {m.num_layers}x{m.hidden_size}", "steps": result.steps,
+    dropouts = ", no dropout" if m.dropout == m.dropouth == m.dropoute == m.weight_drop == 0 else ""
+    return {"size": f"{m.cell} {m.num_layers}x{m.hidden_size}, lr {cfg.optim.lr:g}{dropouts}", "steps": result.steps,
             "parameters": result.parameters, "val_loss": val["loss"], "val_bpc": val["bpc"]}
 
 
-def run_system(system: str, minutes: float, data: CharDataModule, base: list[str]) -> dict[str, Any] | None:
-    """One system trained for ``minutes``; ``base``: config overrides every charlm run gets (the corpus)."""
+def run_system(system: str, minutes: float, data: CharDataModule, base: list[str], spec: Spec = None
+               ) -> dict[str, Any] | None:
+    """One system trained for ``minutes``; ``base``: config overrides every charlm run gets (the corpus);
+    ``spec``: a candidate to run instead of the table's pick (``--tune``)."""
+    size = spec if isinstance(spec, list) else None
     if system == "charlm":
-        return run_charlm(minutes, data, base)
+        return run_charlm(minutes, data, base, size)
     if system == "mogrifier":
         from charlm.cells import CELLS
 
-        return run_charlm(minutes, data, [*base, "model.cell=mogrifier"]) if "mogrifier" in CELLS else None
+        return run_charlm(minutes, data, [*base, "model.cell=mogrifier"], size) if "mogrifier" in CELLS else None
     if system == "plain":
         r = train_plain(data.splits.train, data.splits.val, len(data.vocab), seconds=minutes * 60)
         return {"size": "nn.LSTM 2x256", "steps": int(r["steps"]), "parameters": None, "val_loss": r["val_loss"],
                 "val_bpc": r["val_bpc"]}
-    c = sized(TRANSFORMER_SIZES, minutes)
+    c = spec if isinstance(spec, TransformerConfig) else sized(TRANSFORMER_SIZES, minutes)[0]
     r = train_transformer(data.splits.train, data.splits.val, len(data.vocab), c, seconds=minutes * 60)
     return {"size": f"{c.layers}x{c.width}, {c.heads} heads, block {c.block}, lr {c.lr:g}", "steps": int(r["steps"]),
             "parameters": int(r["parameters"]), "val_loss": r["val_loss"], "val_bpc": r["val_bpc"]}
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -> dict[str, Any] | None:
+    """One task; in a worker process (``data`` None) the corpus is read again there (a second or so)."""
+    system, minutes, spec = task
+    if data is None:
+        cfg = load_config("default", base)
+        data = CharDataModule(cfg.data, seed=cfg.train.seed)
+    result = run_system(system, minutes, data, base, spec)
+    return None if result is None else {"system": system, "minutes": minutes, "spec": repr(spec), **result}
+
+
+def tasks_for(systems: list[str], budgets: list[float], tune: bool) -> list[Task]:
+    """The runs: every system at every budget; with ``tune``, every candidate of charlm, the Mogrifier
+    (charlm's candidates, the cell changed) and the transformer."""
+    tasks: list[Task] = []
+    for minutes in budgets:
+        for system in systems:
+            table: list[Any] | None = {"charlm": CHARLM_SIZES, "mogrifier": CHARLM_SIZES,
+                                       "transformer": TRANSFORMER_SIZES}.get(system)
+            candidates = sized(table, minutes) if table is not None and tune and system != "mogrifier" else [None]
+            tasks += [(system, minutes, spec) for spec in candidates]
+    return tasks
+
+
+def best_per_system(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the best run of each system and budget, the other runs)."""
+    best: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in rows:
+        key = (r["system"], r["minutes"])
+        if key not in best or r["val_bpc"] < best[key]["val_bpc"]:
+            best[key] = r
+    kept = list(best.values())
+    return kept, [r for r in rows if all(r is not k for k in kept)]
+
+
+def run_all(tasks: list[Task], data: CharDataModule, base: list[str], jobs: int, done: Any) -> list[dict[str, Any]]:
+    """Every (system, minutes) task, ``jobs`` at a time; ``done(rows)`` after each one that finishes.
+
+    With ``jobs`` > 1 each run gets one thread in its own process (``spawn``: a fresh torch), and the
+    longest runs start first so that the last to finish are short ones."""
+    rows: list[dict[str, Any]] = []
+    if jobs <= 1:
+        for task in tasks:
+            result = _run_task(task, base, data)
+            if result is not None:
+                rows.append(result)
+                done(rows)
+        return rows
+    ordered = sorted(tasks, key=lambda t: -t[1])
+    one_thread = [*base, "train.threads=1"]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = [pool.submit(_run_task, task, one_thread) for task in ordered]
+        for future in futures:
+            result = future.result()
+            if result is not None:
+                rows.append(result)
+                done(rows)
+    return rows
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -121,6 +215,10 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--data", default=None, help="corpus (default: tiny Shakespeare, as `charlm data` finds it)")
     parser.add_argument("--out", default="frontier", help="folder for frontier.json and frontier.png")
+    parser.add_argument("--tune", action="store_true",
+                        help="run every candidate size (and lr) of charlm and the transformer; keep the best")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time; above 1 each gets one thread of its own (default: 1, torch's threads)")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -132,15 +230,19 @@ def main() -> None:
     data = CharDataModule(cfg.data, seed=cfg.train.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for minutes in budgets:
-        for system in systems:
-            result = run_system(system, minutes, data, base)
-            if result is not None:
-                rows.append({"system": system, "minutes": minutes, **result})
-                (out / "frontier.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows},
-                                                              indent=1) + "\n")
-    table = Table(title=f"val bpc at equal wall time ({torch.get_num_threads()} threads)")
+    threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    setting = f"{threads} thread{'s' if threads > 1 else ''}"
+    setting += f", {args.jobs} runs at a time" if args.jobs > 1 else ""
+
+    def save(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        runs.sort(key=lambda r: (r["minutes"], SYSTEMS.index(r["system"]), r["val_bpc"]))
+        rows, tried = best_per_system(runs)
+        (out / "frontier.json").write_text(json.dumps({"threads": threads, "jobs": args.jobs, "tune": args.tune,
+                                                       "rows": rows, "other_candidates": tried}, indent=1) + "\n")
+        return rows, tried
+
+    rows, tried = save(run_all(tasks_for(systems, budgets, args.tune), data, base, args.jobs, save))
+    table = Table(title=f"val bpc at equal wall time ({setting})")
     for col in ("minutes", "system", "size", "steps", "val bpc", "best at this budget"):
         table.add_column(col)
     for minutes in budgets:
@@ -150,6 +252,13 @@ def main() -> None:
             table.add_row(f"{minutes:g}", r["system"], r["size"], str(r["steps"]), f"{r['val_bpc']:.4f}",
                           "★" if r["system"] == best else "")
     Console().print(table)
+    if tried:
+        others = Table(title="the other candidates tried (--tune)")
+        for col in ("minutes", "system", "size", "steps", "val bpc"):
+            others.add_column(col)
+        for r in tried:
+            others.add_row(f"{r['minutes']:g}", r["system"], r["size"], str(r["steps"]), f"{r['val_bpc']:.4f}")
+        Console().print(others)
     if not plot(rows, out / "frontier.png"):
         Console().print("matplotlib is not installed: no frontier.png (pip install \"charlm[plot]\")")
 
