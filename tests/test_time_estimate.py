@@ -8,11 +8,20 @@ from pathlib import Path
 import pytest
 
 from charlm.callbacks import format_minutes
-from charlm.config import load_config
+from charlm.config import Config, load_config
 from charlm.train import describe_budget, train
 
 TIME_LINE = re.compile(r"^time: ([\d,]+) steps to go at ([\d.]+) s a step \(([\d,]+) chars/s\): about (.+) here, "
                        r"done near \d\d:\d\d \(validations not counted\)(.*)$", re.MULTILINE)
+
+
+def smoke_run(corpus_file: Path, out: Path, *, max_steps: int, max_time: str) -> Config:
+    """Train the smoke config quietly under the given stopping rules; return its config."""
+    cfg = load_config("smoke", [f"data.path={corpus_file}", f"train.out={out}", "train.name=t",
+                                f"train.max_steps={max_steps}", f"train.max_time={max_time}", "train.progress=false",
+                                "sample.enabled=false", "train.val_every_steps=0"])
+    train(cfg)
+    return cfg
 
 
 def test_the_default_budget_is_steps_and_characters() -> None:
@@ -36,10 +45,7 @@ def test_minutes_read_as_a_person_says_them() -> None:
 
 def test_a_step_budget_prints_the_time_the_rest_will_take(corpus_file: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = load_config("smoke", [f"data.path={corpus_file}", f"train.out={tmp_path}", "train.name=t",
-                                "train.max_steps=40", "train.max_time=null", "train.progress=false",
-                                "sample.enabled=false", "train.val_every_steps=0"])
-    train(cfg)
+    cfg = smoke_run(corpus_file, tmp_path, max_steps=40, max_time="null")
     found = TIME_LINE.findall(capsys.readouterr().out)
     assert len(found) == 1, "one estimate, printed once"
     left, per_step, chars_per_s, _, limit = found[0]
@@ -51,19 +57,13 @@ def test_a_step_budget_prints_the_time_the_rest_will_take(corpus_file: Path, tmp
 
 def test_a_time_budget_prints_no_estimate(corpus_file: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = load_config("smoke", [f"data.path={corpus_file}", f"train.out={tmp_path}", "train.name=t",
-                                "train.max_steps=-1", "train.max_time=4", "train.progress=false",
-                                "sample.enabled=false", "train.val_every_steps=0"])
-    train(cfg)
+    smoke_run(corpus_file, tmp_path, max_steps=-1, max_time="4")
     assert not TIME_LINE.search(capsys.readouterr().out)
 
 
 def test_a_time_limit_that_comes_first_is_said(corpus_file: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = load_config("smoke", [f"data.path={corpus_file}", f"train.out={tmp_path}", "train.name=t",
-                                "train.max_steps=1000000", "train.max_time=3", "train.progress=false",
-                                "sample.enabled=false", "train.val_every_steps=0"])
-    train(cfg)
+    smoke_run(corpus_file, tmp_path, max_steps=1000000, max_time="3")
     found = TIME_LINE.findall(capsys.readouterr().out)
     assert len(found) == 1
     limit = re.fullmatch(r"; the time limit stops it first, in (\d+) s, near step ([\d,]+)", found[0][4])
