@@ -63,12 +63,12 @@ def _gpt(layers: int, width: int, lr: float) -> TransformerConfig:
 CHARLM_SIZES: list[tuple[float, list[list[str]]]] = [
     (3, [_charlm(128, 2e-2), _charlm(128, 3e-2), _charlm(192, 3e-2)]),
     (8, [_charlm(192, 2e-2), _charlm(128, 2e-2), _charlm(256, 1e-2)]),
-    (float("inf"), [_charlm(256, 1e-2, dropout=True), _charlm(256, 3e-3, dropout=True)]),
+    (float("inf"), [_charlm(256, 1e-2, dropout=True), _charlm(192, 2e-2), _charlm(192, 2e-2, dropout=True)]),
 ]
 TRANSFORMER_SIZES: list[tuple[float, list[TransformerConfig]]] = [
     (3, [_gpt(2, 128, 4e-3), _gpt(3, 128, 4e-3), _gpt(2, 128, 8e-3)]),
     (8, [_gpt(4, 128, 3e-3), _gpt(2, 128, 4e-3), _gpt(3, 128, 3e-3)]),
-    (float("inf"), [_gpt(4, 192, 2e-3)]),
+    (float("inf"), [_gpt(4, 192, 2e-3), _gpt(2, 128, 4e-3), _gpt(3, 128, 3e-3)]),
 ]
 SYSTEMS = ("charlm", "mogrifier", "plain", "transformer")
 
