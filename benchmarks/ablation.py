@@ -20,11 +20,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from charlm.checkpoint import load_model
 from charlm.config import load_config
-from charlm.datamodule import CharDataModule
-from charlm.evaluate import evaluate_ids
-from charlm.train import train
+from charlm.data.datamodule import CharDataModule
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.model.checkpoint import load_model
+from charlm.training.fit import train
 
 OFF = {"model.dropout": 0.0, "model.dropouth": 0.0, "model.dropouti": 0.0, "model.dropoute": 0.0,
        "model.weight_drop": 0.0, "optim.alpha": 0.0, "optim.beta": 0.0}

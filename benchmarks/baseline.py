@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from charlm.evaluate import evaluate_ids
-from charlm.streams import StreamLayout, WindowSampler
+from charlm.data.streams import StreamLayout, WindowSampler
+from charlm.evaluation.scoring import evaluate_ids
 
 
 class PlainLSTM(nn.Module):
@@ -33,14 +33,14 @@ class PlainLSTM(nn.Module):
 
 
 class _EvalAdapter(nn.Module):
-    """Lets :func:`charlm.evaluate.evaluate_ids` score a :class:`PlainLSTM` (same exact streaming)."""
+    """Lets :func:`charlm.evaluation.scoring.evaluate_ids` score a :class:`PlainLSTM` (same exact streaming)."""
 
     def __init__(self, model: PlainLSTM) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor, states=None):  # type: ignore[no-untyped-def]
-        from charlm.model import LMOutput
+        from charlm.model.char_lm import LMOutput
 
         state = None if states is None else states[0]
         logits, new = self.model(x, state)

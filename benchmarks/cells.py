@@ -39,9 +39,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charlm.cells import CELLS, norm_lstm_cpp
+from charlm.cells import norm_lstm_cpp
 from charlm.cells.onednn_matmul import onednn_off
-from charlm.engine import RecurrentLayer
+from charlm.cells.registry import CELLS
+from charlm.model.recurrent_layer import RecurrentLayer
+from charlm.native.build import cpp_off
 
 REFERENCE = "nn.LSTM"
 NORM_CELLS = ("lstm-ln", "lstm-bn")  # the cells with a C++ kernel
@@ -125,7 +127,7 @@ def switch_off(row: str) -> AbstractContextManager[None]:
     """What a row runs without: oneDNN's products (``[no-onednn]``) or the C++ kernel (``[python]``)."""
     if row.endswith("[no-onednn]"):
         return onednn_off()
-    return norm_lstm_cpp.cpp_off() if row.endswith("[python]") else nullcontext()
+    return cpp_off() if row.endswith("[python]") else nullcontext()
 
 
 def batches(args: argparse.Namespace) -> tuple[Tensor, Tensor]:

@@ -5,7 +5,7 @@
     python -m benchmarks.frontier --budgets 0.2 --systems charlm,transformer --out /tmp/f   # a quick check
 
 Every system trains on the same 90 % split of the same corpus for the same wall time and is scored by
-the same code (:func:`charlm.evaluate.evaluate_ids`, every character of the 5 % validation split once):
+the same code (:func:`charlm.evaluation.scoring.evaluate_ids`, every character of the 5 % validation split once):
 
 - ``charlm``: ``charlm train`` with the default recipe, sized per budget (``CHARLM_SIZES``);
 - ``mogrifier``: the same recipe with ``model.cell=mogrifier`` (skipped where that cell is not registered);
@@ -35,11 +35,11 @@ from rich.table import Table
 
 from benchmarks.baseline import train_plain
 from benchmarks.transformer import TransformerConfig, train_transformer
-from charlm.checkpoint import load_model
 from charlm.config import load_config
-from charlm.datamodule import CharDataModule
-from charlm.evaluate import evaluate_ids
-from charlm.train import train
+from charlm.data.datamodule import CharDataModule
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.model.checkpoint import load_model
+from charlm.training.fit import train
 
 # Each table: minutes at most -> the candidates for that budget, the first of them the pick (the smallest budget
 # that fits is used). Without --tune only the pick runs; with --tune every candidate runs and the best is the
@@ -106,7 +106,7 @@ def run_system(system: str, minutes: float, data: CharDataModule, base: list[str
     if system == "charlm":
         return run_charlm(minutes, data, base, size)
     if system == "mogrifier":
-        from charlm.cells import CELLS
+        from charlm.cells.registry import CELLS
 
         return run_charlm(minutes, data, [*base, "model.cell=mogrifier"], size) if "mogrifier" in CELLS else None
     if system == "plain":

@@ -1,6 +1,6 @@
 """The GPU path, measured: charlm's AWD-LSTM recipe against a plain cuDNN ``nn.LSTM`` loop, same run.
 
-    python -m benchmarks.gpu                                  # charlm/configs/awd-lstm.yaml, 300 s per system
+    python -m benchmarks.gpu                                  # configs/awd-lstm.yaml, 300 s per system
     python -m benchmarks.gpu --seconds 120 --json gpu.json
     python -m benchmarks.gpu --set model.cell=peephole --set model.compile=true   # torch.compile'd cell
     python -m benchmarks.gpu --plain-fp32                      # also the plain loop without autocast
@@ -39,7 +39,7 @@ def _no_cuda_message() -> str:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="awd-lstm", help="charlm config (name in charlm/configs/ or a YAML file)")
+    p.add_argument("--config", default="awd-lstm", help="charlm config (name in configs/ or a YAML file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config override, as `charlm train --set`")
     p.add_argument("--seconds", type=float, default=300.0, help="training wall clock per system")
@@ -80,11 +80,11 @@ def run_charlm(args: argparse.Namespace, out_dir: Path, cuda: bool = True) -> di
     import lightning as L
 
     from charlm.config import load_config
-    from charlm.datamodule import CharDataModule
-    from charlm.evaluate import evaluate_ids
-    from charlm.lightning_module import CharLMModule
-    from charlm.model import count_parameters
-    from charlm.train import build_trainer, quiet_lightning
+    from charlm.data.datamodule import CharDataModule
+    from charlm.evaluation.scoring import evaluate_ids
+    from charlm.model.char_lm import count_parameters
+    from charlm.training.fit import build_trainer, quiet_lightning
+    from charlm.training.lightning_module import CharLMModule
 
     class TrainClock(L.Callback):
         """Chars/s of the training steps after the warm-up, validations left out (synchronised edges)."""
@@ -154,7 +154,7 @@ def run_plain(args: argparse.Namespace, precision: str, cuda: bool = True) -> di
     """The plain cuDNN nn.LSTM loop at the config's size, batch, bptt and time, under ``precision``."""
     from benchmarks.baseline import PlainLSTM, train_plain
     from charlm.config import load_config
-    from charlm.datamodule import CharDataModule
+    from charlm.data.datamodule import CharDataModule
 
     overrides = list(args.overrides) + ([f"data.path={json.dumps(args.data)}"] if args.data else [])
     cfg = load_config(args.config, overrides)

@@ -18,11 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.baseline import train_plain
-from charlm.checkpoint import load_model
 from charlm.config import load_config
-from charlm.datamodule import CharDataModule
-from charlm.evaluate import evaluate_ids
-from charlm.train import train
+from charlm.data.datamodule import CharDataModule
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.model.checkpoint import load_model
+from charlm.training.fit import train
 
 
 def main() -> None:

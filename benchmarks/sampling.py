@@ -5,9 +5,9 @@
 
 Each model is a random-init model of the default config (2 x 256, tied weights, 65 characters). The prime
 is read as one sequence (one ``model(prime)`` forward), then charlm draws as ``charlm sample`` does (a
-:class:`charlm.sampling.Continuation`: for the plain LSTM stacks, runs of characters drawn and stepped
-per call of the fused C++ route of :mod:`charlm.fused_lstm`; for the other cells ``sampling.pick`` and
-one ``CharLM.step`` through the ATen op of :mod:`charlm.fast_step`). The reference is the loop a user
+:class:`charlm.generation.continuation.Continuation`: for the plain LSTM stacks, runs of characters drawn and stepped
+per call of the fused C++ route of :mod:`charlm.model.fused_lstm`; for the other cells ``sampling.pick`` and
+one ``CharLM.step`` through the ATen op of :mod:`charlm.model.fast_step`). The reference is the loop a user
 writes by hand: embedding -> nn.LSTMCell -> nn.LSTMCell -> nn.Linear -> the same ``pick``, loaded with
 the same weights (for ``gru`` nn.GRUCell; for ``peephole`` nn.LSTMCell still: a fresh peephole LSTM has
 zero peepholes, so it computes the same thing). ``charlm (python)`` is charlm with its C++ code turned
@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from charlm import fast_step, fused_lstm
-from charlm.cells.norm_lstm_cpp import cpp_off
 from charlm.config import load_config
-from charlm.model import CharLM
-from charlm.sampling import Continuation, pick, read_prime
+from charlm.generation.continuation import Continuation, read_prime
+from charlm.generation.options import pick
+from charlm.model import fast_step, fused_lstm
+from charlm.model.char_lm import CharLM
+from charlm.native.build import cpp_off
 
 VOCAB = 65
 PRIME = torch.tensor([30, 27, 25, 17, 27, 10])  # "ROMEO:" in tiny Shakespeare's vocabulary
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--out", type=Path, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    torch.set_flush_denormal(True)  # as charlm.train.fast_cpu_math does, for every row alike
+    torch.set_flush_denormal(True)  # as charlm.training.fit.fast_cpu_math does, for every row alike
     fast_step.available()  # build (or load) the op before anything is timed
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     machine = cpu_name()

@@ -22,10 +22,11 @@ from rich.table import Table
 
 from benchmarks.baseline import PlainLSTM, train_plain
 from charlm.config import load_config
-from charlm.datamodule import CharDataModule
-from charlm.lightning_module import CharLMModule
-from charlm.sampling import generate
-from charlm.train import build_trainer, fast_cpu_math
+from charlm.data.datamodule import CharDataModule
+from charlm.generation.continuation import generate
+from charlm.training.fit import build_trainer
+from charlm.training.lightning_module import CharLMModule
+from charlm.util.threads import fast_cpu_math
 
 
 class StepTimer(L.Callback):

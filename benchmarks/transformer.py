@@ -7,7 +7,7 @@
 Trained with AdamW (weight decay on matrices only), linear warm-up then cosine to ``lr / 10``, gradient
 clipping at 1, on random windows of ``block`` characters of the training split.
 
-It is scored by charlm's own :func:`charlm.evaluate.evaluate_ids`, like the recurrent models: the
+It is scored by charlm's own :func:`charlm.evaluation.scoring.evaluate_ids`, like the recurrent models: the
 "state" handed from one window to the next is the last ``block - 1`` characters before it, so every
 character is scored exactly once, with as much context as the model can see (up to ``block - 1``).
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from charlm.evaluate import evaluate_ids
+from charlm.evaluation.scoring import evaluate_ids
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class CharTransformer(nn.Module):
 
 
 class _EvalAdapter(nn.Module):
-    """Lets :func:`charlm.evaluate.evaluate_ids` score a transformer: the carried "state" is the context.
+    """Lets :func:`charlm.evaluation.scoring.evaluate_ids` score a transformer: the carried "state" is the context.
 
     Each window of T characters is read after the last ``block - T`` characters before it (its state), and
     only the window's own positions are scored, so each character is scored once."""
@@ -101,11 +101,11 @@ class _EvalAdapter(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, states=None):  # type: ignore[no-untyped-def]
-        from charlm.model import LMOutput
+        from charlm.model.char_lm import LMOutput
 
         block = self.model.config.block
         # the state is (1, B, K) like a recurrent layer's (1, B, H), so a tail window's slice of the last
-        # row (``t[:, -1:]`` in charlm.evaluate.score_batch) works on it unchanged
+        # row (``t[:, -1:]`` in charlm.evaluation.scoring.score_batch) works on it unchanged
         context = x if states is None else torch.cat([states[0][0][0], x], dim=1)  # (B, K + T)
         context = context[:, -block:]
         logits = self.model(context)[:, -x.size(1):]  # (B, T, V)

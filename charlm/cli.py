@@ -7,6 +7,9 @@ Every user error is a :class:`CharlmError`, printed as one red line on stderr wi
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import typer
 
 from charlm.commands.cells import cells
@@ -24,18 +27,22 @@ from charlm.commands.viz import viz
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Character-level recurrent language models of Shakespeare, AWD-LSTM style.")
-app.command(cls=TrainCommand)(train)
-app.command("eval")(evaluate)
-app.command()(sample)
-app.command("data")(data_)
-app.command()(cells)
-app.command()(compare)
-app.command()(serve)
-app.command()(env)
-app.command()(viz)
-app.command()(gradients)
-app.command()(export)
-app.command()(tune)
+
+
+def help_text(command: Callable[..., object]) -> str:
+    """A command's docstring with each paragraph on one line: Rich wraps the help to the terminal's width, and a
+    line break kept from the source would break a sentence in the middle (the first paragraph is the short help
+    of ``charlm --help``)."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
+for name, command, kwargs in [
+    ("train", train, {"cls": TrainCommand}), ("eval", evaluate, {}), ("sample", sample, {}), ("data", data_, {}),
+    ("cells", cells, {}), ("compare", compare, {}), ("serve", serve, {}), ("env", env, {}), ("viz", viz, {}),
+    ("gradients", gradients, {}), ("export", export, {}), ("tune", tune, {}),
+]:
+    app.command(name, help=help_text(command), **kwargs)(command)
 
 
 def main() -> None:

@@ -19,9 +19,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from charlm.errors import CharlmError
+from charlm.cells.registry import cell_registry_names
+from charlm.util.errors import CharlmError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the named configs, shipped in the package
+
+def config_dir() -> Path:
+    """Where the named configs are: the package's ``configs/`` in a regular install (the wheel puts the
+    repository's top-level ``configs/`` there, see ``setup.py``), else the checkout's ``configs/`` (a source tree
+    or an editable install, which does not map a subpackage to another folder)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
 
 
 @dataclass
@@ -232,14 +240,15 @@ def parse_override(text: str) -> dict[str, dict[str, Any]]:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of a config in the package (``smoke``: ``charlm/configs/smoke.yaml``)."""
+    """A path to a YAML file, or the name of a named config (``smoke``: ``configs/smoke.yaml``)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    folder = config_dir()
+    packaged = folder / f"{name_or_path}.yaml"
     if Path(name_or_path).name == name_or_path and packaged.is_file():
         return packaged
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
     raise CharlmError(f"config '{name_or_path}' not found; give a YAML file or one of: {', '.join(known)}")
 
 
@@ -287,23 +296,6 @@ def check_seed(value: int, name: str) -> None:
     """Raise unless ``value`` is a seed Lightning's ``seed_everything`` (and numpy) accept: 0 to 2**32 - 1."""
     if not 0 <= value <= SEED_MAX:
         raise CharlmError(f"{name} must be a whole number from 0 to {SEED_MAX}, got {value}")
-
-
-def cell_registry_names(names: list[str], where: str = "") -> list[str]:
-    """Cell names as the registry spells them (case and surrounding spaces ignored: ``LSTM`` is ``lstm``).
-
-    The one check of cell names, for ``model.cell`` and ``compare --cells``: unknown names raise a
-    :class:`CharlmError` that lists them as given (``where`` says where they came from) and the valid ones.
-    """
-    from charlm.cells import cell_names  # late: the cell registry imports torch modules
-
-    valid = cell_names()
-    unknown = [n for n in names if n.strip().lower() not in valid]
-    if unknown:
-        listed = ", ".join(f"'{n}'" for n in unknown)
-        raise CharlmError(f"unknown cell{'s' if len(unknown) > 1 else ''} {listed}{where}; "
-                          f"valid cells: {', '.join(sorted(valid))}")
-    return [n.strip().lower() for n in names]
 
 
 def _require(values: dict[str, float], ok: Callable[[float], bool], must: str) -> None:

@@ -87,10 +87,10 @@ def write_model_checkpoint(path: Path, text: str, *, scale: float = 1.0, seed: i
     """An untrained model (the ``smoke`` config with ``model`` keys overridden, its weights times ``scale``)
     saved as ``charlm sample`` / ``eval`` read a checkpoint, with the vocabulary of ``text``: a large scale
     makes every next character depend strongly on the state, which tests of state keeping need."""
-    from charlm.checkpoint import FORMAT_VERSION
     from charlm.config import load_config
-    from charlm.model import CharLM
-    from charlm.vocab import Vocab
+    from charlm.data.vocab import Vocab
+    from charlm.model.char_lm import CharLM
+    from charlm.model.checkpoint import FORMAT_VERSION
 
     cfg = load_config("smoke", [f"model.{k}={v}" for k, v in model.items()])
     vocab = Vocab.from_text(text)

@@ -1,4 +1,4 @@
-"""charlm.atomic: a file is its old self or completely new, whatever happens while it is written."""
+"""charlm.util.atomic: a file is its old self or completely new, whatever happens while it is written."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from charlm.atomic import FILE_MODE, atomic_file, atomic_write_bytes, atomic_write_text
-from charlm.checkpoint import atomic_torch_save
+from charlm.training.checkpoint_io import atomic_torch_save
+from charlm.util.atomic import FILE_MODE, atomic_file, atomic_write_bytes, atomic_write_text
 
 
 def temp_files(folder: Path) -> list[Path]:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import charlm.engine as engine
+import charlm.model.recurrent_layer as engine
 from charlm.cli import app
-from charlm.engine import RecurrentLayer
+from charlm.model.recurrent_layer import RecurrentLayer
 
 REPO = Path(__file__).resolve().parents[1]
 # oneDNN (and PyTorch's own kernels) then behave as on a CPU with AVX2 and no AVX-512, e.g. an AMD EPYC Zen 2/3
@@ -101,7 +101,7 @@ def test_the_probe_finds_no_bf16_lstm_and_warns_once(avx2_only_cpu: None) -> Non
     run = fresh_python("""
 import warnings
 import torch
-from charlm.engine import RecurrentLayer, cpu_autocast_runs
+from charlm.model.recurrent_layer import RecurrentLayer, cpu_autocast_runs
 layer = RecurrentLayer("lstm", 3, 8, weight_drop=0.5)
 x = torch.randn(2, 5, 3)
 with warnings.catch_warnings(record=True) as caught:

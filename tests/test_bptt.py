@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from charlm.bptt import MIN_SEQ_LEN, variable_window_count, window_schedule
+from charlm.data.bptt import MIN_SEQ_LEN, variable_window_count, window_schedule
 
 
 def _assert_tiles(windows: list[tuple[int, int]], n_inputs: int) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from charlm.engine import RecurrentLayer, State
+from charlm.model.recurrent_layer import RecurrentLayer, State
 
 B, T, IN, H = 3, 5, 4, 6
 TOL = 1e-5

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from charlm.cells import CELLS, cell_names, describe_cells, norm_lstm_cpp
-from charlm.engine import RecurrentLayer
-from charlm.errors import CharlmError
+from charlm.cells.registry import CELLS, cell_names, describe_cells
+from charlm.model.recurrent_layer import RecurrentLayer
+from charlm.native import build
+from charlm.util.errors import CharlmError
 
 B, T, IN, H = 2, 4, 3, 2
 TOL = 1e-10  # float64 throughout
@@ -36,7 +37,7 @@ def use_kernel(layer: RecurrentLayer, kernel: str) -> Iterator[None]:
     """Inside the block the layer runs the given path: a hand-written kernel ("kernel": the cell's,
     "c++" / "python": the normalised LSTMs') or autograd through the step."""
     layer.cell.kernel_on = kernel != "autograd"
-    with norm_lstm_cpp.cpp_off() if kernel == "python" else nullcontext():
+    with build.cpp_off() if kernel == "python" else nullcontext():
         yield
 
 

@@ -23,25 +23,23 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import charlm.compare as compare_module
-import charlm.compare.run as compare_run
-from charlm.cells import cell_names
+import charlm.tools.compare.run as compare_run
+from charlm.cells.registry import cell_names
 from charlm.cli import app
-from charlm.compare import (
+from charlm.config import ModelConfig, load_config
+from charlm.evaluation.metrics import LN2
+from charlm.tools.compare.plan import (
     PRESETS,
-    RESULT_COLUMNS,
-    RUN_COLUMNS,
-    RUN_RECORD,
     budget_overrides,
     match_hidden_size,
     matched_hidden_sizes,
     parameter_count,
     resolve_entries,
 )
-from charlm.config import ModelConfig, load_config
-from charlm.errors import CharlmError, TrainingInterrupted
-from charlm.metrics import LN2
-from charlm.train import train as real_train
+from charlm.tools.compare.records import RUN_RECORD
+from charlm.tools.compare.tables import RESULT_COLUMNS, RUN_COLUMNS
+from charlm.training.fit import train as real_train
+from charlm.util.errors import CharlmError, TrainingInterrupted
 
 runner = CliRunner()
 
@@ -347,14 +345,14 @@ def compared_config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Any:
         seen.append(base)
         raise CharlmError("recorded")
 
-    monkeypatch.setattr(compare_module, "run_comparison", record)
+    monkeypatch.setattr(compare_run, "run_comparison", record)
     code, output = invoke(["compare", *args])
     assert code == 2 and "recorded" in output, output
     return seen[0]
 
 
 def test_jozefowicz_preset_separates_lstm_from_lstm_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from charlm.model import CharLM
+    from charlm.model.char_lm import CharLM
 
     config_file = tmp_path / "bias1.yaml"  # a config whose LSTMs start as LSTM-b
     config_file.write_text("model:\n  forget_bias: 1.0\n  hidden_size: 16\n", encoding="utf-8")
@@ -409,7 +407,7 @@ def test_curves_of_runs_recorded_before_times_were_logged_have_no_times(
 
 def test_a_diverged_run_does_not_flatten_the_others_curves() -> None:
     """The y axis stops at 1.5x the median curve's highest point; the curves above it are named."""
-    from charlm.compare.plot import Curve, y_limits
+    from charlm.tools.compare.plot import Curve, y_limits
 
     curves = [Curve("V", [1, 2], [1.0, 2.0], [3.0, 2.6]), Curve("NP", [1, 2], [1.0, 2.0], [3.1, 2.6]),
               Curve("NOAF", [1, 2], [1.0, 2.0], [650.0, 117.0]), Curve("NOAF", [1, 2], [1.0, 2.0], [3.2, 2.8])]

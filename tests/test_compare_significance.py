@@ -7,10 +7,10 @@ import statistics
 
 import pytest
 
-from charlm.compare.plan import Entry
-from charlm.compare.records import RunResult
-from charlm.compare.report import CellSummary
-from charlm.compare.significance import difference, significance_markdown, significance_rows, welch_p
+from charlm.tools.compare.plan import Entry
+from charlm.tools.compare.records import RunResult
+from charlm.tools.compare.significance import difference, significance_markdown, significance_rows, welch_p
+from charlm.tools.compare.summary import CellSummary
 
 
 def welch_by_hand(a: list[float], b: list[float]) -> tuple[float, float]:

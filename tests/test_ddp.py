@@ -24,17 +24,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm.bptt import window_schedule
-from charlm.checkpoint import load_model
 from charlm.cli import app
-from charlm.datamodule import eval_streams, split_ids
-from charlm.evaluate import evaluate_ids, score_batch
-from charlm.model import CharLM, States
-from charlm.streams import StreamLayout, WindowSampler
-from charlm.vocab import Vocab
+from charlm.data.bptt import window_schedule
+from charlm.data.datamodule import eval_streams, split_ids
+from charlm.data.streams import StreamLayout, WindowSampler
+from charlm.data.vocab import Vocab
+from charlm.evaluation.scoring import evaluate_ids, score_batch
+from charlm.model.char_lm import CharLM, States
+from charlm.model.checkpoint import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD, BATCH, EVAL_BATCH, BPTT, STEPS, SEED = 2, 8, 8, 32, 40, 1234  # charlm/configs/smoke.yaml, 2 processes
+WORLD, BATCH, EVAL_BATCH, BPTT, STEPS, SEED = 2, 8, 8, 32, 40, 1234  # configs/smoke.yaml, 2 processes
 
 # Runs the CLI (so `python script.py train ...` is `python -m charlm train ...`) with a recording callback.
 # Lightning's DDP launcher re-runs this same script for local rank 1; the folder travels in the environment.
@@ -45,7 +45,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-import charlm.train as train_module
+import charlm.training.fit as train_module
 from charlm.cli import main
 
 OUT = Path(os.environ["CHARLM_TEST_RECORD"])
@@ -85,7 +85,7 @@ class Record(L.Callback):
 _train = train_module.train
 
 
-def train(*args, **kwargs):  # `charlm train` imports charlm.train.train when it runs
+def train(*args, **kwargs):  # `charlm train` imports charlm.training.fit.train when it runs
     kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), Record()]
     return _train(*args, **kwargs)
 
@@ -374,7 +374,7 @@ def test_bf16_mixed_trains_on_cpu_and_validates_in_float32(corpus_file: Path, tm
 
 
 def test_eval_under_autocast_scores_in_float32(trained_run: Path) -> None:
-    from charlm.streams import Batch
+    from charlm.data.streams import Batch
 
     model, vocab, _, _ = load_model(trained_run / "best.ckpt")
     ids = vocab.encode("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 4)

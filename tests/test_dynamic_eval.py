@@ -13,11 +13,11 @@ import torch
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_model
 from charlm.cli import app
-from charlm.datamodule import split_ids
-from charlm.dynamic_eval import DynamicSettings, dynamic_char_nlls
-from charlm.evaluate import char_nlls
+from charlm.data.datamodule import split_ids
+from charlm.evaluation.dynamic import DynamicSettings, dynamic_char_nlls
+from charlm.evaluation.scoring import char_nlls
+from charlm.model.checkpoint import load_model
 
 runner = CliRunner()
 

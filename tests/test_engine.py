@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-import charlm.engine as engine
-from charlm.checkpoint import FORMAT_VERSION, load_model
+import charlm.model.recurrent_layer as engine
 from charlm.config import Config, ModelConfig, from_dict, load_config
-from charlm.engine import RecurrentLayer, State
-from charlm.errors import CharlmError
-from charlm.model import CharLM
-from charlm.regularizers import drop_weight
+from charlm.model.char_lm import CharLM
+from charlm.model.checkpoint import FORMAT_VERSION, load_model
+from charlm.model.recurrent_layer import RecurrentLayer, State
+from charlm.model.regularizers import drop_weight
+from charlm.util.errors import CharlmError
 
 B, T, IN, H = 3, 7, 4, 5
 

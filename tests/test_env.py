@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from charlm import __version__
 from charlm.cli import app
-from charlm.environment import cpp_kernels, parse_cpuinfo
+from charlm.tools.env import cpp_kernels, parse_cpuinfo
 
 runner = CliRunner()
 
@@ -75,10 +75,11 @@ def test_cpu_flags_are_read_from_cpuinfo() -> None:
 
 def test_the_cpp_kernels_are_looked_for_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from charlm.cells import norm_lstm_cpp
+    from charlm.native import build
 
     monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path / "native"))
     found = cpp_kernels()
-    assert found["built"] is False and found["folder"] == str(norm_lstm_cpp.build_directory())
+    assert found["built"] is False and found["folder"] == str(build.build_directory(norm_lstm_cpp.SOURCE))
     assert not (tmp_path / "native").exists()  # nothing was built or even made
     # once built (here, in the session's own build folder), it is found
     monkeypatch.undo()

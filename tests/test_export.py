@@ -15,18 +15,18 @@ import torch
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
-from charlm.atomic import FOLDER_MODE
-from charlm.cells import cell_names
-from charlm.cells.norm_lstm_cpp import cpp_off
-from charlm.checkpoint import load_model
+from charlm.cells.registry import cell_names
 from charlm.cli import app
 from charlm.config import Config, ModelConfig
-from charlm.errors import CharlmError
-from charlm.evaluate import evaluate_ids
-from charlm.model import CharLM
-from charlm.onnx_export import INSTALL_HINT, NOT_EXPORTABLE, export_model, state_slots
-from charlm.sampling import generate
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.generation.continuation import generate
+from charlm.model.char_lm import CharLM
+from charlm.model.checkpoint import load_model
+from charlm.native.build import cpp_off
+from charlm.tools.export.onnx import INSTALL_HINT, NOT_EXPORTABLE, export_model, state_slots
+from charlm.util.atomic import FOLDER_MODE
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_onnx.py"

@@ -1,5 +1,5 @@
-"""CharLM.step's C++ op (charlm.fast_step) against the Python step it replaces, which models take it, and
-its fallback (one library for both C++ routes: this op and the fused LSTM of charlm.fused_lstm)."""
+"""CharLM.step's C++ op (charlm.model.fast_step) against the Python step it replaces, which models take it, and
+its fallback (one library for both C++ routes: this op and the fused LSTM of charlm.model.fused_lstm)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 import torch
 from conftest import require_cpp_build, shakespeare_text
 
-from charlm import fast_step, fused_lstm
-from charlm.cells.norm_lstm_cpp import cpp_off
 from charlm.config import ModelConfig
-from charlm.model import CharLM, States
-from charlm.sampling import generate
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.generation.continuation import generate
+from charlm.model import fast_step, fused_lstm
+from charlm.model.char_lm import CharLM, States
+from charlm.native.build import cpp_off
 
 V = 23
 
@@ -45,7 +45,7 @@ def run_steps(model: CharLM, x: torch.Tensor, steps: int) -> list[tuple[torch.Te
     """``steps`` steps from the zero state, each fed the previous step's argmax: logits and states of each."""
     out, states = [], None
     for _ in range(steps):
-        logits, states = model.step(x, states)
+        logits, states = fast_step.step(model, x, states)
         out.append((logits, states))
         x = logits.argmax(-1)
     return out
@@ -64,10 +64,10 @@ def test_the_op_equals_the_python_step(built: None, cell: str, overrides: dict[s
     assert fast_step.plan_for(model) is not None
     x = torch.randint(0, V, (streams,), generator=torch.Generator().manual_seed(1))
     with fused_lstm.off():
-        assert fast_step.step(model, x, None) is not None  # the op runs for this model
+        assert fast_step.cpp_step(model, x, None) is not None  # the op runs for this model
         fast = run_steps(model, x, 5)
     with cpp_off():
-        assert fast_step.step(model, x, None) is None
+        assert fast_step.cpp_step(model, x, None) is None
         plain = run_steps(model, x, 5)
     for (logits, states), (logits_ref, states_ref) in zip(fast, plain, strict=True):
         assert torch.equal(logits, logits_ref)
@@ -82,9 +82,9 @@ def test_float64_and_a_state_from_forward(built: None) -> None:
     prime = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(2))
     states = model(prime).states
     x = prime[:, -1]
-    fast_logits, fast_states = model.step(x, states)
+    fast_logits, fast_states = fast_step.step(model, x, states)
     with cpp_off():
-        logits, ref_states = model.step(x, states)
+        logits, ref_states = fast_step.step(model, x, states)
     assert fast_logits.dtype == torch.float64 and torch.equal(fast_logits, logits)
     assert all(torch.equal(a, b) for s, r in zip(fast_states, ref_states, strict=True)
                for a, b in zip(s, r, strict=True))
@@ -95,7 +95,7 @@ def test_changed_and_replaced_parameters_are_seen(built: None) -> None:
     same parameters) and after a parameter is replaced by a new one."""
     model = small_model("lstm")
     x = torch.tensor([4, 5])
-    model.step(x)  # the plan is worked out here, in float32
+    fast_step.step(model, x)  # the plan is worked out here, in float32
     model.double()
     model.layers[1].weight_hh_l0 = torch.nn.Parameter(torch.randn_like(model.layers[1].weight_hh_l0))
     fast = run_steps(model, x, 3)
@@ -122,22 +122,22 @@ def test_other_cells_take_the_python_step(cell: str) -> None:
     model = small_model(cell)
     assert fast_step.plan_for(model) is None
     x = torch.tensor([1, 2])
-    assert fast_step.step(model, x, None) is None
-    logits, states = model.step(x)
+    assert fast_step.cpp_step(model, x, None) is None
+    logits, states = fast_step.step(model, x)
     assert logits.shape == (2, V) and len(states) == 2
 
 
 def test_training_mode_takes_the_python_step(built: None) -> None:
     """In training mode the step draws weight-drop masks: the Python step's business."""
     model = small_model("lstm", weight_drop=0.5).train()
-    assert fast_step.step(model, torch.tensor([1]), None) is None
+    assert fast_step.cpp_step(model, torch.tensor([1]), None) is None
 
 
 def test_the_layer_step_count_continues(built: None) -> None:
     """RecurrentLayer.step's time index (lstm-bn's statistics read it) counts the op's steps too."""
     model = small_model("lstm")
-    _, states = model.step(torch.tensor([1]))
-    model.step(torch.tensor([2]), states)
+    _, states = fast_step.step(model, torch.tensor([1]))
+    fast_step.step(model, torch.tensor([2]), states)
     assert [layer._next_t for layer in model.layers] == [2, 2]
 
 
@@ -150,19 +150,20 @@ def in_fresh_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 FALLBACK = """
 import warnings
 import torch
-from charlm.cells.norm_lstm_cpp import cpp_off
+from charlm.native.build import cpp_off
 from charlm.config import ModelConfig
-from charlm.model import CharLM
+from charlm.model import fast_step
+from charlm.model.char_lm import CharLM
 torch.manual_seed(0)
 model = CharLM(9, ModelConfig(embedding_size=8, hidden_size=8)).eval()
 x = torch.tensor([1, 4])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    a, s = model.step(x)
-    b, _ = model.step(x, s)
+    a, s = fast_step.step(model, x)
+    b, _ = fast_step.step(model, x, s)
 with cpp_off():
-    c, s = model.step(x)
-    d, _ = model.step(x, s)
+    c, s = fast_step.step(model, x)
+    d, _ = fast_step.step(model, x, s)
 print(torch.equal(a, c) and torch.equal(b, d), len(caught))
 print(caught[0].message if caught else "")
 """

@@ -13,13 +13,13 @@ import yaml
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_model, safe_load
 from charlm.cli import app
 from charlm.config import load_config
-from charlm.datamodule import CharDataModule
-from charlm.errors import CharlmError
-from charlm.evaluate import evaluate_ids
-from charlm.finetune import fine_tune_config, load_starting_point
+from charlm.data.datamodule import CharDataModule
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.model.checkpoint import load_model, safe_load
+from charlm.training.finetune import fine_tune_config, load_starting_point
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 LISTED = "'{' (2x), '}' (2x), 'é' (1x), '#' (1x), '1' (1x)"

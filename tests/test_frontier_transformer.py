@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.transformer import CharTransformer, TransformerConfig, _EvalAdapter, schedule
-from charlm.evaluate import evaluate_ids
+from charlm.evaluation.scoring import evaluate_ids
 
 
 def test_windowed_scoring_equals_one_causal_pass_when_the_context_fits() -> None:

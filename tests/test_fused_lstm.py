@@ -1,5 +1,5 @@
-"""The fused LSTM route of CharLM.step (charlm.fused_lstm): its logits and states against PyTorch's step, its
-draws against charlm.sampling.pick's, runs cut short, and which models take it."""
+"""The fused LSTM route of CharLM.step (charlm.model.fused_lstm): its logits and states against PyTorch's step, its
+draws against charlm.generation.options.pick's, runs cut short, and which models take it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import pytest
 import torch
 from conftest import require_cpp_build, shakespeare_text
 
-from charlm import fast_step, fused_lstm
-from charlm.cells.norm_lstm_cpp import cpp_off
 from charlm.config import ModelConfig
-from charlm.errors import CharlmError
-from charlm.model import CharLM, States
-from charlm.sampling import Continuation, Session, Settings, generate, pick, read_prime
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.generation.continuation import Continuation, generate, read_prime
+from charlm.generation.options import pick
+from charlm.generation.session import Session, Settings
+from charlm.model import fast_step, fused_lstm
+from charlm.model.char_lm import CharLM, States
+from charlm.native.build import cpp_off
+from charlm.util import threads as threads_module
+from charlm.util.errors import CharlmError
 
 V = 23
 
@@ -40,7 +43,7 @@ def python_steps(model: CharLM, ids: list[torch.Tensor], states: States | None) 
     out = []
     with cpp_off():
         for x in ids:
-            logits, states = model.step(x, states)
+            logits, states = fast_step.step(model, x, states)
             out.append((logits, states))
     return out
 
@@ -62,7 +65,7 @@ def test_the_fused_step_equals_pytorchs_to_1e5(built: None, shape: dict[str, int
     ids = [torch.randint(0, V, (streams,), generator=gen) for _ in range(30)]
     fused, states = [], start
     for x in ids:
-        logits, states = model.step(x, states)
+        logits, states = fast_step.step(model, x, states)
         fused.append((logits, states))
     for (logits, states), (ref_logits, ref_states) in zip(fused, python_steps(model, ids, start), strict=True):
         torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
@@ -75,7 +78,7 @@ def test_the_fused_step_equals_pytorchs_to_1e5(built: None, shape: dict[str, int
 def test_the_zero_state_and_int32_ids(built: None) -> None:
     model = lstm_model()
     x = torch.tensor([3, 7], dtype=torch.int32)
-    logits, states = model.step(x)
+    logits, states = fast_step.step(model, x)
     ref_logits, ref_states = python_steps(model, [x.long()], None)[0]
     torch.testing.assert_close(states[1][1], ref_states[1][1], rtol=0, atol=1e-5)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
@@ -176,7 +179,7 @@ def test_a_session_goes_on_from_a_stop_as_one_continuation(built: None) -> None:
 
 def test_not_finite_scores_are_one_sentence(built: None) -> None:
     model = lstm_model()
-    logits, states = model.step(torch.tensor([1]))
+    logits, states = fast_step.step(model, torch.tensor([1]))
     bad = logits.clone()
     bad[0, 3] = float("nan")
     with pytest.raises(CharlmError, match="not finite numbers"):
@@ -208,12 +211,12 @@ def test_changed_weights_are_packed_again(built: None) -> None:
     """In-place changes (an optimizer step, load_state_dict) and a replaced parameter are seen."""
     model = lstm_model()
     x = torch.tensor([2])
-    model.step(x)
+    fast_step.step(model, x)
     with torch.no_grad():
         model.layers[0].weight_hh_l0.mul_(0.5)
-    torch.testing.assert_close(model.step(x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
     model.layers[1].weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.layers[1].weight_ih_l0))
-    torch.testing.assert_close(model.step(x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
 
 
 def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:
@@ -231,15 +234,15 @@ def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:
                                                        (2, None, 1)])
 def test_sampling_threads_use_the_idle_cpus(monkeypatch: pytest.MonkeyPatch, cpus: int, load: float | None,
                                             threads: int) -> None:
-    monkeypatch.setattr(fast_step.os, "sched_getaffinity", lambda _: set(range(cpus)), raising=False)
+    monkeypatch.setattr(threads_module.os, "sched_getaffinity", lambda _: set(range(cpus)), raising=False)
 
     def loadavg() -> tuple[float, float, float]:
         if load is None:
             raise OSError("no load average here")
         return (load, load, load)
 
-    monkeypatch.setattr(fast_step.os, "getloadavg", loadavg)
-    assert fast_step.sampling_threads() == threads
+    monkeypatch.setattr(threads_module.os, "getloadavg", loadavg)
+    assert threads_module.sampling_threads() == threads
 
 
 def test_the_thread_count_does_not_change_a_bit(built: None) -> None:
@@ -249,9 +252,9 @@ def test_the_thread_count_does_not_change_a_bit(built: None) -> None:
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one_logits, one_states = model.step(x)
+        one_logits, one_states = fast_step.step(model, x)
         torch.set_num_threads(2)
-        two_logits, two_states = model.step(x)
+        two_logits, two_states = fast_step.step(model, x)
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(one_logits, two_logits)

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from charlm.cli import app
 from charlm.config import ModelConfig
-from charlm.gradients.measure import reinit_recurrent, state_gradient_norms
-from charlm.model import CharLM
+from charlm.model.char_lm import CharLM
+from charlm.tools.gradients.measure import reinit_recurrent, state_gradient_norms
 
 runner = CliRunner()
 V, T = 11, 12  # vocabulary, measured steps minus one (K = T)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from conftest import shakespeare_text, write_model_checkpoint
 
-from charlm.checkpoint import load_model
-from charlm.model import CharLM
-from charlm.sampling import Session, Settings, generate
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.generation.continuation import generate
+from charlm.generation.session import Session, Settings
+from charlm.model.char_lm import CharLM
+from charlm.model.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")

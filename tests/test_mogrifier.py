@@ -8,12 +8,12 @@ import torch
 from conftest import shakespeare_text
 from torch import Tensor
 
-from charlm.compare import resolve_entries
 from charlm.config import load_config
-from charlm.engine import RecurrentLayer
-from charlm.errors import CharlmError
-from charlm.model import CharLM
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.model.char_lm import CharLM
+from charlm.model.recurrent_layer import RecurrentLayer
+from charlm.tools.compare.plan import resolve_entries
+from charlm.util.errors import CharlmError
 
 IN, H, B, T = 5, 8, 3, 7
 

@@ -20,8 +20,9 @@ from charlm.cells import norm_lstm_cpp
 from charlm.cells.norm_lstm_cpp import CPP_LOOP
 from charlm.cells.norm_lstm_kernel import PYTHON_LOOP, NormLSTMKernel, StepNorm, TimeLoop
 from charlm.config import load_config
-from charlm.engine import RecurrentLayer
-from charlm.train import train
+from charlm.model.recurrent_layer import RecurrentLayer
+from charlm.native import build
+from charlm.training.fit import train
 
 # odd sizes: H = 37 leaves a vector tail in every loop, B = 5 splits unevenly between two threads
 T, B, H, STEPS_KEPT = 9, 5, 37, 12
@@ -112,7 +113,7 @@ def test_layers_run_the_cpp_kernel_unless_it_is_off(built: None, cell: str) -> N
     x = torch.randn(4, 20, 3)
     out, _ = layer(x)
     assert kernels(out) == {"c++"}
-    with norm_lstm_cpp.cpp_off():
+    with build.cpp_off():
         ref, _ = layer(x)
     assert kernels(ref) == {"python"}
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)  # float32, 20 steps
@@ -131,8 +132,9 @@ def test_a_failed_build_warns_once_and_the_python_kernel_runs(tmp_path: Path) ->
 import warnings
 import torch
 from charlm.cells import norm_lstm_cpp
-from charlm.engine import RecurrentLayer
-from charlm.train import train
+from charlm.model.recurrent_layer import RecurrentLayer
+from charlm.native import build
+from charlm.training.fit import train
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     first, second = norm_lstm_cpp.available(), norm_lstm_cpp.available()
@@ -152,7 +154,7 @@ print(caught[0].message)
 
 
 def test_the_suite_builds_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    assert norm_lstm_cpp.build_directory().is_relative_to(tmp_path_factory.getbasetemp())
+    assert build.build_directory(norm_lstm_cpp.SOURCE).is_relative_to(tmp_path_factory.getbasetemp())
 
 
 def test_the_build_folder_is_keyed_by_the_source_and_the_flags(
@@ -160,34 +162,32 @@ def test_the_build_folder_is_keyed_by_the_source_and_the_flags(
     """Checkouts with different sources (or headers beside them) keep a build each; with the same ones they
     share one, built from the folder's copies (a build from the checkout's path would be redone for every
     checkout)."""
-    here = norm_lstm_cpp.build_directory()
-    headers = norm_lstm_cpp.headers(norm_lstm_cpp.SOURCE.parent)
+    here = build.build_directory(norm_lstm_cpp.SOURCE)
+    headers = build.headers(norm_lstm_cpp.SOURCE.parent)
     assert [h.name for h in headers] == ["fast_math.h"]
     for original in [norm_lstm_cpp.SOURCE, *headers]:
         assert (here / original.name).read_bytes() == original.read_bytes()
     assert str(norm_lstm_cpp.SOURCE) not in (here / "build.ninja").read_text()
     other = tmp_path / norm_lstm_cpp.SOURCE.name
-    monkeypatch.setattr(norm_lstm_cpp, "SOURCE", other)
     for original in [norm_lstm_cpp.SOURCE, *headers]:
         (tmp_path / original.name).write_bytes((here / original.name).read_bytes())
-    other.write_bytes((here / other.name).read_bytes())
-    assert norm_lstm_cpp.build_directory() == here  # another checkout, the same source and headers
+    assert build.build_directory(other) == here  # another checkout, the same source and headers
     header = tmp_path / headers[0].name
     header.write_text(header.read_text() + "// changed\n")
-    changed_header = norm_lstm_cpp.build_directory()
+    changed_header = build.build_directory(other)
     assert changed_header != here
     other.write_text(other.read_text() + "// changed\n")
-    changed = norm_lstm_cpp.build_directory()
+    changed = build.build_directory(other)
     assert changed not in (here, changed_header) and changed.parent == here.parent
-    cflags, ldflags = norm_lstm_cpp.compile_flags()
-    monkeypatch.setattr(norm_lstm_cpp, "compile_flags", lambda: ([*cflags, "-DCHANGED"], ldflags))
-    assert norm_lstm_cpp.build_directory() not in (here, changed)
+    cflags, ldflags = build.compile_flags()
+    monkeypatch.setattr(build, "compile_flags", lambda: ([*cflags, "-DCHANGED"], ldflags))
+    assert build.build_directory(other) not in (here, changed)
 
 
 def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(built: None) -> None:
     """PyTorch's builder waits for its lock file to go away; one found while we hold our lock is stale,
     however recent (a build killed a moment ago)."""
-    lock = norm_lstm_cpp.build_directory() / norm_lstm_cpp.TORCH_LOCK_NAME
+    lock = build.build_directory(norm_lstm_cpp.SOURCE) / build.TORCH_LOCK_NAME
     lock.touch()
     run = in_fresh_python("from charlm.cells import norm_lstm_cpp; print(norm_lstm_cpp.available())", timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["True"], run.stderr
@@ -197,9 +197,9 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(built: None) -> No
 def test_a_second_process_waits_for_a_build_in_progress_and_says_so(built: None) -> None:
     """While a build holds the folder's lock, another process waits, says so in one line, and leaves the
     build's files alone, however long it takes; it loads the library once the build is done."""
-    directory = norm_lstm_cpp.build_directory()
-    torch_lock = directory / norm_lstm_cpp.TORCH_LOCK_NAME
-    with FileLock(directory / norm_lstm_cpp.LOCK_NAME):  # a build in progress, slower than any age limit
+    directory = build.build_directory(norm_lstm_cpp.SOURCE)
+    torch_lock = directory / build.TORCH_LOCK_NAME
+    with FileLock(directory / build.LOCK_NAME):  # a build in progress, slower than any age limit
         torch_lock.touch()
         old = torch_lock.stat().st_mtime - 3600
         os.utime(torch_lock, (old, old))
@@ -233,8 +233,8 @@ def test_training_builds_the_kernel_before_the_trainer_starts(
         def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             events.append("fit")
 
-    monkeypatch.setattr(norm_lstm_cpp, "_loaded", {})
-    monkeypatch.setattr(norm_lstm_cpp, "_build_and_load", lambda *library: events.append("build"))
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_build_and_load", lambda *library: events.append("build"))
     config = load_config("smoke", [f"data.path={corpus_file}", "model.cell=lstm-ln", "train.accelerator=cpu",
                                    "train.max_steps=1", "train.val_every_steps=1", "sample.enabled=false"])
     train(config, run_dir=tmp_path / "run", callbacks=[FitStart()])
@@ -242,8 +242,8 @@ def test_training_builds_the_kernel_before_the_trainer_starts(
 
 
 def test_charlm_native_0_skips_the_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(norm_lstm_cpp, "_loaded", {})
+    monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setenv("CHARLM_NATIVE_DIR", str(tmp_path))
     monkeypatch.setenv("CHARLM_NATIVE", "0")
     assert not norm_lstm_cpp.available()
-    assert norm_lstm_cpp._loaded == {} and not any(tmp_path.iterdir())
+    assert build._loaded == {} and not any(tmp_path.iterdir())

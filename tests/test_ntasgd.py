@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from charlm.config import load_config
-from charlm.lightning_module import CharLMModule
-from charlm.ntasgd import (
+from charlm.training.lightning_module import CharLMModule
+from charlm.training.ntasgd import (
     NTASGD,
     asgd_from,
     averaged_weights,
@@ -190,7 +190,7 @@ def test_cosine_rate_is_continuous_at_the_switch_and_held_after(
         corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Averaged SGD goes on at the rate the schedule had reached at the switch, held constant (AWD-LSTM
     averages at a constant rate); it never jumps back to the base rate."""
-    from charlm import train as train_module
+    from charlm.training import fit as train_module
 
     scripted = iter([3.0, 2.0, 2.5, 3.5, 1.0, 0.9])  # nonmono=1: 3.5 > min([3.0]) switches after step 20
     monkeypatch.setattr(CharLMModule, "_val_loss", lambda self: next(scripted))

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from charlm.cells import onednn_matmul
-from charlm.engine import RecurrentLayer
+from charlm.model.recurrent_layer import RecurrentLayer
 
 needs_onednn = pytest.mark.skipif(onednn_matmul._ONEDNN is None, reason="this PyTorch build has no oneDNN linear ops")
 TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32: oneDNN and MKL sum in different orders

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from charlm.config import load_config
-from charlm.lightning_module import CharLMModule
-from charlm.streams import Batch
-from charlm.train import train
+from charlm.data.streams import Batch
+from charlm.training.fit import train
+from charlm.training.lightning_module import CharLMModule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -52,7 +52,7 @@ def test_variable_bptt_scales_the_learning_rate_by_window_length(
     cfg = load_config("smoke", ["data.variable_bptt=true", "data.bptt=20", "optim.schedule=constant",
                                 "optim.warmup_steps=0", "optim.lr=0.01", "train.max_steps=25",
                                 f"data.path={corpus_file}", f"train.out={tmp_path}", "sample.enabled=false"])
-    from charlm import train as train_mod
+    from charlm.training import fit as train_mod
 
     record = Record()
     original = train_mod.build_trainer

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from charlm.config import load_config
-from charlm.errors import CharlmError
-from charlm.regularizers import (
+from charlm.model.regularizers import (
     LockedDropout,
     ar_penalty,
     drop_weight,
@@ -16,6 +15,7 @@ from charlm.regularizers import (
     locked_dropout,
     tar_penalty,
 )
+from charlm.util.errors import CharlmError
 
 
 @pytest.fixture(autouse=True)

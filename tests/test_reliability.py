@@ -15,12 +15,13 @@ import torch
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
-import charlm.train as train_module
-from charlm.checkpoint import FORMAT_VERSION, AtomicCheckpointIO, safe_load
+import charlm.training.fit as train_module
 from charlm.cli import app
 from charlm.config import load_config
-from charlm.errors import CharlmError
-from charlm.train import train
+from charlm.model.checkpoint import FORMAT_VERSION, safe_load
+from charlm.training.checkpoint_io import AtomicCheckpointIO
+from charlm.training.fit import train
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 

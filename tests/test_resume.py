@@ -31,8 +31,8 @@ from typer.testing import CliRunner
 
 from charlm.cli import app
 from charlm.config import load_config
-from charlm.resume import resolve_resume
-from charlm.train import train
+from charlm.training.fit import train
+from charlm.training.resume import resolve_resume
 
 runner = CliRunner()
 WINDOWS_PER_EPOCH = 22  # 6,000 chars: 5,400 train chars / 8 streams = 674 columns / bptt 32 -> 22 windows
@@ -47,7 +47,7 @@ KILLER = textwrap.dedent('''
 
     import lightning as L
 
-    from charlm import train as train_module
+    from charlm.training import fit as train_module
 
 
     class KillAt(L.Callback):
@@ -353,7 +353,7 @@ def test_each_ddp_process_gets_its_own_streams_and_random_state() -> None:
     states: a view at an offset, which torch.set_rng_state once read wrongly and crashed on)."""
     from types import SimpleNamespace
 
-    from charlm.lightning_module import CharLMModule
+    from charlm.training.lightning_module import CharLMModule
 
     module = CharLMModule(load_config("smoke").to_dict(), "abcdefgh")
     rngs = [torch.Generator().manual_seed(seed).get_state() for seed in (10, 11)]
@@ -378,7 +378,7 @@ def test_each_ddp_process_gets_its_own_streams_and_random_state() -> None:
 
 
 def test_resume_state_round_trips_in_one_process() -> None:
-    from charlm.lightning_module import CharLMModule
+    from charlm.training.lightning_module import CharLMModule
 
     module = CharLMModule(load_config("smoke").to_dict(), "abcdefgh")
     module._train_states = [(torch.randn(8, 64), torch.randn(8, 64)) for _ in range(2)]

@@ -15,7 +15,7 @@ import pytest
 from filelock import FileLock
 from typer.testing import CliRunner
 
-import charlm.runs as runs
+import charlm.training.runs as runs
 from charlm.cli import app
 from charlm.config import load_config
 

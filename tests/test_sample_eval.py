@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from charlm.cli import app
-from charlm.evaluate import validation_streams
+from charlm.evaluation.scoring import validation_streams
 
 runner = CliRunner()
 
@@ -188,8 +188,9 @@ def test_long_streams_keep_no_python_objects(tiny_checkpoint: Path) -> None:
     import gc
     import tracemalloc
 
-    from charlm.checkpoint import load_model
-    from charlm.sampling import Session, Settings, stream
+    from charlm.generation.continuation import stream
+    from charlm.generation.session import Session, Settings
+    from charlm.model.checkpoint import load_model
 
     model, vocab, _, _ = load_model(tiny_checkpoint)
     stops = ("zzqqzz", "~\n")  # never found: "~" is not in the vocabulary

@@ -11,14 +11,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm import fast_step
-from charlm.checkpoint import load_model
 from charlm.cli import app
-from charlm.errors import CharlmError
-from charlm.evaluate import evaluate_ids
-from charlm.model import CharLM
-from charlm.sampling import StopMatcher, beam_search, decode_escapes, generate, generate_samples, pick, read_prime
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.generation.beam import beam_search
+from charlm.generation.continuation import StopMatcher, generate, generate_samples, read_prime
+from charlm.generation.options import decode_escapes, pick
+from charlm.model import fast_step
+from charlm.model.char_lm import CharLM
+from charlm.model.checkpoint import load_model
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 
@@ -136,7 +138,7 @@ def test_stop_ends_the_stream_right_after_the_first_stop(sharp_checkpoint: Path)
     assert got == "ROMEO:" + full[:end] + "\n"  # the stop string included, then the line end
     pieces: list[str] = []
     model, vocab, _, _ = load_model(sharp_checkpoint)
-    from charlm.sampling import stream
+    from charlm.generation.continuation import stream
 
     assert stream(model, vocab, "ROMEO:", 300, pieces.append, temperature=0.9, seed=2, stop=[stop])
     assert "".join(pieces) == full[:end] and len(pieces) == end  # one write per character: the stop straddled
@@ -201,7 +203,7 @@ def test_prime_is_read_in_one_forward_pass(cell: str, tmp_path: Path, monkeypatc
     logits, states = read_prime(model, ids, streams=3)
     old_states = None
     for i in ids.tolist():  # the old way: one step per prime character
-        old_logits, old_states = model.step(torch.full((3,), i), old_states)
+        old_logits, old_states = fast_step.step(model, torch.full((3,), i), old_states)
     # this model is chaotic (scale 4): the sequence kernel's and the step's rounding differ by a few ulp at
     # each of the prime's 40 characters and grow along it, by an amount that depends on the CPU's kernels
     assert torch.allclose(logits, old_logits, rtol=1e-4, atol=1e-4)
@@ -210,11 +212,11 @@ def test_prime_is_read_in_one_forward_pass(cell: str, tmp_path: Path, monkeypatc
     old_text, x, s = [], old_logits[:1].argmax(-1), [tuple(t[:, :1] for t in st) for st in old_states]
     for _ in range(60):  # this model is chaotic: float rounding differences grow, after ~100 chars for gru
         old_text.append(vocab.chars[int(x)])
-        step_logits, s = model.step(x, s)
+        step_logits, s = fast_step.step(model, x, s)
         x = step_logits.argmax(-1)
     steps = []
-    real_step = model.step
-    monkeypatch.setattr(model, "step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    real_step = fast_step.step
+    monkeypatch.setattr(fast_step, "step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
     assert generate(model, vocab, prime, 60, temperature=0.0) == [prime + "".join(old_text)]
     assert len(steps) == 59
 

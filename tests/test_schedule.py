@@ -13,10 +13,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from charlm.config import load_config
-from charlm.lightning_module import CharLMModule
-from charlm.metrics import LN2, split_metrics
-from charlm.resume import resolve_resume
-from charlm.train import train
+from charlm.evaluation.metrics import LN2, split_metrics
+from charlm.training.fit import train
+from charlm.training.lightning_module import CharLMModule
+from charlm.training.resume import resolve_resume
 
 pytestmark = pytest.mark.filterwarnings("ignore:The dirpath has changed")  # a copied run folder: expected
 LR, MIN_LR, STEPS = 0.01, 0.001, 40  # configs/smoke.yaml: cosine over 40 steps, as trained_run was trained

@@ -1,4 +1,4 @@
-"""``charlm serve``: the page, the API, streamed generations (equal to ``charlm.sampling``), refusals that
+"""``charlm serve``: the page, the API, streamed generations (equal to ``charlm.generation``), refusals that
 leave the server up, the bound on concurrent generations and a client that goes away."""
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import torch.nn.functional as F
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from charlm.checkpoint import load_model  # noqa: E402
-from charlm.model import count_parameters  # noqa: E402
-from charlm.sampling import generate  # noqa: E402
-from charlm.serve.app import create_app  # noqa: E402
-from charlm.serve.registry import Registry  # noqa: E402
-from charlm.serve.requests import Limits  # noqa: E402
-from charlm.serve.server import serve_in_thread  # noqa: E402
+from charlm.generation.continuation import generate  # noqa: E402
+from charlm.model.char_lm import count_parameters  # noqa: E402
+from charlm.model.checkpoint import load_model  # noqa: E402
+from charlm.tools.serve.app import create_app  # noqa: E402
+from charlm.tools.serve.registry import Registry  # noqa: E402
+from charlm.tools.serve.requests import Limits  # noqa: E402
+from charlm.tools.serve.server import serve_in_thread  # noqa: E402
 
 
 def events(text: str) -> list[tuple[str, dict]]:

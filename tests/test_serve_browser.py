@@ -22,10 +22,10 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from charlm.serve.app import create_app  # noqa: E402
-from charlm.serve.registry import Registry  # noqa: E402
-from charlm.serve.requests import Limits  # noqa: E402
-from charlm.serve.server import serve_in_thread  # noqa: E402
+from charlm.tools.serve.app import create_app  # noqa: E402
+from charlm.tools.serve.registry import Registry  # noqa: E402
+from charlm.tools.serve.requests import Limits  # noqa: E402
+from charlm.tools.serve.server import serve_in_thread  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

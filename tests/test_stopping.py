@@ -19,11 +19,11 @@ import torch
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
-from charlm.checkpoint import safe_load
 from charlm.cli import app
 from charlm.config import load_config
-from charlm.errors import TrainingInterrupted
-from charlm.train import train
+from charlm.model.checkpoint import safe_load
+from charlm.training.fit import train
+from charlm.util.errors import TrainingInterrupted
 
 runner = CliRunner()
 

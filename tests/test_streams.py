@@ -6,8 +6,8 @@ import itertools
 
 import torch
 
-from charlm.datamodule import split_ids
-from charlm.streams import StreamLayout, WindowSampler
+from charlm.data.datamodule import split_ids
+from charlm.data.streams import StreamLayout, WindowSampler
 
 
 def test_window_k_plus_one_continues_window_k() -> None:

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from charlm.cli import app
 from charlm.config import load_config
-from charlm.errors import CharlmError
-from charlm.loggers import TENSORBOARD_MISSING
+from charlm.training.loggers import TENSORBOARD_MISSING
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 SCALARS = ("train_loss", "train_bpc", "lr", "grad_norm", "train_chars_per_s", "val_loss", "val_bpc")

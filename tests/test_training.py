@@ -9,16 +9,16 @@ import lightning as L
 import pytest
 import torch
 
-from charlm.callbacks import ProgressBar
 from charlm.config import load_config
-from charlm.datamodule import split_ids
-from charlm.evaluate import evaluate_ids
-from charlm.lightning_module import CharLMModule
-from charlm.metrics import LN2
-from charlm.model import CharLM
-from charlm.streams import Batch
-from charlm.train import train
-from charlm.vocab import Vocab
+from charlm.data.datamodule import split_ids
+from charlm.data.streams import Batch
+from charlm.data.vocab import Vocab
+from charlm.evaluation.metrics import LN2
+from charlm.evaluation.scoring import evaluate_ids
+from charlm.model.char_lm import CharLM
+from charlm.training.callbacks import ProgressBar
+from charlm.training.fit import train
+from charlm.training.lightning_module import CharLMModule
 
 
 def _module(**model: object) -> CharLMModule:

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from charlm.cli import app
 from charlm.config import load_config
-from charlm.errors import CharlmError
-from charlm.tune.space import load_space, parse_space
+from charlm.tools.tune.space import load_space, parse_space
+from charlm.util.errors import CharlmError
 
 TINY = ["--config", "smoke", "--set", "model.hidden_size=16", "--set", "model.embedding_size=16",
         "--set", "train.val_every_steps=3", "--set", "train.checkpoint_every_steps=3"]
@@ -188,7 +188,8 @@ def test_a_pruner_prunes_and_the_pruned_run_ends_cleanly(tmp_path: Path, corpus_
 
 
 def test_a_trial_whose_process_is_gone_is_marked_failed_and_others_are_left_alone() -> None:
-    from charlm.tune.study import counts, fail_orphans
+    from charlm.tools.tune.objective import counts
+    from charlm.tools.tune.study import fail_orphans
 
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, study_name="s")
@@ -301,7 +302,7 @@ def test_a_study_continues_after_sigkill_and_after_sigterm(tmp_path: Path, corpu
 def test_processes_opening_a_new_storage_together_all_get_it(tmp_path: Path) -> None:
     """Four processes open one new SQLite study storage at the same moment (machines joining a study, a reader):
     each makes the tables or finds them made, none fails."""
-    code = ("import sys, time; from charlm.tune.study import open_storage\n"
+    code = ("import sys, time; from charlm.tools.tune.study import open_storage\n"
             "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_storage(sys.argv[1]); print('ok')")
     url, start = f"sqlite:///{tmp_path / 'study.db'}", time.time() + 3
     procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)], stdout=subprocess.PIPE,

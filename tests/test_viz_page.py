@@ -15,11 +15,11 @@ import torch
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
-from charlm.checkpoint import load_model
 from charlm.cli import app
-from charlm.viz.features import find_units, text_features
-from charlm.viz.page import embed_json
-from charlm.viz.trace import LayerTrace, Trace, trace
+from charlm.model.checkpoint import load_model
+from charlm.tools.viz.features import find_units, text_features
+from charlm.tools.viz.page import embed_json
+from charlm.tools.viz.trace import LayerTrace, Trace, trace
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""charlm.viz.trace and the cells' step_gates: the recorded h / c are the model's own (its torch RNN kernels
+"""charlm.tools.viz.trace and the cells' step_gates: the recorded h / c are the model's own (its torch RNN kernels
 included), the surprisal and top-5 are the model's own prediction, and the gates satisfy their cells'
 identities."""
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import shakespeare_text
 
-from charlm.cells import cell_names, get_cell
+from charlm.cells.registry import cell_names, get_cell
 from charlm.config import ModelConfig
-from charlm.errors import CharlmError
-from charlm.model import CharLM
-from charlm.viz.trace import MAX_CHARS, trace
-from charlm.vocab import Vocab
+from charlm.data.vocab import Vocab
+from charlm.model.char_lm import CharLM
+from charlm.tools.viz.trace import MAX_CHARS, trace
+from charlm.util.errors import CharlmError
 
 TEXT = shakespeare_text(120)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from charlm import corpus as corpus_mod
-from charlm.cells import cell_names
+from charlm.cells.registry import cell_names
 from charlm.cli import app
 from charlm.config import SEED_MAX, ModelConfig, load_config, parse_override
-from charlm.errors import CharlmError
-from charlm.vocab import Vocab
+from charlm.data import corpus as corpus_mod
+from charlm.data.vocab import Vocab
+from charlm.util.errors import CharlmError
 
 
 def test_vocab_round_trip_and_sorted() -> None:
@@ -94,8 +94,8 @@ def test_train_refuses_bad_values_before_anything_is_made(args: list[str], messa
 
 
 def test_cell_names_follow_one_rule_in_train_and_compare(monkeypatch: pytest.MonkeyPatch) -> None:
-    from charlm import train as train_module
-    from charlm.compare import resolve_entries
+    from charlm.tools.compare.plan import resolve_entries
+    from charlm.training import fit as train_module
 
     seen: list[str] = []
 
@@ -117,8 +117,8 @@ def test_cell_names_follow_one_rule_in_train_and_compare(monkeypatch: pytest.Mon
 
 
 def test_forget_bias_has_one_default() -> None:
-    from charlm.engine import RecurrentLayer
-    from charlm.model import CharLM
+    from charlm.model.char_lm import CharLM
+    from charlm.model.recurrent_layer import RecurrentLayer
 
     default = ModelConfig().forget_bias
     layer = RecurrentLayer("lstm", 4, 8)  # no forget_bias given: the config's default
@@ -250,7 +250,8 @@ def test_download_lands_in_the_cache_folder_only(tmp_path: Path, monkeypatch: py
     path = corpus_mod.resolve_corpus_path()
     assert path == tmp_path / "xdg" / "charlm" / "tinyshakespeare.txt" and path.read_bytes() == payload
     assert list((work / "data").iterdir()) == [] and sorted(package.parent.iterdir()) == before
-    assert not (package / "data").exists() and not (package.parent / "data" / "tinyshakespeare.txt").exists()
+    assert not list(package.rglob("tinyshakespeare.txt"))
+    assert not (package.parent / "data" / "tinyshakespeare.txt").exists()
     monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", _no_network)
     assert corpus_mod.resolve_corpus_path() == path  # found there next time, offline
 
@@ -289,14 +290,15 @@ def test_the_cli_says_what_a_folder_or_a_device_given_as_corpus_is(tmp_path: Pat
     assert not (tmp_path / "runs").exists()  # no run folder made for a bad corpus
 
 
-def test_named_configs_ship_inside_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--config NAME`` reads charlm/configs/NAME.yaml beside the code, wherever the package is
-    installed and whatever the working directory; ``--config PATH`` reads any file."""
+def test_named_configs_are_found_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--config NAME`` reads the checkout's configs/NAME.yaml (this suite runs on a source tree or an editable
+    install; a regular install's copy inside the package: tests/test_packaging.py), whatever the working
+    directory; ``--config PATH`` reads any file."""
     import charlm
     from charlm.config import resolve_config_path
 
     monkeypatch.chdir(tmp_path)
-    package_configs = Path(charlm.__file__).resolve().parent / "configs"
+    package_configs = Path(charlm.__file__).resolve().parent.parent / "configs"
     for name in ("default", "smoke", "awd-lstm"):
         assert resolve_config_path(name) == package_configs / f"{name}.yaml"
     mine = tmp_path / "mine.yaml"

@@ -2,7 +2,7 @@
 
 A cell is the arithmetic of one recurrent layer: which parameters it needs, how to initialise them,
 how to project the whole input sequence in one matmul, and one time step. The parameters themselves
-live on :class:`charlm.engine.RecurrentLayer` under nn.LSTM-style names (``weight_ih_l0``,
+live on :class:`charlm.model.recurrent_layer.RecurrentLayer` under nn.LSTM-style names (``weight_ih_l0``,
 ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``), so weights move freely between a custom cell and
 the nn.LSTM / nn.GRU / nn.RNN module of the same cell.
 
@@ -17,13 +17,12 @@ of (B, S) tensors whose first entry is the output h.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from charlm.cells.onednn_matmul import linear
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 Params = dict[str, Tensor]
 CellState = tuple[Tensor, ...]
@@ -31,27 +30,6 @@ Gates = dict[str, Tensor]
 StepFn = Callable[[Tensor, CellState, Params, int], CellState]
 
 INITS = ("xavier", "kaiming")
-
-
-@dataclass(frozen=True)
-class CellSpec:
-    """Registry entry for one cell name.
-
-    ``torch_rnn`` names the torch RNN kernel (the ATen op behind nn.LSTM / nn.GRU / nn.RNN, by nn.RNNBase's
-    mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU") that computes exactly this cell, or is None;
-    ``forget_bias`` forces the forget-gate bias initialisation (lstm-b); ``options`` names the
-    :class:`charlm.config.ModelConfig` keys of this cell alone, which ``build`` takes as keyword arguments
-    (``mogrifier_rounds``, ``mogrifier_rank``).
-    """
-
-    name: str
-    summary: str
-    paper: str
-    num_states: int
-    build: Callable[..., Cell] = field(repr=False, compare=False)  # (input_size, hidden_size, **options)
-    torch_rnn: str | None = None
-    forget_bias: float | None = None
-    options: tuple[str, ...] = ()
 
 
 class Cell(nn.Module):

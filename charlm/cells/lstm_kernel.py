@@ -33,7 +33,7 @@ from torch import Tensor
 from charlm.cells.onednn_matmul import StepProduct, project_rows, project_rows_backward
 
 if TYPE_CHECKING:
-    from charlm.cells.lstm import GateConfig
+    from charlm.cells.gate_config import GateConfig
 
 
 def kernel_runs_on(x: Tensor) -> bool:

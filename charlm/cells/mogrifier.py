@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from charlm.cells.base import CellState, Gates, Params, init_input_block
-from charlm.cells.lstm import GateConfig, GatedLSTMCell
+from charlm.cells.gate_config import GateConfig
+from charlm.cells.lstm import GatedLSTMCell
 from charlm.cells.mogrifier_kernel import MogrifierKernel
 
 

@@ -1,192 +1,31 @@
-"""The C++ time loops of ``lstm-ln`` / ``lstm-bn`` (``csrc/norm_lstm.cpp``): built on first use, loaded,
-and run by :class:`charlm.cells.norm_lstm_kernel.NormLSTMKernel` given :data:`CPP_LOOP`.
+"""The C++ time loops of ``lstm-ln`` / ``lstm-bn`` (``native/csrc/norm_lstm.cpp``), run by
+:class:`charlm.cells.norm_lstm_kernel.NormLSTMKernel` given :data:`CPP_LOOP`.
 
 The Python kernel of :mod:`charlm.cells.norm_lstm_kernel` pays, every step, for a dozen ATen calls on
 (B, 4H) rows, each a pass over memory with its own dispatch. The C++ loops do the same math in one
 to five fused passes per step (the norm statistics, the gate nonlinearities, the cell update and the
 cell norm), split between the threads, and call back into PyTorch only for the step's product.
 
-The library is built once per machine by PyTorch's extension builder (a C++ compiler and ninja)
-into ``$XDG_CACHE_HOME/charlm/native`` (or ``$CHARLM_NATIVE_DIR``), one folder per
-PyTorch version, Python version, instruction set and hash of the source and the compiler flags (so
-two checkouts with different sources keep one build each), from a copy of the source kept in that
-folder (so checkouts with the same source share it), and loaded as ``torch.ops.charlm`` ops (a plain
-shared library: no Python module, nothing runs at load but the ops' registration). ``charlm train``
-builds it before training starts, so the build does not count against ``--max-time``.
-
-Builds and loads hold an OS lock on the folder (``filelock``; the kernel releases it when its holder
-dies): a second process waits for the first, saying so, and a lock file of PyTorch's builder found
-while holding it was left by a killed build and is removed (PyTorch's builder would wait on it for ever).
-
-Where it cannot be built (no compiler, a failed build) the Python kernel runs instead, after one
-warning that says why; ``CHARLM_NATIVE=0`` turns the C++ kernel off without trying to build it.
-(The environment variables and the cache folder keep their first names, ``NATIVE``, which users may
-have set.)
+The library is built on first use and cached by :mod:`charlm.native.build`; where it cannot be built the
+Python kernel runs instead, after one warning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 from torch import Tensor
 
 from charlm.cells.lstm_kernel import recurrent_weight_grad
 from charlm.cells.norm_lstm_kernel import StepNorm
 from charlm.cells.onednn_matmul import StepProduct
-from charlm.cells.switch import Switch
+from charlm.native.build import CSRC, load_library
 
-SOURCE = Path(__file__).with_name("csrc") / "norm_lstm.cpp"
+SOURCE = CSRC / "norm_lstm.cpp"
 NAME = "charlm_norm_lstm"
-# The loops are auto-vectorised for the instruction set PyTorch itself dispatches to on this CPU.
-ARCH_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
-}
-
 # The cells that run the C++ loops (on the CPU, where it builds).
 CELLS = ("lstm-ln", "lstm-bn")
-# Ours, held while building or loading; PyTorch's builder takes the other one, its own "lock" file, and
-# waits without end while one exists (a build killed half-way leaves it behind).
-LOCK_NAME = "charlm-build.lock"
-TORCH_LOCK_NAME = "lock"
-
-_loaded: dict[str, bool] = {}  # library name -> loaded; not there: not tried in this process yet
-_enabled = Switch()
-
-
-Sources = Path | Sequence[Path]  # a library's source file, or its several (one folder)
-
-
-def _paths(sources: Sources) -> list[Path]:
-    return [sources] if isinstance(sources, Path) else list(sources)
-
-
-def build_directory(source: Sources | None = None) -> Path:
-    """Where a library is built and cached (``source``: :data:`SOURCE` by default): a folder per PyTorch,
-    Python, instruction set, sources and flags."""
-    root = os.environ.get("CHARLM_NATIVE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm" / "native")
-    py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    arch = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}".lower()
-    cflags, ldflags = compile_flags()
-    paths = _paths(source or SOURCE)
-    key = hashlib.sha256(paths[0].read_bytes())
-    for extra in [*paths[1:], *headers(paths[0].parent)]:
-        key.update(extra.name.encode() + b"\0" + extra.read_bytes())
-    key.update("\0".join(["cflags", *cflags, "ldflags", *ldflags]).encode())
-    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}-{key.hexdigest()[:12]}"
-
-
-def headers(folder: Path) -> list[Path]:
-    """The headers beside a library's source, which it includes by name (``#include "fast_math.h"``)."""
-    return sorted(folder.glob("*.h"))
-
-
-def compile_flags() -> tuple[list[str], list[str]]:
-    """(compiler flags, linker flags): optimised, vectorised for this CPU, OpenMP threads on Linux.
-
-    ``-fno-trapping-math`` (no floating-point traps are used) lets the compiler vectorise branch-free
-    selects such as the exp polynomial's clamp; without it only AVX-512's masked moves manage."""
-    cflags = ["-O3", "-fno-trapping-math", *ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
-    if sys.platform.startswith("linux"):  # the same libgomp as PyTorch's, already loaded
-        return [*cflags, "-fopenmp"], ["-fopenmp"]
-    return cflags, []
-
-
-@contextmanager
-def _folder_lock(directory: Path) -> Iterator[None]:
-    """Hold the build folder's lock (an OS lock, released by the kernel if this process dies), saying so
-    when another process holds it."""
-    lock = FileLock(directory / LOCK_NAME)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"charlm: waiting for another process building or loading the C++ kernel in {directory}",
-              file=sys.stderr, flush=True)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _build_and_load(sources: Sources, name: str, what: str) -> None:
-    from torch.utils import cpp_extension
-
-    paths = _paths(sources)
-    directory = build_directory(paths)
-    directory.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(directory):
-        # with our lock held no other build runs here: a lock file of PyTorch's was left by a killed one
-        torch_lock = directory / TORCH_LOCK_NAME
-        if torch_lock.exists():
-            print(f"charlm: removing {torch_lock}, left by a build that did not finish", file=sys.stderr)
-            torch_lock.unlink(missing_ok=True)
-        # built from a copy kept here (the source and the headers it may include from its folder): the
-        # build does not depend on the checkout's path
-        for original in [*headers(paths[0].parent), *paths]:
-            copy = directory / original.name
-            if not copy.is_file() or copy.read_bytes() != original.read_bytes():
-                partial = copy.with_suffix(".partial")
-                partial.write_bytes(original.read_bytes())
-                partial.replace(copy)
-        if not any(directory.glob(f"{name}.*")):
-            print(f"charlm: building the C++ kernel of {what} (once) in {directory}", file=sys.stderr)
-        cflags, ldflags = compile_flags()
-        saved_path = os.environ.get("PATH", "")
-        # ninja from pip lives beside this Python, which need not be on PATH (a venv used without activating it)
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
-        try:
-            cpp_extension.load(
-                name=name, sources=[str(directory / p.name) for p in paths], extra_cflags=cflags, extra_ldflags=ldflags,
-                build_directory=str(directory), is_python_module=False, verbose=False,
-            )
-        finally:
-            os.environ["PATH"] = saved_path
-
-
-def build_error(err: Exception) -> str:
-    """The telling line of a failed build: the compiler's first error (or the shell's word on a missing
-    compiler), else the message's last line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    words = ("error", "not found", "no such file")
-    telling = [line for line in lines if any(w in line.lower() for w in words)]
-    telling = [line for line in telling if not line.startswith("Error building extension")]
-    return (telling or lines or [type(err).__name__])[0 if telling else -1]
-
-
-def load_library(source: Sources, name: str, op: str, what: str, instead: str) -> bool:
-    """Whether the C++ library built from ``source`` (one file or several) is on and loaded (its op
-    ``torch.ops.charlm.<op>`` is there), building and loading it on the first call; where it cannot be
-    built, one warning says why and that ``instead`` runs (``what`` names the library's users in the
-    messages)."""
-    if not _enabled or os.environ.get("CHARLM_NATIVE", "1") == "0":
-        return False
-    if name not in _loaded:
-        try:
-            _build_and_load(source, name, what)
-            _loaded[name] = hasattr(torch.ops.charlm, op)
-        except Exception as err:  # no compiler, no ninja, a failed build: the Python code runs instead
-            _loaded[name] = False
-            why = build_error(err)
-            warnings.warn(
-                f"charlm: could not build the C++ kernel of {what} ({why}); {instead}. Install a C++ compiler "
-                "and ninja, or set CHARLM_NATIVE=0 to skip the build.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    return _loaded[name]
 
 
 def available() -> bool:
@@ -200,12 +39,6 @@ def build_before_training(cell: str, device: torch.device) -> None:
     does not happen inside the first training step (nor count against the run's time budget)."""
     if cell in CELLS and device.type == "cpu":
         available()
-
-
-def cpp_off() -> AbstractContextManager[None]:
-    """Inside the block the normalised LSTMs run the Python time loops, and every other user of these
-    libraries (:mod:`charlm.fast_step`) its Python code (for side-by-side checks)."""
-    return _enabled.off()
 
 
 class CppLoop:

@@ -3,7 +3,7 @@
 On x86 CPUs PyTorch's float32 ``addmm`` calls MKL's sgemm, while ``nn.LSTM`` runs oneDNN's RNN
 primitive; oneDNN's own products, with the weight packed once, beat ``addmm`` for the kernels' shapes
 on the CPU the benchmarks ran on (``benchmarks/results/onednn-notes.md``). This module depends on
-nothing else of charlm but its on/off :class:`~charlm.cells.switch.Switch`: it is the layer under the cells
+nothing else of charlm but its on/off :class:`~charlm.util.switch.Switch`: it is the layer under the cells
 and the kernels.
 
 - :class:`StepProduct` packs a weight once per kernel call (oneDNN's linear-weight reorder) and then
@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from charlm.cells.switch import Switch
+from charlm.util.switch import Switch
 
 OneDNNOps = tuple[Callable[..., Tensor], Callable[..., Tensor]]  # (packed-weight linear, weight reorder)
 

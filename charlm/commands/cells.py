@@ -10,7 +10,7 @@ from charlm.commands.common import out
 
 def cells() -> None:
     """The recurrent cells, one line each."""
-    from charlm.cells import describe_cells
+    from charlm.cells.registry import describe_cells
 
     table = Table("cell", "what it computes")
     for name, summary in describe_cells():

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from charlm.errors import CharlmError, TrainingInterrupted
+from charlm.util.errors import CharlmError, TrainingInterrupted
 
 out = Console()
 err = Console(stderr=True)
@@ -62,7 +62,7 @@ def friendly(func: F) -> F:
 
 def checkpoint_path(path: str | None, out_dir: str = "checkpoints") -> Path:
     """The checkpoint asked for, else the newest run's best under ``out_dir``."""
-    from charlm.checkpoint import newest_run_checkpoint
+    from charlm.model.checkpoint import newest_run_checkpoint
 
     return Path(path) if path else newest_run_checkpoint(out_dir)
 

@@ -41,8 +41,9 @@ def compare(
     """Train several cells under one config, seed and budget; a table, results files and curves.png."""
     import datetime as dt
 
-    from charlm.compare import PRESET_OVERRIDES, budget_overrides, parse_seeds, resolve_entries, run_comparison
     from charlm.config import load_config
+    from charlm.tools.compare.plan import PRESET_OVERRIDES, budget_overrides, parse_seeds, resolve_entries
+    from charlm.tools.compare.run import run_comparison
 
     entries = resolve_entries(cells, preset)
     overrides = ["sample.enabled=false", *PRESET_OVERRIDES.get((preset or "").strip().lower(), []),

@@ -17,9 +17,9 @@ def data_(
 ) -> None:
     """Where the corpus is, its sha256, size, vocabulary and split sizes."""
     from charlm.config import load_config
-    from charlm.corpus import load_corpus
-    from charlm.datamodule import split_ids
-    from charlm.vocab import Vocab
+    from charlm.data.corpus import load_corpus
+    from charlm.data.datamodule import split_ids
+    from charlm.data.vocab import Vocab
 
     cfg = load_config(config)
     corpus = load_corpus(data if data is not None else cfg.data.path)

@@ -27,9 +27,10 @@ def _shown(value: Any) -> str:
 def env(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Versions, OS, CPU features and threads, GPUs, and whether the C++ kernels are built: paste it into a
-    bug report."""
-    from charlm.environment import environment
+    """The machine and the install, for a bug report: versions, OS, CPU features, threads, GPUs, C++ kernels.
+
+    Paste its output (or --json) into the report."""
+    from charlm.tools.env import environment
 
     facts = environment()
     with stdout_may_close():

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from charlm.commands.common import checkpoint_path, err, friendly, out, stdout_may_close
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 DYNAMIC_LR, DYNAMIC_DECAY = 1e-4, 0.0  # --dynamic's step size and decay: the best of a small search on a val piece
 # (benchmarks/results/dynamic-eval.md)
@@ -41,12 +41,12 @@ def evaluate(
         help="Write each character's NLL to this CSV (position, char, nll in nats).", show_default=False)] = None,
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
-    from charlm.checkpoint import load_model
-    from charlm.corpus import load_corpus, read_corpus, resolve_corpus_path
-    from charlm.datamodule import corpus_ids, split_ids, text_ids
-    from charlm.dynamic_eval import evaluate_dynamic, evaluate_static, write_char_nlls
-    from charlm.evaluate import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
-    from charlm.train import fast_cpu_math
+    from charlm.data.corpus import load_corpus, read_corpus, resolve_corpus_path
+    from charlm.data.datamodule import corpus_ids, split_ids, text_ids
+    from charlm.evaluation.dynamic import evaluate_dynamic, evaluate_static, write_char_nlls
+    from charlm.evaluation.scoring import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
+    from charlm.model.checkpoint import load_model
+    from charlm.util.threads import fast_cpu_math
 
     if split not in ("val", "test"):
         raise CharlmError(f"--split must be val or test, got '{split}'")
@@ -59,7 +59,7 @@ def evaluate(
     if dynamic and batch_size not in (None, 1):
         raise CharlmError("--dynamic reads the text as one stream, in order, so that every score stays a "
                           f"prediction; leave out --batch-size (got {batch_size}) or give 1")
-    from charlm.dynamic_eval import DynamicSettings
+    from charlm.evaluation.dynamic import DynamicSettings
 
     settings = DynamicSettings(lr=DYNAMIC_LR if dynamic_lr is None else dynamic_lr,
                                decay=DYNAMIC_DECAY if dynamic_decay is None else dynamic_decay,

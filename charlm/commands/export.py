@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from charlm.commands.common import checkpoint_path, friendly, out
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 
 @friendly
@@ -23,14 +23,14 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace model.onnx / model.json in a folder that has files.")] = False,
 ) -> None:
     """Export one step of the model (token and state in, logits and state out) for use without PyTorch."""
-    from charlm.onnx_export import FORMATS, require_onnx
+    from charlm.tools.export.onnx import FORMATS, require_onnx
 
     if format_ not in FORMATS:
         raise CharlmError(f"--format must be one of {', '.join(FORMATS)}, got '{format_}'")
     require_onnx()  # before the slow load
-    from charlm.checkpoint import load_model
-    from charlm.evaluate import nonfinite_parameters
-    from charlm.onnx_export import check_exportable, export_model
+    from charlm.evaluation.scoring import nonfinite_parameters
+    from charlm.model.checkpoint import load_model
+    from charlm.tools.export.onnx import check_exportable, export_model
 
     path = checkpoint_path(checkpoint)
     model, vocab, cfg, _ = load_model(path)

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from charlm.commands.common import err, friendly, out
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 
 def _list(value: str, option: str) -> list[str]:
@@ -42,22 +42,23 @@ def gradients(
     """The vanishing / exploding gradient, measured on real text: CSV and log-scale PNG."""
     import torch
 
-    from charlm.checkpoint import load_model
-    from charlm.compare.plot import PlottingUnavailable
-    from charlm.config import cell_registry_names, check_seed, load_config
-    from charlm.corpus import load_corpus
-    from charlm.datamodule import split_ids
-    from charlm.gradients.measure import (
+    from charlm.cells.registry import cell_registry_names
+    from charlm.config import check_seed, load_config
+    from charlm.data.corpus import load_corpus
+    from charlm.data.datamodule import split_ids
+    from charlm.data.vocab import Vocab
+    from charlm.model.char_lm import CharLM
+    from charlm.model.checkpoint import load_model
+    from charlm.tools.gradients.curves import plot_lag_curves, write_csv
+    from charlm.tools.gradients.measure import (
         RECURRENT_INITS,
         reinit_recurrent,
         sample_windows,
         state_gradient_norms,
         summarise,
     )
-    from charlm.gradients.report import plot_lag_curves, write_csv
-    from charlm.model import CharLM
-    from charlm.train import fast_cpu_math
-    from charlm.vocab import Vocab
+    from charlm.util.plotting import PlottingUnavailable
+    from charlm.util.threads import fast_cpu_math
 
     for name, value, low in (("--max-lag", max_lag, 0), ("--sequences", sequences, 1), ("--warmup", warmup, 0)):
         if value < low:

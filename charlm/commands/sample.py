@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from charlm.commands.common import checkpoint_path, friendly, stdout_may_close
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from charlm.model import CharLM
-    from charlm.sampling import Sample
-    from charlm.vocab import Vocab
+    from charlm.data.vocab import Vocab
+    from charlm.generation.continuation import Sample
+    from charlm.model.char_lm import CharLM
 
 DEFAULT_TEMPERATURE = 0.8
 
@@ -49,8 +49,7 @@ def sample(
         "--interactive", help="A session: each line you type is read into the running state and continued.")] = False,
 ) -> None:
     """Generate text, streamed as it comes; the output starts with the prime."""
-    from charlm.sampling import check_options, decode_escapes
-    from charlm.sampling.options import read_prime_file
+    from charlm.generation.options import check_options, decode_escapes, read_prime_file
 
     if prime is not None and prime_file is not None:
         raise CharlmError("--prime and --prime-file both give the prime; use one of them")
@@ -69,14 +68,14 @@ def sample(
     text = "\n" if text is None else text
     with stdout_may_close():
         if beam is not None:
-            from charlm.sampling import beam_search
+            from charlm.generation.beam import beam_search
 
             results = beam_search(model, vocab, text, length, beam=beam, num_results=num_samples)
             _print(results, text, as_json, path, "beam", length=length, beam=beam)
         elif num_samples == 1 and not as_json:
             _stream(model, vocab, text, length, temperature=temp, top_k=top_k, top_p=top_p, seed=seed, stop=stops)
         else:
-            from charlm.sampling import generate_samples
+            from charlm.generation.continuation import generate_samples
 
             results = generate_samples(model, vocab, text, length, temperature=temp, top_k=top_k, top_p=top_p,
                                        seed=seed, num_samples=num_samples, stop=stops)
@@ -103,10 +102,9 @@ def _refuse_combinations(beam: int | None, as_json: bool, interactive: bool, num
 
 
 def _load(checkpoint: str | None) -> tuple[CharLM, Vocab, Path]:
-    from charlm.checkpoint import load_model
-    from charlm.evaluate import nonfinite_parameters
-    from charlm.fast_step import sampling_threads
-    from charlm.train import fast_cpu_math
+    from charlm.evaluation.scoring import nonfinite_parameters
+    from charlm.model.checkpoint import load_model
+    from charlm.util.threads import fast_cpu_math, sampling_threads
 
     path = checkpoint_path(checkpoint)
     model, vocab, _, _ = load_model(path)
@@ -119,7 +117,7 @@ def _load(checkpoint: str | None) -> tuple[CharLM, Vocab, Path]:
 
 
 def _stream(model: CharLM, vocab: Vocab, prime: str, length: int, **options: Any) -> None:
-    from charlm.sampling import stream
+    from charlm.generation.continuation import stream
 
     sys.stdout.write(prime)
     sys.stdout.flush()
@@ -136,7 +134,7 @@ def _stream(model: CharLM, vocab: Vocab, prime: str, length: int, **options: Any
 def _print(results: list[Sample], prime: str, as_json: bool, path: object, kind: str, **options: object) -> None:
     """Each result as plain text (``=== sample 2 ===`` above each when there are several), or one JSON object."""
     if as_json:
-        from charlm.evaluate import finite_or_null
+        from charlm.evaluation.scoring import finite_or_null
 
         why = "the model gave a character of this text a probability that is 0 in floating point"
         samples = [finite_or_null({"text": r.text, "logprob": r.logprob, "chars": len(r.text), "stopped": r.stopped},
@@ -154,8 +152,8 @@ def _print(results: list[Sample], prime: str, as_json: bool, path: object, kind:
 
 def _interactive(model: CharLM, vocab: Vocab, prime: str | None, length: int, temperature: float,
                  top_k: int | None, top_p: float | None, stops: list[str], seed: int | None) -> None:
-    from charlm.sampling import Session, Settings
-    from charlm.sampling.interactive import run
+    from charlm.generation.interactive import run
+    from charlm.generation.session import Session, Settings
 
     session = Session(model, vocab, Settings(temperature, top_k, top_p, length, tuple(stops)), seed=seed)
     if prime is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from charlm.commands.common import err, friendly, out
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 NEEDS_EXTRA = 'charlm serve needs FastAPI and uvicorn, which are not installed: pip install "charlm[serve]"'
 
@@ -28,18 +28,19 @@ def serve(
         help="Generations running at once; one more is refused with 'busy'.")] = 2,
     cache: Annotated[int, typer.Option(help="Loaded models kept in memory.")] = 2,
 ) -> None:
-    """Serve a page to type a prime, set temperature / top-k / top-p / length, and watch the text stream in,
-    coloured by surprisal."""
+    """A local web page: type a prime and watch the text stream in, coloured by surprisal.
+
+    The page sets temperature, top-k, top-p and length, and switches between the checkpoints offered."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise CharlmError(NEEDS_EXTRA) from None
-    from charlm.serve.app import create_app
-    from charlm.serve.registry import Registry
-    from charlm.serve.requests import Limits
-    from charlm.serve.server import bind, is_loopback, make_server, url_of
-    from charlm.train import fast_cpu_math
+    from charlm.tools.serve.app import create_app
+    from charlm.tools.serve.registry import Registry
+    from charlm.tools.serve.requests import Limits
+    from charlm.tools.serve.server import bind, is_loopback, make_server, url_of
+    from charlm.util.threads import fast_cpu_math
 
     for name, value in (("--max-prime", max_prime), ("--max-length", max_length)):
         if value < 1:

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperCommand
 
 from charlm.commands.common import ConfigOption, DataOption, friendly, out
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 
 class TrainCommand(TyperCommand):
@@ -73,21 +73,21 @@ def train(
     cfg = load_config(config, overrides)
     resume_path, run_dir = None, None
     if resume is not None:
-        from charlm.resume import INIT_FROM_WITH_RESUME, resolve_resume
+        from charlm.training.resume import INIT_FROM_WITH_RESUME, resolve_resume
 
         if init_from is not None:
             raise CharlmError(INIT_FROM_WITH_RESUME)
         cfg, resume_path, run_dir = resolve_resume(resume, cfg, overrides)
     elif cfg.train.init_from is not None:
-        from charlm.finetune import fine_tune_config
+        from charlm.training.finetune import fine_tune_config
 
         cfg = fine_tune_config(cfg, overrides)
-    from charlm.train import train as run_training
+    from charlm.training.fit import train as run_training
 
     result = run_training(cfg, resume=resume_path, run_dir=run_dir, console=out)
     from lightning.pytorch.utilities import rank_zero_only
 
-    from charlm.metrics import LN2
+    from charlm.evaluation.metrics import LN2
 
     if rank_zero_only.rank != 0:  # under DDP every process runs this command; one report is enough
         return

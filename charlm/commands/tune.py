@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from charlm.commands.common import ConfigOption, DataOption, RunStepsOption, RunTimeOption, friendly, out
-from charlm.errors import CharlmError
+from charlm.util.errors import CharlmError
 
 
 @friendly
@@ -37,11 +37,11 @@ def tune(
         import optuna  # noqa: F401
     except ImportError:
         raise CharlmError('charlm tune needs Optuna: pip install "charlm[tune]"') from None
-    from charlm.compare import budget_overrides
     from charlm.config import load_config
-    from charlm.tune.report import report_study
-    from charlm.tune.space import load_space
-    from charlm.tune.study import run_study, study_settings
+    from charlm.tools.compare.plan import budget_overrides
+    from charlm.tools.tune.results import report_study
+    from charlm.tools.tune.space import load_space
+    from charlm.tools.tune.study import run_study, study_settings
 
     search = load_space(space)
     overrides = [*(set_ or []), *budget_overrides(max_steps, max_time)]

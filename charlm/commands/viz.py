@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from charlm.commands.common import checkpoint_path, friendly, out, stdout_may_close
-from charlm.errors import CharlmError
-from charlm.viz.trace import MAX_CHARS
+from charlm.tools.viz.trace import MAX_CHARS
+from charlm.util.errors import CharlmError
 
 
 def _numbers(value: str | None, option: str) -> set[int] | None:
@@ -32,7 +32,8 @@ def _numbers(value: str | None, option: str) -> set[int] | None:
 def viz(
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
     text: Annotated[str | None, typer.Option(help="Text file to show (default: a sample from --prime).")] = None,
-    prime: Annotated[str, typer.Option(help="Without --text: the sample starts with this.")] = "\n",
+    prime: Annotated[str, typer.Option(help="Without --text: the sample starts with this.",
+                                       show_default="a newline")] = "\n",
     length: Annotated[int, typer.Option(help="Without --text: characters to generate after the prime.")] = 500,
     temperature: Annotated[float, typer.Option(help="Without --text: sampling temperature (0 is greedy).")] = 0.8,
     seed: Annotated[int | None, typer.Option(help="Without --text: same seed, same sample.")] = None,
@@ -46,17 +47,19 @@ def viz(
     max_chars: Annotated[int, typer.Option(help="Longest text accepted.")] = MAX_CHARS,
     as_json: Annotated[bool, typer.Option("--json", help="Print the --find-units results as JSON.")] = False,
 ) -> None:
-    """Colour each character by its surprisal or by any unit (h, c, a gate) of any layer; hover for the
-    model's top-5 next characters; --find-units lists the units that track quotes, brackets, line position,
-    speaker names and sentence ends."""
-    from charlm.atomic import atomic_write_text
-    from charlm.checkpoint import load_model
-    from charlm.corpus import read_corpus, resolve_corpus_path
-    from charlm.sampling import check_options, generate
-    from charlm.train import fast_cpu_math
-    from charlm.viz.features import find_units as score_units
-    from charlm.viz.page import render
-    from charlm.viz.trace import check_length, trace
+    """A page that colours each character of a text by its surprisal or by any unit of the model.
+
+    Any unit (h, c, a gate) of any layer; hover for the model's top-5 next characters. --find-units lists the
+    units that track quotes, brackets, line position, speaker names and sentence ends."""
+    from charlm.data.corpus import read_corpus, resolve_corpus_path
+    from charlm.generation.continuation import generate
+    from charlm.generation.options import check_options
+    from charlm.model.checkpoint import load_model
+    from charlm.tools.viz.features import find_units as score_units
+    from charlm.tools.viz.page import render
+    from charlm.tools.viz.trace import check_length, trace
+    from charlm.util.atomic import atomic_write_text
+    from charlm.util.threads import fast_cpu_math
 
     if max_chars < 1:
         raise CharlmError(f"--max-chars must be at least 1, got {max_chars}")

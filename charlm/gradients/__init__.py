@@ -1,2 +1,0 @@
-"""``charlm gradients``: the vanishing / exploding gradient through the hidden state, measured per lag
-(:mod:`charlm.gradients.measure`), written as a CSV and a log-scale plot (:mod:`charlm.gradients.report`)."""

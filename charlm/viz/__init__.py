@@ -1,6 +1,0 @@
-"""``charlm viz``: what a model does at every character of a text.
-
-:mod:`charlm.viz.trace` computes (surprisal, top-5 next characters, every unit of every layer: h, c,
-gates), :mod:`charlm.viz.features` scores units against features of the text, :mod:`charlm.viz.page`
-writes the self-contained page; ``assets/colour.js`` holds the colour scale.
-"""
