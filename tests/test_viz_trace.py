@@ -12,7 +12,8 @@ from charlm.cells.registry import cell_names, get_cell
 from charlm.config import ModelConfig
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
-from charlm.tools.viz.trace import MAX_CHARS, trace
+from charlm.tools.viz.limits import MAX_CHARS
+from charlm.tools.viz.trace import trace
 from charlm.util.errors import CharlmError
 
 TEXT = shakespeare_text(120)

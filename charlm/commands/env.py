@@ -26,13 +26,17 @@ def _shown(value: Any) -> str:
 @friendly
 def env(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    with_torch: Annotated[bool, typer.Option(
+        "--torch", help="Also what torch reports: its CPU capability, threads, CUDA and GPUs, oneDNN, and whether "
+                        "the C++ kernels are built here (loads torch: a few seconds).")] = False,
 ) -> None:
-    """The machine and the install, for a bug report: versions, OS, CPU features, threads, GPUs, C++ kernels.
+    """The machine and the install, for a bug report: versions, OS, CPU features, GPUs, C++ libraries.
 
-    Paste its output (or --json) into the report."""
+    Answers at once, without loading torch; --torch adds what torch itself reports. Paste the output of
+    `charlm env --torch` (or --json) into a bug report."""
     from charlm.tools.env import environment
 
-    facts = environment()
+    facts = environment(with_torch)
     with stdout_may_close():
         if as_json:
             print(json.dumps(facts, indent=1))

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from charlm.commands.common import checkpoint_path, friendly, out, stdout_may_close
-from charlm.tools.viz.trace import MAX_CHARS
+from charlm.tools.viz.limits import MAX_CHARS
 from charlm.util.errors import CharlmError
 
 
@@ -56,8 +56,9 @@ def viz(
     from charlm.generation.options import check_options
     from charlm.model.checkpoint import load_model
     from charlm.tools.viz.features import find_units as score_units
+    from charlm.tools.viz.limits import check_length
     from charlm.tools.viz.page import render
-    from charlm.tools.viz.trace import check_length, trace
+    from charlm.tools.viz.trace import trace
     from charlm.util.atomic import atomic_write_text
     from charlm.util.threads import fast_cpu_math
 

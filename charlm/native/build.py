@@ -19,7 +19,7 @@ and :func:`cpp_off` inside a block. (The environment variables and the cache fol
 ``NATIVE``, which users may have set.)
 
 The libraries: ``norm_lstm.cpp`` (the time loops of ``lstm-ln`` / ``lstm-bn``,
-:mod:`charlm.cells.norm_lstm_cpp`), ``model_step.cpp`` + ``fused_lstm.cpp`` (``CharLM``'s step for sampling,
+:mod:`charlm.cells.norm_lstm_cpp`), ``model_step.cpp`` + ``fused_step.cpp`` (``CharLM``'s step for sampling,
 :mod:`charlm.model.fast_step`); ``fast_math.h`` is shared by them.
 """
 
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from charlm.native.cache import cache_root
 from charlm.util.switch import Switch
 
 CSRC = Path(__file__).with_name("csrc")  # every library's sources and the headers they share
@@ -65,9 +66,6 @@ def _paths(sources: Sources) -> list[Path]:
 
 def build_directory(source: Sources) -> Path:
     """Where a library is built and cached: a folder per PyTorch, Python, instruction set, sources and flags."""
-    root = os.environ.get("CHARLM_NATIVE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "charlm" / "native")
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     arch = f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}".lower()
     cflags, ldflags = compile_flags()
@@ -76,7 +74,7 @@ def build_directory(source: Sources) -> Path:
     for extra in [*paths[1:], *headers(paths[0].parent)]:
         key.update(extra.name.encode() + b"\0" + extra.read_bytes())
     key.update("\0".join(["cflags", *cflags, "ldflags", *ldflags]).encode())
-    return Path(root) / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}-{key.hexdigest()[:12]}"
+    return cache_root() / f"torch{torch.__version__.replace('+', '_')}-{py}-{arch}-{key.hexdigest()[:12]}"
 
 
 def headers(folder: Path) -> list[Path]:

@@ -1,8 +1,13 @@
-"""What ``charlm env`` reports for a bug report: versions, the machine, the CPU features and threads, the
-GPUs, and whether the C++ kernels are built for this source. It only looks: nothing is built or changed.
+"""What ``charlm env`` reports for a bug report: versions, the machine, the CPU features, the GPUs, and the C++
+libraries built so far. It only looks: nothing is built or changed.
 
-:func:`environment` returns one JSON-ready mapping (sections of primitive values; ``None`` where a thing
-is unknown or absent).
+:func:`environment` answers at once: everything here is read without importing torch (package metadata,
+``/proc/cpuinfo`` or ``sysctl``, the NVIDIA driver's ``/proc`` files, the build cache). ``with_torch=True``
+(``charlm env --torch``) adds what torch itself reports, which needs torch loaded (a few seconds): the CPU
+capability its kernels dispatch to, its thread counts, CUDA / cuDNN and the GPUs it sees, Apple's MPS, oneDNN,
+and whether the C++ kernels are built for this source, torch, Python and CPU.
+
+Every value is JSON-ready (``None`` where a thing is unknown or absent).
 """
 
 from __future__ import annotations
@@ -10,26 +15,25 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from charlm import __version__
-from charlm.cells import norm_lstm_cpp
-from charlm.cells.onednn_matmul import onednn_in_use
-from charlm.native.build import build_directory
+from charlm.native.cache import built_libraries, cache_root
 
 # the distributions of charlm's dependencies, then of its optional extras (None: not installed)
 REQUIRED = ("torch", "lightning", "torchmetrics", "typer", "rich", "PyYAML", "ninja", "filelock")
-OPTIONAL = ("tensorboard", "matplotlib", "onnx", "onnxruntime", "optuna", "fastapi", "uvicorn")
+OPTIONAL = ("tensorboard", "matplotlib", "scipy", "onnx", "onnxruntime", "optuna", "fastapi", "uvicorn",
+            "safetensors")
 # /proc/cpuinfo flag names -> the name reported; AMX is reported when any of its parts is there
-CPU_FLAGS = {"avx2": "avx2", "avx512f": "avx512f", "avx512_bf16": "avx512_bf16"}
+CPU_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512_bf16": "avx512_bf16"}
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 # macOS (Intel): sysctl machdep.cpu.{features,leaf7_features} words -> the name reported
-MAC_FLAGS = {"AVX2": "avx2", "AVX512F": "avx512f", "AVX512BF16": "avx512_bf16", "AMX-TILE": "amx"}
+MAC_FLAGS = {"AVX2": "avx2", "FMA": "fma", "AVX512F": "avx512f", "AVX512BF16": "avx512_bf16", "AMX-TILE": "amx"}
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
 def package_version(name: str) -> str | None:
@@ -48,7 +52,7 @@ def _sysctl(*names: str) -> str | None:
 
 
 def parse_cpuinfo(text: str) -> tuple[str | None, dict[str, bool]]:
-    """(model name, {avx2, avx512f, avx512_bf16, amx: present}) from the text of ``/proc/cpuinfo`` (x86;
+    """(model name, {avx2, fma, avx512f, avx512_bf16, amx: present}) from the text of ``/proc/cpuinfo`` (x86;
     other CPUs have other flags, and every one of these reads False)."""
     model, flags = None, set()
     for line in text.splitlines():
@@ -64,9 +68,9 @@ def parse_cpuinfo(text: str) -> tuple[str | None, dict[str, bool]]:
 
 
 def cpu() -> dict[str, Any]:
-    """The CPU's model, its features that matter to PyTorch's kernels here, and the threads."""
+    """The CPU's model, the features PyTorch's kernels and charlm's C++ depend on, and the CPUs usable here."""
     model: str | None = None
-    flags: dict[str, bool | None] = {"avx2": None, "avx512f": None, "avx512_bf16": None, "amx": None}
+    flags: dict[str, bool | None] = {name: None for name in [*CPU_FLAGS.values(), "amx"]}
     cpuinfo = Path("/proc/cpuinfo")
     if sys.platform.startswith("linux") and cpuinfo.is_file():
         model, found = parse_cpuinfo(cpuinfo.read_text(encoding="utf-8", errors="replace"))
@@ -76,46 +80,74 @@ def cpu() -> dict[str, Any]:
         words = set((_sysctl("machdep.cpu.features", "machdep.cpu.leaf7_features") or "").upper().split())
         flags = {name: (word in words) for word, name in MAC_FLAGS.items()}
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"model": model or platform.processor() or None, "machine": platform.machine(),
-            "torch_capability": torch.backends.cpu.get_cpu_capability(), **flags,
-            "logical_cpus": os.cpu_count(), "usable_cpus": affinity,
-            "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads()}
+    return {"model": model or platform.processor() or None, "machine": platform.machine(), **flags,
+            "logical_cpus": os.cpu_count(), "usable_cpus": affinity}
 
 
-def accelerators() -> dict[str, Any]:
-    """CUDA / cuDNN as torch was built with them, the GPUs it sees, Apple's MPS, oneDNN."""
+def driver_gpus(folder: Path = NVIDIA_GPUS) -> list[str]:
+    """The NVIDIA GPUs the driver lists (``Model:`` of ``/proc/driver/nvidia/gpus/*/information``): none where
+    there is no NVIDIA driver (other GPUs: ``charlm env --torch``)."""
+    names = []
+    for info in sorted(folder.glob("*/information")) if folder.is_dir() else []:
+        found = re.search(r"^Model:\s*(.+)$", info.read_text(errors="replace"), re.MULTILINE)
+        names.append(found.group(1).strip() if found else info.parent.name)
+    return names
+
+
+def native() -> dict[str, Any]:
+    """The build cache: where it is, whether the C++ libraries are turned off, and what is built there (a
+    folder per torch, Python, CPU capability and source; ``--torch`` says which folder this install uses)."""
+    root = cache_root()
+    builds = {p.name: built_libraries(p) for p in sorted(root.iterdir()) if p.is_dir()} if root.is_dir() else {}
+    return {"cache": str(root), "disabled": os.environ.get("CHARLM_NATIVE", "1") == "0",
+            "builds": {name: libraries for name, libraries in builds.items() if libraries}}
+
+
+def torch_facts() -> dict[str, Any]:
+    """What torch reports here (imports torch, and charlm's modules that use it)."""
+    import torch
+
+    from charlm.cells import norm_lstm_cpp
+    from charlm.cells.onednn_matmul import onednn_in_use
+    from charlm.model import fast_step
+    from charlm.native.build import build_directory
+
     gpus = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             gpus.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
                          "capability": f"{props.major}.{props.minor}"})
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     mps = getattr(torch.backends, "mps", None)
-    return {"cuda": torch.version.cuda, "cudnn": cudnn, "cuda_available": torch.cuda.is_available(), "gpus": gpus,
+    libraries = {"norm_lstm": (norm_lstm_cpp.SOURCE, norm_lstm_cpp.NAME), "model_step": (fast_step.SOURCES,
+                                                                                      fast_step.NAME)}
+    kernels = {}
+    for label, (sources, name) in libraries.items():
+        folder = build_directory(sources)
+        kernels[label] = {"built": name in built_libraries(folder), "folder": str(folder)}
+    return {"version": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "cuda_available": torch.cuda.is_available(), "gpus": gpus,
             "mps_available": bool(mps is not None and mps.is_available()),
-            "onednn_available": torch.backends.mkldnn.is_available(), "onednn_products": onednn_in_use()}
+            "onednn_available": torch.backends.mkldnn.is_available(), "onednn_products": onednn_in_use(),
+            "cpp_kernels": kernels}
 
 
-def cpp_kernels() -> dict[str, Any]:
-    """Whether the C++ loops of lstm-ln / lstm-bn are built for this source, torch, Python and CPU (their
-    cache folder is looked at, nothing is built)."""
-    folder = build_directory(norm_lstm_cpp.SOURCE)
-    built = any(p.suffix in (".so", ".pyd", ".dylib") for p in folder.glob(f"{norm_lstm_cpp.NAME}.*"))
-    return {"cells": list(norm_lstm_cpp.CELLS), "built": built, "folder": str(folder),
-            "disabled": os.environ.get("CHARLM_NATIVE", "1") == "0"}
-
-
-def environment() -> dict[str, Any]:
-    """Everything ``charlm env`` reports, as JSON-ready sections."""
-    return {
-        "charlm": {"version": __version__, "location": str(Path(__file__).resolve().parent)},
+def environment(with_torch: bool = False) -> dict[str, Any]:
+    """Everything ``charlm env`` reports, as JSON-ready sections (``torch`` only ``with_torch``)."""
+    facts = {
+        "charlm": {"version": __version__, "location": str(Path(__file__).resolve().parent.parent)},
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation(),
                    "executable": sys.executable},
         "platform": {"system": platform.system(), "release": platform.release(), "platform": platform.platform()},
         "packages": {name: package_version(name) for name in REQUIRED},
         "optional": {name: package_version(name) for name in OPTIONAL},
         "cpu": cpu(),
-        "accelerators": accelerators(),
-        "cpp_kernels": cpp_kernels(),
+        "gpus": {"nvidia_driver": driver_gpus()},
+        "native": native(),
     }
+    if with_torch:
+        facts["torch"] = torch_facts()
+    return facts

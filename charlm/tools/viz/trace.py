@@ -20,9 +20,8 @@ from torch import Tensor
 
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
-from charlm.util.errors import CharlmError
+from charlm.tools.viz.limits import MAX_CHARS, check_length
 
-MAX_CHARS = 20_000  # the default bound on a traced text
 TOP_K = 5
 
 
@@ -63,15 +62,6 @@ def units_of(tr: Trace, layers: set[int] | None = None,
     return [(number, name, values)
             for number, layer in enumerate(tr.layers, start=1) if layers is None or number in layers
             for name, values in layer.quantities().items() if quantities is None or name in quantities]
-
-
-def check_length(text: str, max_chars: int = MAX_CHARS, what: str = "the text") -> None:
-    """One clear error for a text too short or too long to trace."""
-    if len(text) < 1:
-        raise CharlmError(f"{what} is empty; give at least one character")
-    if len(text) > max_chars:
-        raise CharlmError(f"{what} has {len(text):,} characters, more than the limit of {max_chars:,}; "
-                          f"use a shorter text or raise the limit (--max-chars)")
 
 
 @torch.no_grad()
