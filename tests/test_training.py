@@ -138,3 +138,54 @@ def test_progress_bar_epoch_reads_without_a_negative_limit(corpus_file: Path, tm
                                 f"train.max_epochs={max_epochs}", "train.max_steps=2", "sample.enabled=false"]),
           callbacks=[text])
     assert text.seen == [expected, expected]
+
+
+class TrainBarCounts(L.Callback):
+    """(task id, completed, total) of the training bar after each step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float | None]] = []
+        self.epochs: set[int] = set()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = trainer.progress_bar_callback
+        assert isinstance(bar, ProgressBar) and bar.progress is not None
+        task = bar.train_progress_bar
+        self.seen.append((int(task.id), task.completed, task.total))
+        self.epochs.add(trainer.current_epoch)
+
+
+def test_progress_bar_counts_the_whole_budget_across_epochs(corpus_file: Path, tmp_path: Path) -> None:
+    """One bar for the run: steps done of train.max_steps, going on over epoch boundaries (the excerpt's training
+    split is a few windows per epoch), with the time left among its columns; a resumed run starts it where it
+    resumed."""
+    overrides = [f"data.path={corpus_file}", "train.progress=true", "train.max_steps=30", "train.val_every_steps=0",
+                 "sample.enabled=false", "data.batch_size=32", "data.bptt=128"]
+    counts = TrainBarCounts()
+    result = train(load_config("smoke", [*overrides, f"train.out={tmp_path}"]), callbacks=[counts])
+    assert result.steps == 30 and len(counts.epochs) >= 3
+    assert {task for task, _, _ in counts.seen} == {counts.seen[0][0]}  # one task, never a new one per epoch
+    assert [done for _, done, _ in counts.seen] == list(range(1, 31)) and {t for _, _, t in counts.seen} == {30}
+    resumed = TrainBarCounts()
+    config = load_config("smoke", [*overrides, f"train.out={tmp_path}", "train.max_steps=40"])
+    train(config, resume=result.run_dir / "last.ckpt", run_dir=result.run_dir, callbacks=[resumed])
+    assert [done for _, done, _ in resumed.seen] == list(range(31, 41)) and {t for _, _, t in resumed.seen} == {40}
+
+def test_the_time_column_says_elapsed_and_left_at_the_recent_rate() -> None:
+    """Rich's estimate from the steps of its recent window: 10 steps in 20 s, 90 to go -> about 3:00 left."""
+    from rich.progress import Progress
+
+    from charlm.training.callbacks import TimeLeftColumn
+
+    now = [1000.0]
+    progress = Progress(get_time=lambda: now[0])
+    task = progress.add_task("train", total=100)
+    for _ in range(10):
+        now[0] += 2.0
+        progress.advance(task)
+    column = TimeLeftColumn("white")
+    assert column.render(progress.tasks[0]).plain == "0:20 elapsed, about 3:00 left"
+    now[0] += 3600.0
+    progress.update(task, completed=100)
+    assert column.render(progress.tasks[0]).plain == "1:00:20"

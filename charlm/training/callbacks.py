@@ -18,35 +18,108 @@ from typing import Any, ClassVar
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar, Timer
 from rich.markup import escape
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 from charlm.generation.continuation import generate
 from charlm.training.loggers import log_text
 from charlm.util.errors import TrainingInterrupted
 
 
-class ProgressBar(RichProgressBar):
-    """Lightning's rich bar, whose epoch reads "Epoch 3" when the run has no epoch limit (not "Epoch 3/-2").
+class TimeLeftColumn(ProgressColumn):
+    """``3:05 elapsed, about 24:40 left`` (Rich's estimate of the time left, at the recent rate)."""
 
-    Lightning writes the training bar's description when an epoch starts, and when the first batch of a
-    run resumed mid-epoch ends; after each of those hooks the limit is taken out of it again.
+    max_refresh = 0.5  # seconds: an estimate that jitters reads worse than one a moment old
+
+    def __init__(self, style: Any) -> None:
+        super().__init__()
+        self.style = style
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.finished_time if task.finished else task.elapsed
+        left = task.time_remaining
+        text = "-:--" if elapsed is None else _clock(elapsed)
+        if not task.finished:
+            text += f" elapsed, about {_clock(left)} left" if left is not None else " elapsed"
+        return Text(text, style=self.style)
+
+
+def _clock(seconds: float) -> str:
+    """``0:42``, ``12:05``, ``1:02:05``."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar over the whole run: the steps done of the run's budget (``train.max_steps``, or the
+    epochs' batches when only ``train.max_epochs`` bounds it), not of one epoch, with the time left at the
+    recent rate (Rich's estimate over its last 30 seconds, so it follows the machine: a run that shared the CPU
+    at first catches up in the estimate). A run bounded only by ``train.max_time`` keeps Lightning's bar per
+    epoch; the time left is then the clock's.
+
+    Its description reads "Epoch 3", never Lightning's "Epoch 3/-2" for a run without an epoch limit. A resumed
+    run's bar starts at the step it resumed from.
     """
 
+    def __init__(self) -> None:
+        super().__init__(leave=True)
+        self._shown_epoch = -1
+
+    @staticmethod
+    def budget(trainer: L.Trainer) -> int | None:
+        """The run's steps in all, where a step or epoch limit gives them (the first limit reached)."""
+        limits = []
+        if trainer.max_steps > 0:
+            limits.append(trainer.max_steps)
+        batches = trainer.num_training_batches
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and batches != float("inf"):
+            limits.append(trainer.max_epochs * int(batches))
+        return min(limits, default=None)
+
+    def configure_columns(self, trainer: L.Trainer) -> list[Any]:
+        """Lightning's columns, its unlabelled "elapsed • remaining" replaced by :class:`TimeLeftColumn`."""
+        time_column = type(super().configure_columns(trainer)[3])
+        return [TimeLeftColumn(self.theme.time) if isinstance(c, time_column) else c
+                for c in super().configure_columns(trainer)]
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        max_epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch}" + (f"/{max_epochs - 1}" if max_epochs is not None and max_epochs > 0 else "")
+        return f"{text:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self._without_negative_limit(trainer)
+        budget = self.budget(trainer)
+        if budget is None:
+            super().on_train_epoch_start(trainer, pl_module)
+        elif not self.is_disabled:
+            self._budget_task(trainer, budget)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._without_negative_limit(trainer)
-
-    def _without_negative_limit(self, trainer: L.Trainer) -> None:
-        max_epochs = trainer.max_epochs
-        if self.progress is None or max_epochs is None or max_epochs >= 0:
+        budget = self.budget(trainer)
+        if budget is None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        for task in self.progress.tasks:
-            if task.id == self.train_progress_bar_id and f"/{max_epochs - 1}" in task.description:
-                self.progress.update(task.id, description=task.description.replace(f"/{max_epochs - 1}", "", 1))
+        if not self.is_disabled:
+            self._budget_task(trainer, budget)
+            self._update(self.train_progress_bar_id, trainer.global_step)
+            self._update_metrics(trainer, pl_module)
+            self.refresh()
+
+    def _budget_task(self, trainer: L.Trainer, budget: int) -> None:
+        """The one training task of the run (made once, at the step the run starts from), its epoch named."""
+        if self.progress is None:
+            return
+        if self.train_progress_bar_id is None:
+            self.train_progress_bar_id = self._add_task(budget, "")
+            self.progress.reset(self.train_progress_bar_id, completed=trainer.global_step)  # the rate from here
+            self._shown_epoch = -1
+        if trainer.current_epoch != self._shown_epoch:
+            self._shown_epoch = trainer.current_epoch
+            self.progress.update(self.train_progress_bar_id,
+                                 description=self._get_train_description(trainer.current_epoch))
+        self.refresh()
 
 
 class LastCheckpoint(Checkpoint):

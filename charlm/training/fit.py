@@ -67,7 +67,7 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
     if t.max_steps > 0:
         callbacks.append(TimeEstimate(config.data.batch_size * config.data.bptt))
     if t.progress:
-        callbacks.append(ProgressBar(leave=True))
+        callbacks.append(ProgressBar())
     callbacks += extra_callbacks or []
     val_kwargs: dict[str, object] = (
         {"val_check_interval": t.val_every_steps, "check_val_every_n_epoch": None}
