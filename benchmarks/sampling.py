@@ -1,17 +1,19 @@
-"""Sampling speed: charlm's generation loop against a plain nn.LSTMCell (nn.GRUCell) loop with the same weights.
+"""Sampling speed: charlm's generation loop against a plain loop a user writes by hand, with the same weights.
 
-    python -m benchmarks.sampling                          # lstm, gru, peephole; 1 and 16 streams; 2 threads
+    python -m benchmarks.sampling                          # lstm, gru, peephole, lstm-ln, mogrifier; 1 and 16 streams
     python -m benchmarks.sampling --threads 1,2 --repeats 9 --out benchmarks/results/sampling.json
 
-Each model is a random-init model of the default config (2 x 256, tied weights, 65 characters). The prime
-is read as one sequence (one ``model(prime)`` forward), then charlm draws as ``charlm sample`` does (a
-:class:`charlm.generation.continuation.Continuation`: for the plain LSTM stacks, runs of characters drawn and stepped
-per call of the fused C++ route of :mod:`charlm.model.fused_lstm`; for the other cells ``sampling.pick`` and
-one ``CharLM.step`` through the ATen op of :mod:`charlm.model.fast_step`). The reference is the loop a user
-writes by hand: embedding -> nn.LSTMCell -> nn.LSTMCell -> nn.Linear -> the same ``pick``, loaded with
-the same weights (for ``gru`` nn.GRUCell; for ``peephole`` nn.LSTMCell still: a fresh peephole LSTM has
-zero peepholes, so it computes the same thing). ``charlm (python)`` is charlm with its C++ code turned
-off: pick and the Python step. The rows take turns,
+Each model is a random-init model of the default config (its shape: 2 x 384, tied weights; 65 characters).
+The prime is read as one sequence (one ``model(prime)`` forward), then charlm draws as ``charlm sample`` does
+(a :class:`charlm.generation.continuation.Continuation`: where the fused C++ route of
+:mod:`charlm.model.fused_step` takes the model, runs of characters drawn and stepped per call; else ``pick`` and
+one step through the ATen op of :mod:`charlm.model.fast_step`, or in Python); the ``route`` column says which.
+The reference is the loop a user writes by hand: embedding -> nn.LSTMCell -> nn.LSTMCell -> nn.Linear -> the
+same ``pick``, loaded with the same weights (nn.GRUCell for ``gru``; nn.LSTMCell for ``peephole`` too: a fresh
+peephole LSTM has zero peepholes, so it computes the same thing). A cell torch has no module for (the other
+LSTM variants, ``lstm-ln``, ``mogrifier``) is stepped by hand in plain torch ops, as charlm's Python step
+(``CharLM.step``) does. ``charlm (python)`` is charlm with its C++ code turned off: pick and the Python step.
+The header names the CPU and the features its kernels use. The rows take turns,
 one chunk of ``--length`` characters each per repeat, so a busy machine slows them alike; the figures are
 the medians over the repeats and the ratio's spread is its range over the repeats. ``--clock cpu`` times
 with the process's CPU time instead of the wall clock: on a machine shared with other work, the time this
@@ -35,14 +37,19 @@ from torch import Tensor, nn
 from charlm.config import load_config
 from charlm.generation.continuation import Continuation, read_prime
 from charlm.generation.options import pick
-from charlm.model import fast_step, fused_lstm
+from charlm.model import fast_step, fused_step
 from charlm.model.char_lm import CharLM
 from charlm.native.build import cpp_off
+from charlm.tools.env import cpu
 
 VOCAB = 65
 PRIME = torch.tensor([30, 27, 25, 17, 27, 10])  # "ROMEO:" in tiny Shakespeare's vocabulary
 TEMPERATURE = 0.8
 Loop = Callable[[int], None]
+
+
+TORCH_CELLS = {"lstm": nn.LSTMCell, "lstm-b": nn.LSTMCell, "np": nn.LSTMCell, "peephole": nn.LSTMCell,
+               "gru": nn.GRUCell}  # the cells torch has a module for (a fresh peephole LSTM: zero peepholes)
 
 
 class PlainLoop(nn.Module):
@@ -51,7 +58,7 @@ class PlainLoop(nn.Module):
     def __init__(self, model: CharLM) -> None:
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
-        kind = nn.GRUCell if model.config.cell == "gru" else nn.LSTMCell
+        kind = TORCH_CELLS[model.config.cell]
         self.cells = nn.ModuleList()
         for layer in model.layers:
             cell = kind(layer.input_size, layer.hidden_size)
@@ -84,7 +91,21 @@ def charlm_loop(model: CharLM, streams: int, seed: int, fast: bool) -> Loop:
     return run
 
 
-def plain_loop(plain: PlainLoop, streams: int, seed: int) -> Loop:
+class PythonStepLoop:
+    """A cell torch has no module for, stepped by hand in plain torch ops: the model's own Python step."""
+
+    def __init__(self, model: CharLM) -> None:
+        self.model = model
+        self.cells = model.layers
+
+    def step(self, x: Tensor, states: list[Tensor | tuple[Tensor, Tensor] | None]) -> Tensor:
+        with cpp_off():
+            logits, new = self.model.step(x, None if states[0] is None else states)  # type: ignore[arg-type]
+        states[:] = new
+        return logits
+
+
+def plain_loop(plain: PlainLoop | PythonStepLoop, streams: int, seed: int) -> Loop:
     gen = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -102,7 +123,8 @@ def plain_loop(plain: PlainLoop, streams: int, seed: int) -> Loop:
 def measure(cell: str, streams: int, length: int, repeats: int, clock: Callable[[], float]) -> dict[str, object]:
     torch.manual_seed(0)
     model = CharLM(VOCAB, load_config("default", [f"model.cell={cell}"]).model).eval()
-    loops = {"plain": plain_loop(PlainLoop(model).eval(), streams, 0),
+    plain = PlainLoop(model).eval() if cell in TORCH_CELLS else PythonStepLoop(model)
+    loops = {"plain": plain_loop(plain, streams, 0),
              "python": charlm_loop(model, streams, 0, fast=False),
              "charlm": charlm_loop(model, streams, 0, fast=True)}
     for loop in loops.values():
@@ -124,24 +146,22 @@ def measure(cell: str, streams: int, length: int, repeats: int, clock: Callable[
 
 def route(model: CharLM, streams: int) -> str:
     """Which C++ route charlm's loop takes for this model and stream count."""
-    if streams <= fused_lstm.MAX_ROWS and fused_lstm.packed(model, fast_step.available) is not None:
+    if streams <= fused_step.MAX_ROWS and fused_step.packed(model, fast_step.available) is not None:
         return "fused"
     return "aten op" if fast_step.plan_for(model) is not None and fast_step.available() else "python"
 
 
 def cpu_name() -> str:
-    """The CPU's model name, as ``lscpu`` shows it (Linux), else the platform's word for it."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The CPU's model name and the features its kernels use (``charlm env``'s reading), torch's capability."""
+    facts = cpu()
+    flags = [name for name in ("avx2", "fma", "avx512f", "avx512_bf16", "amx") if facts.get(name)]
+    return (f"{facts['model'] or platform.machine()} ({', '.join(flags) or 'none of avx2, fma, avx512f'}; "
+            f"torch capability {torch.backends.cpu.get_cpu_capability()})")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cells", default="lstm,gru,peephole")
+    ap.add_argument("--cells", default="lstm,gru,peephole,lstm-ln,mogrifier")
     ap.add_argument("--streams", default="1,16", help="comma-separated stream counts")
     ap.add_argument("--threads", default="2", help="comma-separated torch thread counts, one table each")
     ap.add_argument("--length", type=int, default=300, help="characters per timed chunk")
@@ -156,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     machine = cpu_name()
     if not args.json:
-        print(f"# {machine}; default config (2 x 256, tied), random init, temperature {TEMPERATURE}, prime read "
+        shape = load_config("default").model
+        print(f"# {machine}; default config ({shape.num_layers} x {shape.hidden_size}, tied), random init, "
+              f"temperature {TEMPERATURE}, prime read "
               f"as one sequence; median of {args.repeats} chunks of {args.length} chars, taking turns, "
               f"{args.clock} clock; torch {torch.__version__}")
         print(f"{'cell':<9} {'streams':>7} {'threads':>7} {'plain loop':>10} {'charlm (python)':>15} "

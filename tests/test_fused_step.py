@@ -1,5 +1,6 @@
-"""The fused LSTM route of CharLM.step (charlm.model.fused_lstm): its logits and states against PyTorch's step, its
-draws against charlm.generation.options.pick's, runs cut short, and which models take it."""
+"""The fused route of generation's step (charlm.model.fused_step): for every cell family it takes, its logits and
+states against PyTorch's step at 1 to 16 rows, its draws against charlm.generation.options.pick's, runs cut short,
+and which models take it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from charlm.data.vocab import Vocab
 from charlm.generation.continuation import Continuation, generate, read_prime
 from charlm.generation.options import pick
 from charlm.generation.session import Session, Settings
-from charlm.model import fast_step, fused_lstm
+from charlm.model import fast_step, fused_step
 from charlm.model.char_lm import CharLM, States
 from charlm.native.build import cpp_off
 from charlm.util import threads as threads_module
@@ -58,7 +59,7 @@ def test_the_fused_step_equals_pytorchs_to_1e5(built: None, shape: dict[str, int
     """Logits to 1e-5 and every state to 1e-5 (absolute or relative), over 30 steps with the state carried,
     from a state a forward pass left."""
     model = lstm_model(**shape)  # type: ignore[arg-type]
-    assert fused_lstm.packed(model, fast_step.available) is not None
+    assert fused_step.packed(model, fast_step.available) is not None
     gen = torch.Generator().manual_seed(4)
     prime = torch.randint(0, V, (streams, 5), generator=gen)
     start = model(prime).states
@@ -75,6 +76,59 @@ def test_the_fused_step_equals_pytorchs_to_1e5(built: None, shape: dict[str, int
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # c grows past 1: relative too
 
 
+# every family the route takes: (cell, config overrides), odd sizes (no block of a packed matrix is full)
+FAMILIES = [("peephole", {}), ("lstm-f", {}), ("lstm-i", {}), ("lstm-o", {}), ("lstm-b", {}), ("np", {}),
+            ("nig", {}), ("nfg", {}), ("nog", {}), ("niaf", {}), ("noaf", {}), ("cifg", {}),
+            ("lstm", {"torch_rnn": False}), ("gru", {}), ("gru", {"tie_weights": False, "embedding_size": 9}),
+            ("lstm-ln", {}), ("mogrifier", {}), ("mogrifier", {"mogrifier_rounds": 4, "mogrifier_rank": 3}),
+            ("mogrifier", {"mogrifier_rounds": 0}), ("lstm", {"layer_norm": True}),
+            ("gru", {"layer_norm": True}), ("lstm-ln", {"layer_norm": True}), ("nig", {"num_layers": 3})]
+
+
+def family_model(cell: str, seed: int = 0, **overrides: object) -> CharLM:
+    """A 2-layer model of ``cell`` (hidden 21, embedding 13) with every weight moved off its init (peepholes,
+    gains and the Mogrifier's matrices too)."""
+    torch.manual_seed(seed)
+    settings: dict[str, object] = {"embedding_size": 13, "hidden_size": 21, "num_layers": 2, **overrides}
+    model = CharLM(V, ModelConfig(cell=cell, **settings)).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize(("cell", "overrides"), FAMILIES, ids=[f"{c}-{'-'.join(o) or 'default'}" for c, o in FAMILIES])
+def test_every_family_equals_pytorchs_step(built: None, cell: str, overrides: dict[str, object]) -> None:
+    """Logits and states to 1e-5 over 12 steps with the state carried, at 1, 3 and 16 rows (tiles of 6, 4, 2
+    and 1 rows), from a state a forward pass left."""
+    model = family_model(cell, **overrides)
+    assert fused_step.takes_route(model)
+    gen = torch.Generator().manual_seed(6)
+    for streams in (1, 3, 16):
+        start = model(torch.randint(0, V, (streams, 4), generator=gen)).states
+        ids = [torch.randint(0, V, (streams,), generator=gen) for _ in range(12)]
+        states = start
+        for x, (ref_logits, ref_states) in zip(ids, python_steps(model, ids, start), strict=True):
+            logits, states = fast_step.step(model, x, states)
+            torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+            for state, ref in zip(states, ref_states, strict=True):
+                assert [t.shape for t in state] == [t.shape for t in ref]
+                for a, b in zip(state, ref, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_family_seeded_text_is_the_one_at_a_time_text(built: None) -> None:
+    """GRU, peephole, lstm-ln and Mogrifier models draw through the fused runs the same 300 characters as pick
+    and PyTorch's step one at a time."""
+    for cell in ("gru", "peephole", "lstm-ln", "mogrifier"):
+        model = family_model(cell)
+        prime = torch.tensor([1, 2, 3])
+        fused, _, _ = run_of(model, prime, 300, seed=2)
+        with cpp_off():
+            plain, _, _ = run_of(model, prime, 300, seed=2)
+        assert fused == plain, cell
+
+
 def test_the_zero_state_and_int32_ids(built: None) -> None:
     model = lstm_model()
     x = torch.tensor([3, 7], dtype=torch.int32)
@@ -89,12 +143,12 @@ def test_the_draw_is_picks_draw(built: None) -> None:
     """Same scores, same generator: the C++ draw takes the same characters as pick and leaves the generator
     where pick leaves it (one float64 uniform per row, as torch.rand draws them)."""
     model = lstm_model()
-    pack = fused_lstm.packed(model, fast_step.available)
+    pack = fused_step.packed(model, fast_step.available)
     assert pack is not None
     scores = torch.randn(3, V, generator=torch.Generator().manual_seed(5)) * 3
     for temperature in (0.5, 1.0, 1.7):
         ours, theirs = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
-        ids, drawn_from, _ = fused_lstm.sample(scores, temperature, ours, None, pack, 1)
+        ids, drawn_from, _ = fused_step.sample(scores, temperature, ours, None, pack, 1)
         assert torch.equal(drawn_from[0], scores)
         assert torch.equal(ids[0], pick(scores, temperature, None, theirs))
         assert torch.equal(ours.get_state(), theirs.get_state())
@@ -104,13 +158,13 @@ def test_draws_follow_the_probabilities(built: None) -> None:
     """20,000 draws from fixed scores: each character's share within 0.015 of its probability, and a
     character of probability 0 (score -inf) never drawn."""
     model = lstm_model()
-    pack = fused_lstm.packed(model, fast_step.available)
+    pack = fused_step.packed(model, fast_step.available)
     assert pack is not None
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [float("-inf")] + [-2.0] * (V - 5)]).repeat(4, 1)
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(V)
     for _ in range(5000):
-        ids = fused_lstm.sample(scores, 1.0, gen, None, pack, 1)[0]
+        ids = fused_step.sample(scores, 1.0, gen, None, pack, 1)[0]
         counts += torch.bincount(ids.flatten(), minlength=V)
     share = counts / counts.sum()
     torch.testing.assert_close(share, torch.softmax(scores[0], -1), rtol=0, atol=0.015)
@@ -187,18 +241,22 @@ def test_not_finite_scores_are_one_sentence(built: None) -> None:
                           generator=torch.Generator()))
 
 
-@pytest.mark.parametrize("settings", [dict(cell="gru"), dict(cell="peephole"), dict(cell="lstm", layer_norm=True),
-                                      dict(cell="lstm", torch_rnn=False)], ids=str)
-def test_other_models_take_the_aten_op(built: None, settings: dict[str, object]) -> None:
+@pytest.mark.parametrize(("settings", "aten"), [(dict(cell="rnn"), True), (dict(cell="irnn"), True),
+                                               (dict(cell="gru-cho"), False), (dict(cell="lstm-bn"), False),
+                                               (dict(cell="fgr"), False), (dict(cell="mut1"), False)], ids=str)
+def test_other_models_take_the_aten_op_or_python(built: None, settings: dict[str, object], aten: bool) -> None:
+    """The cells the fused route does not take: those the ATen op knows step through it (a C++ step with no
+    fused pack), the rest in Python."""
     config = ModelConfig(embedding_size=8, hidden_size=8, **settings)  # type: ignore[arg-type]
     model = CharLM(V, config).eval()
-    assert fused_lstm.packed(model, fast_step.available) is None
+    assert not fused_step.takes_route(model) and fused_step.packed(model, fast_step.available) is None
     assert fast_step.sample(model, torch.zeros(1, V), 1.0, None, None, torch.Generator(), None, 4) is None
+    assert (fast_step.cpp_step(model, torch.tensor([1, 2]), None) is not None) == aten
 
 
 def test_more_rows_filters_and_greedy_take_the_other_routes(built: None) -> None:
     model = lstm_model()
-    logits = torch.zeros(fused_lstm.MAX_ROWS + 1, V)
+    logits = torch.zeros(fused_step.MAX_ROWS + 1, V)
     gen = torch.Generator()
     assert fast_step.sample(model, logits, 1.0, None, None, gen, None, 2) is None
     assert fast_step.sample(model, logits[:1], 1.0, 5, None, gen, None, 2) is None
@@ -225,7 +283,7 @@ def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:
     torch.manual_seed(3)
     model = CharLM(len(vocab), ModelConfig(cell="lstm", embedding_size=32, hidden_size=32)).eval()
     fast = generate(model, vocab, "ROMEO:", 300, temperature=0.8, seed=11, num_samples=2)
-    with fused_lstm.off():
+    with fused_step.off():
         plain = generate(model, vocab, "ROMEO:", 300, temperature=0.8, seed=11, num_samples=2)
     assert fast == plain and len(fast[0]) == 306
 

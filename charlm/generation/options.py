@@ -50,7 +50,7 @@ def draw(weights: Tensor, generator: torch.Generator) -> Tensor:
     """One id per row of ``weights`` (N, V), each drawn with probability proportional to its weight: with one
     u ~ U[0, 1) per row (``torch.rand(N, dtype=float64)``), the first id whose running sum (in float64)
     exceeds u times the row's sum, so a zero weight is never drawn. (The fused C++ step draws the same way
-    from the same generator: :mod:`charlm.model.fused_lstm`.)"""
+    from the same generator: :mod:`charlm.model.fused_step`.)"""
     if not bool(torch.isfinite(weights).all()):  # NaN / inf scores give NaN probabilities
         raise CharlmError(NOT_FINITE)
     running = weights.double().cumsum(dim=-1)

@@ -20,7 +20,7 @@ C++ kernel of ``lstm-ln`` / ``lstm-bn``, by the same machinery (:func:`charlm.na
 the cache folder, the lock, one warning when it cannot be built, ``CHARLM_NATIVE=0`` to turn it off,
 ``cpp_off()`` inside a block).
 
-Generation steps a model through :func:`step` (this op, or the fused route of :mod:`charlm.model.fused_lstm`,
+Generation steps a model through :func:`step` (this op, or the fused route of :mod:`charlm.model.fused_step`,
 where one runs; else :meth:`CharLM.step <charlm.model.char_lm.CharLM.step>`, the plain PyTorch step) and draws
 runs of characters through :func:`sample`.
 """
@@ -34,15 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from charlm.cells.lstm import GatedLSTMCell
-from charlm.model import fused_lstm
+from charlm.model import fused_step
 from charlm.native.build import CSRC, load_library
 from charlm.util.errors import NOT_FINITE, CharlmError
 
 if TYPE_CHECKING:
     from charlm.model.char_lm import CharLM, States
 
-# one library for both routes of CharLM.step: the ATen op, and the fused LSTM stack of charlm.model.fused_lstm
-SOURCES = (CSRC / "model_step.cpp", fused_lstm.SOURCE)
+# one library for both routes of CharLM.step: the ATen op, and our own fused step of charlm.model.fused_step
+SOURCES = (CSRC / "model_step.cpp", fused_step.SOURCE)
 NAME = "charlm_model_step"
 # the layer kinds and the gated cells' parts, as model_step.cpp numbers them
 TORCH_RNN_KINDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
@@ -140,15 +140,15 @@ def cpp_step(model: CharLM, x: Tensor, states: States | None) -> tuple[Tensor, S
     """``model.step(x, states)`` through the op, or None where it does not run (the caller steps in Python)."""
     if not _may_run(model, x):
         return None
-    pack = _fused_pack(model) if x.size(0) <= fused_lstm.MAX_ROWS else None
+    pack = _fused_pack(model) if x.size(0) <= fused_step.MAX_ROWS else None
     if pack is not None:
-        logits, fused_states = fused_lstm.step(x, states, pack)
+        logits, fused_states = fused_step.step(x, states, pack)
         _count_step(model, states)
         return logits, fused_states
     plan = _plan(model)
     if plan is None or not available():
         return None
-    flat = fused_lstm.flat_states(states)
+    flat = fused_step.flat_states(states)
     out = torch.ops.charlm.model_step.default(x, flat, plan.tensors(), plan.kinds, plan.flags, plan.norm_eps)
     new_states: States = []
     i = 1
@@ -164,21 +164,21 @@ def sample(model: CharLM, logits: Tensor, temperature: float, top_k: int | None,
            generator: torch.Generator, states: States | None,
            length: int) -> tuple[Tensor, Tensor, tuple[Tensor, States], Tensor] | None:
     """``length`` times ``pick(logits, temperature, top_k, generator, top_p)`` and ``model.step`` of the ids,
-    in one C++ call (:mod:`charlm.model.fused_lstm`): the ids (length, N), the scores each was drawn from
+    in one C++ call (:mod:`charlm.model.fused_step`): the ids (length, N), the scores each was drawn from
     (length, N, V), (logits, states) after the last, and the generator's state before the draws; None
     where that call does not run (the caller picks and steps itself; the generator untouched)."""
     if not (temperature >= torch.finfo(torch.float32).tiny and temperature != float("inf")):
         return None  # greedy, or the float64 scores of a tiny temperature: pick's own code
     if (top_k is not None and top_k < logits.size(-1)) or (top_p is not None and top_p < 1.0):
         return None
-    if logits.size(0) > fused_lstm.MAX_ROWS or not _may_run(model, logits):
+    if logits.size(0) > fused_step.MAX_ROWS or not _may_run(model, logits):
         return None
     pack = _fused_pack(model)
     if pack is None:
         return None
     rng = generator.get_state()  # before the run's draws: Continuation.finish gives back those not taken
     try:
-        out = fused_lstm.sample(logits, temperature, generator, states, pack, length)
+        out = fused_step.sample(logits, temperature, generator, states, pack, length)
     except RuntimeError as err:  # NaN / inf scores (as pick says them)
         if "not finite" not in str(err):
             raise
@@ -187,9 +187,9 @@ def sample(model: CharLM, logits: Tensor, temperature: float, top_k: int | None,
     return (*out, rng)
 
 
-def _fused_pack(model: CharLM) -> list[Tensor] | None:
+def _fused_pack(model: CharLM) -> fused_step.Pack | None:
     """The fused route's packed weights, where the model takes that route and the library is loaded."""
-    return fused_lstm.packed(model, available)
+    return fused_step.packed(model, available)
 
 
 def _may_run(model: CharLM, x: Tensor) -> bool:

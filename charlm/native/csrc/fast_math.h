@@ -8,6 +8,16 @@
 
 namespace charlm_math {
 
+// a * b + c: one fused multiply-add where the build targets a CPU with FMA (one rounding), else a multiply
+// and an add, which vectorise on any CPU (std::fma without the instruction is a library call per element).
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp for float as Cephes' polynomial (about 1 ulp), written so that the compiler vectorises the loops
 // that call it (std::exp would be a call per element): n = round(x / ln 2) by the 1.5 * 2^23 trick, 2^n
 // put together in the exponent bits. (The clamp's two compares vectorise with -fno-trapping-math, which

@@ -1,28 +1,39 @@
-// CharLM.step for a stack of plain LSTM layers at a few rows (generation), in our own arithmetic: at one
-// row a step is three products of a 256-vector with a 256 x 1024 matrix, and PyTorch's general matrix
-// product plus a dozen small ops around it spend more time being called than computing. Here:
+// CharLM.step for generation in our own arithmetic, for the gated cells (the LSTM family, GRU, the
+// layer-normalised LSTM, the Mogrifier): at a few rows a step is a handful of (rows, K) x (K, G) products,
+// and PyTorch's general matrix product plus a dozen small ops around it spend more time being called than
+// computing. Here:
 //
-//   - layer 0's input product is a table lookup: one row per character of E W_ih^T + b_ih + b_hh (V, 4H),
-//     made when the weights are packed;
-//   - each matrix is packed once, transposed into column blocks of BLOCK outputs, so a product streams
-//     its weights in order and keeps BLOCK sums in registers; a layer's input and recurrent products
-//     are one pass per block, and the blocks are split between the threads (one parallel region a step);
-//   - the gates are reordered i, f, o, g (three sigmoids, then a tanh), and the nonlinearities and the
-//     cell update are one vectorised loop (fast_math.h);
-//   - ``fused_lstm_sample`` draws and steps a run of characters in one call, each draw charlm.sampling.pick's
+//   - each matrix is packed once, transposed into column blocks of BLOCK outputs, so a product streams its
+//     weights in order and keeps BLOCK sums in registers (fused_pack_matrix);
+//   - a layer's products are "segments": a range of its gate buffer summed from an initial vector (a bias,
+//     or a row of layer 0's table: one row per character of E W_ih^T + b, made by these same products),
+//     the packed input weights times x and the packed recurrent weights times h; the blocks of every segment
+//     and every tile of rows are split between the threads (one parallel region a step);
+//   - rows are taken in tiles of 6, 4, 2 or 1: a tile reads each weight once for all its rows, keeping up to
+//     12 vectors of sums in registers, so many streams cost little more weight traffic than one;
+//   - each cell's update (the gates' nonlinearities, the state update, layer norms) is a few vectorised
+//     loops per row (fast_math.h), then the decoder is one more product;
+//   - fused_sample draws and steps a run of characters in one call, each draw charlm.generation.options.pick's
 //     at a temperature with no top-k / top-p: one uniform per row from the same generator, the inverse of
 //     the running sum.
 //
-// Every sum runs over its inputs in order with fused multiply-adds (std::fma: one instruction where the
-// CPU has FMA, the exactly-rounded library call where it does not), so the result does not depend on the
-// thread count or the vector width; it differs from PyTorch's products only in rounding (about 1e-6,
-// held to 1e-5 by the tests). Layout of the packed list (fused_lstm_pack): [table0, w_hh0, then per further
-// layer w_ih, w_hh, bias, then the decoder's weight and bias]; states come and go as (1, N, H) tensors.
+// Every sum runs over its inputs in order (madd: one fused multiply-add where the CPU has FMA, else a
+// multiply and an add), so a result does not depend on the thread count, the tile or the vector width; it
+// differs from PyTorch's step only in rounding (held to 1e-5 by the tests).
+//
+// What the step reads is described by ``layout`` (ints) and ``tensors``, made by charlm/model/fused_step.py:
+//   layout = [layers, then per layer: kind, flags, H, input size, Mogrifier rounds, segments S, then S times
+//            (first output, outputs, table column or -1)]
+//   tensors = [decoder weight (packed), decoder bias, layer 0's table (V, G) or empty, the embedding (V, E,
+//             the Mogrifier's layer 0 reads it) or empty, then per layer: per segment (initial vector or
+//             empty, packed input weights or empty, packed recurrent weights or empty), then its extras: the
+//             peephole weights (PEEP), or the norms' gains and shifts (NORM_LSTM: g_ih, g_hh, b, g_c, b_c), or
+//             the rounds' halved matrices packed one after another in one flat tensor (MOGRIFIER); then the
+//             LayerNorm's weight and bias (LAYER_NORM, eps 1e-5 as nn.LayerNorm's default)]
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -40,17 +51,32 @@
 namespace {
 
 using charlm_math::fast_exp;
+using charlm_math::madd;
 using charlm_math::sigmoid;
 using charlm_math::tanh_;
 
 #ifdef __AVX512F__
-constexpr int64_t BLOCK = 128;  // outputs summed at once: 8 zmm registers of sums
+constexpr int64_t BLOCK = 128;  // outputs of one block: 8 zmm registers of sums for one row
 #else
 constexpr int64_t BLOCK = 64;  // 8 ymm (AVX2) or 16 xmm registers
 #endif
+constexpr int64_t MAX_TILE = 6;  // rows of a tile (6, 4, 2 or 1)
+// A tile's sums kept in registers at once: 6 or 4 rows of BLOCK / 4 columns (12 or 8 vector registers, of 16
+// on AVX2, of 32 with AVX-512), 2 rows of BLOCK / 2, one row of BLOCK: 8 registers.
+constexpr int64_t tile_columns(int rows) { return rows >= 4 ? BLOCK / 4 : BLOCK / rows; }
+
+// the layer kinds, and the bits of a layer's flags
+enum Kind : int64_t { GATED = 0, GRU = 1, NORM_LSTM = 2, MOGRIFIER = 3 };
+enum Flag : int64_t {
+  INPUT = 1, FORGET = 2, OUTPUT = 4, COUPLED = 8, G_TANH = 16, OUT_TANH = 32, PEEP = 64,  // GateConfig's
+  LAYER_NORM = 128,  // model.layer_norm: a LayerNorm on the layer's output (2 extras: weight, bias)
+  TABLE_NORMALISED = 256,  // NORM_LSTM layer 0: the table holds LN(W x) g + b already
+};
+constexpr double CELL_EPS = 1e-5;  // the layer-normalised LSTM's norms (charlm/cells/norm_lstm.py)
 
 // W (M, K) -> (ceil(M / BLOCK), K, BLOCK): block b holds columns b*BLOCK.. of W^T, row after row, zero past M.
-at::Tensor pack_matrix(const at::Tensor& w) {
+at::Tensor fused_pack_matrix(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "fused_pack_matrix: a matrix expected, got ", w.sizes());
   const at::Tensor wf = w.to(at::kFloat).contiguous();
   const int64_t m = wf.size(0), k = wf.size(1), blocks = (m + BLOCK - 1) / BLOCK;
   at::Tensor out = at::zeros({blocks, k, BLOCK}, wf.options());
@@ -61,186 +87,456 @@ at::Tensor pack_matrix(const at::Tensor& w) {
   return out;
 }
 
-// out[r] = init[r] + sum_j x[j] W[r, j] (+ sum_j x2[j] W2[r, j]) over block b of the packed W (and W2),
-// for r < m; the sums run in order, from init.
-void product_block(int64_t b, const float* init, const float* w, int64_t k, const float* x, const float* w2,
-                   int64_t k2, const float* x2, float* out, int64_t m) {
-  const int64_t base = b * BLOCK, width = std::min<int64_t>(BLOCK, m - base);
-  float acc[BLOCK];
-  for (int64_t r = 0; r < BLOCK; ++r) acc[r] = r < width ? init[base + r] : 0.0f;
-  const float* p = w + b * k * BLOCK;
-  for (int64_t j = 0; j < k; ++j, p += BLOCK) {
-    const float xj = x[j];
-    for (int64_t r = 0; r < BLOCK; ++r) acc[r] = std::fma(p[r], xj, acc[r]);
-  }
-  if (w2 != nullptr) {
-    p = w2 + b * k2 * BLOCK;
-    for (int64_t j = 0; j < k2; ++j, p += BLOCK) {
-      const float xj = x2[j];
-      for (int64_t r = 0; r < BLOCK; ++r) acc[r] = std::fma(p[r], xj, acc[r]);
+// The operands of one product: out[row][r] = init[row][r] + sum_j x[row][j] W[r, j] + sum_j h[row][j] U[r, j]
+// for r < m, over one block of the packed W (and U); a missing init is zero, a missing matrix adds nothing.
+struct Operands {
+  const float* w = nullptr;  // packed (blocks, k, BLOCK)
+  int64_t k = 0;
+  const float* u = nullptr;
+  int64_t k2 = 0;
+  int64_t m = 0;
+};
+
+// One block of a product for a tile of RT rows: the tile's sums of BLOCK / RT columns at a time stay in
+// registers while the block's weights stream past once for all the rows.
+template <int RT>
+void product_tile(int64_t b, const Operands& op, const float* const* init, const float* const* x,
+                  const float* const* h, float* const* out) {
+  constexpr int64_t CB = tile_columns(RT);
+  const int64_t base = b * BLOCK, width = std::min<int64_t>(BLOCK, op.m - base);
+  for (int64_t c0 = 0; c0 < width; c0 += CB) {
+    float acc[RT][CB];
+    for (int r = 0; r < RT; ++r)
+      for (int64_t c = 0; c < CB; ++c) acc[r][c] = init[r] != nullptr && c0 + c < width ? init[r][base + c0 + c] : 0.0f;
+    // (the loops fully unrolled, so that the sums stay in registers: GCC keeps a 2-D array in memory else)
+    for (int part = 0; part < 2; ++part) {
+      const float* p = part == 0 ? op.w : op.u;
+      if (p == nullptr) continue;
+      const int64_t k = part == 0 ? op.k : op.k2;
+      const float* const* v = part == 0 ? x : h;
+      p += b * k * BLOCK + c0;
+      for (int64_t j = 0; j < k; ++j, p += BLOCK) {
+        float w[CB];
+#pragma GCC unroll 128
+        for (int64_t c = 0; c < CB; ++c) w[c] = p[c];
+#pragma GCC unroll 6
+        for (int r = 0; r < RT; ++r) {
+          const float vj = v[r][j];
+#pragma GCC unroll 128
+          for (int64_t c = 0; c < CB; ++c) acc[r][c] = madd(w[c], vj, acc[r][c]);
+        }
+      }
     }
+    const int64_t n = std::min<int64_t>(CB, width - c0);
+    for (int r = 0; r < RT; ++r)
+      for (int64_t c = 0; c < n; ++c) out[r][base + c0 + c] = acc[r][c];
   }
-  for (int64_t r = 0; r < width; ++r) out[base + r] = acc[r];
 }
 
-// (rows x blocks) of products, split between the threads of the enclosing parallel region (a barrier
-// after); run by a lone thread outside one.
-template <typename Fn> inline void each_block(int64_t rows, int64_t blocks, const Fn& fn) {
+// The rows cut into tiles of 6, 4, 2 and 1 rows: (first row, rows).
+std::vector<std::pair<int64_t, int>> row_tiles(int64_t n) {
+  std::vector<std::pair<int64_t, int>> tiles;
+  int64_t row = 0;
+  for (int size : {6, 4, 2, 1})
+    for (; n - row >= size; row += size) tiles.emplace_back(row, size);
+  return tiles;
+}
+
+// One block of a product for the tile at ``first`` (``rows`` rows); each row's operands from the callables.
+template <typename Init, typename X, typename H, typename Out>
+void product_block(int64_t b, const Operands& op, int64_t first, int rows, const Init& init, const X& x,
+                   const H& h, const Out& out) {
+  const float* init_p[MAX_TILE];
+  const float* x_p[MAX_TILE];
+  const float* h_p[MAX_TILE];
+  float* out_p[MAX_TILE];
+  for (int r = 0; r < rows; ++r) {
+    init_p[r] = init(first + r);
+    x_p[r] = x(first + r);
+    h_p[r] = h(first + r);
+    out_p[r] = out(first + r);
+  }
+  switch (rows) {
+    case 6: product_tile<6>(b, op, init_p, x_p, h_p, out_p); break;
+    case 4: product_tile<4>(b, op, init_p, x_p, h_p, out_p); break;
+    case 2: product_tile<2>(b, op, init_p, x_p, h_p, out_p); break;
+    default: product_tile<1>(b, op, init_p, x_p, h_p, out_p); break;
+  }
+}
+
+// (tiles x blocks) work items split between the threads of the enclosing parallel region (a barrier after);
+// run by a lone thread outside one.
+template <typename Fn> inline void each_item(int64_t items, const Fn& fn) {
 #pragma omp for schedule(static)
-  for (int64_t t = 0; t < rows * blocks; ++t) fn(t / blocks, t % blocks);
+  for (int64_t t = 0; t < items; ++t) fn(t);
 }
 
-// The cell update of units [0, hs) of one row, from its activated gates i, f, o, g: c' = f c + i g, h' = o tanh(c').
-inline void cell_update(float* gates, const float* c0, float* c, float* h, int64_t hs) {
-  for (int64_t u = 0; u < 3 * hs; ++u) gates[u] = sigmoid(gates[u]);
-  for (int64_t u = 3 * hs; u < 4 * hs; ++u) gates[u] = tanh_(gates[u]);
-  const float *i = gates, *f = gates + hs, *o = gates + 2 * hs, *g = gates + 3 * hs;
+// ------------------------------------------------------------------------------------------ the updates
+void sigmoid_(float* a, int64_t n) {
+  for (int64_t u = 0; u < n; ++u) a[u] = sigmoid(a[u]);
+}
+void tanh_all(float* a, int64_t n) {
+  for (int64_t u = 0; u < n; ++u) a[u] = tanh_(a[u]);
+}
+
+// y = (v - mean) / sqrt(var + eps) * gain (+ shift): F.layer_norm over n values (biased variance).
+void layer_norm(const float* v, int64_t n, double eps, const float* gain, const float* shift, float* y) {
+  double sum = 0.0;
+  for (int64_t u = 0; u < n; ++u) sum += v[u];
+  const double mean = sum / static_cast<double>(n);
+  double sq = 0.0;
+  for (int64_t u = 0; u < n; ++u) sq += (v[u] - mean) * (v[u] - mean);
+  const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
+  const float m = static_cast<float>(mean);
+  for (int64_t u = 0; u < n; ++u) y[u] = (v[u] - m) * rstd * gain[u] + (shift != nullptr ? shift[u] : 0.0f);
+}
+
+// The LSTM family (GatedLSTMCell.step_gates): the gate buffer holds the blocks present in the order i, f, o,
+// g (charlm/model/fused_step.py reorders nn.LSTM's i, f, g, o), the peephole blocks in the order i, f, o.
+void gated_update(int64_t flags, float* a, const float* peep, const float* c0, float* c, float* h, int64_t hs) {
+  const bool has_i = flags & INPUT, has_f = (flags & FORGET) && !(flags & COUPLED), has_o = flags & OUTPUT;
+  const bool peephole = flags & PEEP;
+  float* a_i = has_i ? a : nullptr;
+  float* a_f = has_f ? a + hs * has_i : nullptr;
+  float* a_o = has_o ? a + hs * (has_i + has_f) : nullptr;
+  float* g = a + hs * (has_i + has_f + has_o);
+  if (peephole) {  // on c for i and f (blocks i, f, o of the peephole vector, those present)
+    if (has_i)
+      for (int64_t u = 0; u < hs; ++u) a_i[u] = madd(peep[u], c0[u], a_i[u]);
+    if (has_f)
+      for (int64_t u = 0; u < hs; ++u) a_f[u] = madd(peep[hs * has_i + u], c0[u], a_f[u]);
+  }
+  // the sigmoid gates that are ready (i, f, and o unless its peephole waits for c'): the first blocks
+  sigmoid_(a, hs * (has_i + has_f + (has_o && !peephole)));
+  if (flags & G_TANH) tanh_all(g, hs);
+  if (has_f && has_i) {
+    for (int64_t u = 0; u < hs; ++u) c[u] = madd(a_f[u], c0[u], a_i[u] * g[u]);
+  } else if (has_f) {
+    for (int64_t u = 0; u < hs; ++u) c[u] = madd(a_f[u], c0[u], g[u]);
+  } else if (flags & COUPLED) {  // f = 1 - i
+    for (int64_t u = 0; u < hs; ++u) c[u] = madd(1.0f - a_i[u], c0[u], a_i[u] * g[u]);
+  } else if (has_i) {  // no forget gate: f = 1
+    for (int64_t u = 0; u < hs; ++u) c[u] = c0[u] + a_i[u] * g[u];
+  } else {
+    for (int64_t u = 0; u < hs; ++u) c[u] = c0[u] + g[u];
+  }
+  if (has_o && peephole) {
+    const float* p_o = peep + hs * (has_i + has_f);
+    for (int64_t u = 0; u < hs; ++u) a_o[u] = madd(p_o[u], c[u], a_o[u]);
+    sigmoid_(a_o, hs);
+  }
+  const bool out_tanh = flags & OUT_TANH;
+  if (has_o && out_tanh) {
+    for (int64_t u = 0; u < hs; ++u) h[u] = a_o[u] * tanh_(c[u]);
+  } else if (has_o) {
+    for (int64_t u = 0; u < hs; ++u) h[u] = a_o[u] * c[u];
+  } else if (out_tanh) {
+    for (int64_t u = 0; u < hs; ++u) h[u] = tanh_(c[u]);
+  } else {
+    std::copy_n(c, hs, h);
+  }
+}
+
+// nn.GRU's cell: the buffer holds r, z (input and recurrent sums), n's input sum and n's recurrent sum.
+void gru_update(float* a, const float* h0, float* h, int64_t hs) {
+  sigmoid_(a, 2 * hs);
+  const float *r = a, *z = a + hs, *nx = a + 2 * hs, *nh = a + 3 * hs;
   for (int64_t u = 0; u < hs; ++u) {
-    c[u] = std::fma(f[u], c0[u], i[u] * g[u]);
-    h[u] = o[u] * tanh_(c[u]);
+    const float n = tanh_(madd(r[u], nh[u], nx[u]));
+    h[u] = madd(z[u], h0[u] - n, n);
   }
 }
 
-// i, f, g, o (nn.LSTM's order) -> i, f, o, g, along dim 0
-at::Tensor gates_ifog(const at::Tensor& t) {
-  const int64_t h = t.size(0) / 4;
-  return at::cat({t.narrow(0, 0, 2 * h), t.narrow(0, 3 * h, h), t.narrow(0, 2 * h, h)}, 0);
+// The layer-normalised LSTM (LayerNormLSTMCell.step_gates): the buffer holds W x (4H; layer 0: the finished
+// LN(W x) g_ih + b), then U h (4H), gates in the order i, f, o, g; extras: g_ih, g_hh, b, g_c, b_c.
+void norm_lstm_update(int64_t flags, float* a, const float* const* extra, const float* c0, float* c, float* h,
+                      int64_t hs) {
+  const int64_t g4 = 4 * hs;
+  float* gates = a;
+  if (!(flags & TABLE_NORMALISED)) layer_norm(a, g4, CELL_EPS, extra[0], extra[2], gates);
+  float* rec = a + g4;
+  layer_norm(rec, g4, CELL_EPS, extra[1], nullptr, rec);
+  for (int64_t u = 0; u < g4; ++u) gates[u] += rec[u];
+  sigmoid_(gates, 3 * hs);
+  tanh_all(gates + 3 * hs, hs);
+  const float *i = gates, *f = gates + hs, *o = gates + 2 * hs, *g = gates + 3 * hs;
+  for (int64_t u = 0; u < hs; ++u) c[u] = madd(f[u], c0[u], i[u] * g[u]);
+  float* normed = rec;  // free again
+  layer_norm(c, hs, CELL_EPS, extra[3], extra[4], normed);
+  for (int64_t u = 0; u < hs; ++u) h[u] = o[u] * tanh_(normed[u]);
 }
 
-// [embedding (V, E), then per layer w_ih, w_hh, b_ih, b_hh, then the decoder's weight (V, H) and bias
-// (or an empty tensor)] -> the packed list the step reads.
-std::vector<at::Tensor> fused_lstm_pack(at::TensorList weights) {
-  const int64_t layers = (static_cast<int64_t>(weights.size()) - 3) / 4;
-  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(weights.size()) == 3 + 4 * layers,
-              "fused_lstm_pack: expected the embedding, 4 tensors per layer and the decoder's 2, got ",
-              weights.size(), " tensors");
-  std::vector<at::Tensor> out;
-  for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor w_ih = gates_ifog(weights[1 + 4 * l]).to(at::kFloat);
-    const at::Tensor bias = gates_ifog(weights[3 + 4 * l].add(weights[4 + 4 * l])).to(at::kFloat);
-    if (l == 0) {  // the table (V, 4H): row c = bias + W_ih E[c], by the step's own products
-      const at::Tensor emb = weights[0].to(at::kFloat).contiguous(), packed_ih = pack_matrix(w_ih);
-      const at::Tensor b = bias.contiguous();
-      const int64_t vocab = emb.size(0), e = emb.size(1), g4 = w_ih.size(0);
-      at::Tensor table = at::empty({vocab, g4}, emb.options());
-      for (int64_t c = 0; c < vocab; ++c)
-        for (int64_t blk = 0; blk < packed_ih.size(0); ++blk)
-          product_block(blk, b.data_ptr<float>(), packed_ih.data_ptr<float>(), e, emb.data_ptr<float>() + c * e,
-                        nullptr, 0, nullptr, table.data_ptr<float>() + c * g4, g4);
-      out.push_back(table);
-    } else {
-      out.push_back(pack_matrix(w_ih));
+// ------------------------------------------------------------------------------------------ the step
+struct Segment {
+  int64_t first, outputs, table;  // gate buffer columns [first, first + outputs); table column or -1
+  const float* init;
+  Operands op;
+  int64_t blocks;
+};
+
+struct Layer {
+  int64_t kind, flags, hs, k_in, buffer = 0;
+  std::vector<Segment> segments;
+  const float* peep = nullptr;  // PEEP
+  const float* norm[5] = {};  // NORM_LSTM: g_ih, g_hh, b, g_c, b_c
+  const float* rounds = nullptr;  // MOGRIFIER: the halved matrices, packed, one after another
+  int64_t num_rounds = 0;
+  const float* out_w = nullptr;  // LAYER_NORM
+  const float* out_b = nullptr;
+};
+
+int64_t num_states(int64_t kind) { return kind == GRU ? 1 : 2; }
+
+// The layout and tensors (see the top of this file) read into layers; tensors must outlive them.
+std::vector<Layer> read_layout(at::IntArrayRef layout, at::TensorList tensors) {
+  auto data = [](const at::Tensor& t) -> const float* {
+    if (t.numel() == 0) return nullptr;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous(), "fused_step: float32 contiguous tensors expected");
+    return t.data_ptr<float>();
+  };
+  TORCH_CHECK(!layout.empty() && layout[0] >= 1, "fused_step: a layout of fused_step.py expected");
+  std::vector<Layer> layers(layout[0]);
+  size_t at = 1, t = 4;
+  auto next = [&]() -> const float* {
+    TORCH_CHECK(t < tensors.size(), "fused_step: fewer tensors than the layout describes");
+    return data(tensors[t++]);
+  };
+  for (Layer& layer : layers) {
+    TORCH_CHECK(at + 6 <= layout.size(), "fused_step: the layout is cut short");
+    layer.kind = layout[at];
+    layer.flags = layout[at + 1];
+    layer.hs = layout[at + 2];
+    layer.k_in = layout[at + 3];
+    layer.num_rounds = layout[at + 4];
+    const int64_t segments = layout[at + 5];
+    at += 6;
+    for (int64_t s = 0; s < segments; ++s, at += 3) {
+      Segment seg{layout[at], layout[at + 1], layout[at + 2], nullptr, {}, 0};
+      const at::Tensor &w = tensors[t + 1], &u = tensors[t + 2];
+      seg.init = next();
+      seg.op.w = next();
+      seg.op.k = w.numel() ? w.size(1) : 0;
+      seg.op.u = next();
+      seg.op.k2 = u.numel() ? u.size(1) : 0;
+      seg.op.m = seg.outputs;
+      seg.blocks = (seg.outputs + BLOCK - 1) / BLOCK;
+      layer.buffer = std::max(layer.buffer, seg.first + seg.outputs);
+      layer.segments.push_back(seg);
     }
-    out.push_back(pack_matrix(gates_ifog(weights[2 + 4 * l])));
-    if (l > 0) out.push_back(bias.contiguous());
+    if (layer.flags & PEEP) layer.peep = next();
+    if (layer.kind == NORM_LSTM)
+      for (auto& part : layer.norm) part = next();
+    if (layer.kind == MOGRIFIER) layer.rounds = next();
+    if (layer.flags & LAYER_NORM) {
+      layer.out_w = next();
+      layer.out_b = next();
+    }
   }
-  const at::Tensor& dec_b = weights[2 + 4 * layers];
-  const at::Tensor& dec_w = weights[1 + 4 * layers];
-  out.push_back(pack_matrix(dec_w));
-  out.push_back(dec_b.numel() > 0 ? dec_b.to(at::kFloat).contiguous() : at::zeros({dec_w.size(0)}, dec_w.options().dtype(at::kFloat)));
-  return out;
+  TORCH_CHECK(t == tensors.size(), "fused_step: the layout describes ", t, " tensors, ", tensors.size(), " given");
+  return layers;
 }
 
 // A state tensor's data as (N, H) contiguous float (itself where it already is, a copy kept in ``keep`` else).
 const float* state_data(const at::Tensor& t, int64_t n, int64_t hs, std::vector<at::Tensor>& keep) {
-  TORCH_CHECK(t.numel() == n * hs, "fused_lstm_step: a state of ", n, " x ", hs, " expected, got ", t.sizes());
+  TORCH_CHECK(t.numel() == n * hs, "fused_step: a state of ", n, " x ", hs, " expected, got ", t.sizes());
   if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t.data_ptr<float>();
   keep.push_back(t.to(at::kFloat).contiguous());
   return keep.back().data_ptr<float>();
 }
 
-// ids (N,) -> [logits (N, V), then h, c of each layer, each (1, N, H)]; empty ``states``: the zero state.
-// One parallel region per step: each layer's products split by blocks of gates, a barrier, the cell
-// updates split by rows, a barrier; then the decoder's blocks.
-std::vector<at::Tensor> fused_lstm_step(const at::Tensor& ids, at::TensorList states, at::TensorList packed) {
-  const int64_t layers = (static_cast<int64_t>(packed.size()) - 1) / 3;
-  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(packed.size()) == 3 * layers + 1, "fused_lstm_step: a ",
-              "packed list of fused_lstm_pack expected, got ", packed.size(), " tensors");
-  TORCH_CHECK(states.empty() || static_cast<int64_t>(states.size()) == 2 * layers, "fused_lstm_step: ",
-              2 * layers, " state tensors expected, got ", states.size());
-  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "fused_lstm_step: ids (N,) of int64 expected");
-  const int64_t n = ids.size(0);
-  const at::Tensor& table = packed[0];
-  const int64_t vocab = table.size(0);
-  const auto opts = table.options();
+// ids (N,) -> [logits (N, V), then each layer's new state tensors, each (1, N, H)]; empty ``states``: the
+// zero state. One parallel region: per layer (the Mogrifier's rounds first, each a product then its gating)
+// the segments' blocks of every row tile, a barrier, the updates split by rows, a barrier; then the decoder.
+std::vector<at::Tensor> fused_step(const at::Tensor& ids, at::TensorList states, at::TensorList tensors,
+                                   at::IntArrayRef layout) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == at::kLong, "fused_step: ids (N,) of int64 expected");
+  const std::vector<Layer> layers = read_layout(layout, tensors);
+  const int64_t n = ids.size(0), count = static_cast<int64_t>(layers.size());
+  const at::Tensor &dec_w = tensors[0], &dec_b = tensors[1], &table = tensors[2], &embedding = tensors[3];
+  const auto opts = dec_b.options();
   const at::Tensor id = ids.contiguous();
   const int64_t* id_data = id.data_ptr<int64_t>();
+  const int64_t vocab = table.numel() ? table.size(0) : embedding.size(0);
   for (int64_t row = 0; row < n; ++row)
-    TORCH_CHECK(id_data[row] >= 0 && id_data[row] < vocab, "fused_lstm_step: id ", id_data[row],
+    TORCH_CHECK(id_data[row] >= 0 && id_data[row] < vocab, "fused_step: id ", id_data[row],
                 " is outside the vocabulary of ", vocab);
-  // every layer's pointers, worked out before the parallel region (no ATen calls inside it)
-  std::vector<at::Tensor> out(1 + 2 * layers), keep;
-  std::vector<const float*> h0(layers), c0(layers), w_ih(layers), w_hh(layers), bias(layers);
-  std::vector<int64_t> hs(layers), k_in(layers);
+  int64_t expected = 0;
+  for (const Layer& layer : layers) expected += num_states(layer.kind);
+  TORCH_CHECK(states.empty() || static_cast<int64_t>(states.size()) == expected, "fused_step: ", expected,
+              " state tensors expected, got ", states.size());
+  // every layer's pointers and buffers, worked out before the parallel region (no ATen calls inside it)
+  std::vector<at::Tensor> out(1), keep;
+  std::vector<const float*> h0(count), c0(count);
+  std::vector<float*> h1(count), c1(count), y(count);
+  std::vector<std::vector<float>> norm_out(count);
+  int64_t widest = 1, buffer = 1, mog = 1;
+  size_t s = 0;
+  for (int64_t l = 0; l < count; ++l) {
+    const Layer& layer = layers[l];
+    const int64_t hs = layer.hs;
+    widest = std::max(widest, hs);
+    buffer = std::max(buffer, layer.buffer);
+    if (layer.kind == MOGRIFIER) mog = std::max(mog, std::max(hs, layer.k_in));
+    out.push_back(at::empty({1, n, hs}, opts));
+    h1[l] = out.back().data_ptr<float>();
+    if (num_states(layer.kind) == 2) {
+      out.push_back(at::empty({1, n, hs}, opts));
+      c1[l] = out.back().data_ptr<float>();
+    }
+    if (!states.empty()) {
+      h0[l] = state_data(states[s++], n, hs, keep);
+      if (num_states(layer.kind) == 2) c0[l] = state_data(states[s++], n, hs, keep);
+    }
+    if (layer.flags & LAYER_NORM) {
+      norm_out[l].resize(n * hs);
+      y[l] = norm_out[l].data();
+    } else {
+      y[l] = h1[l];
+    }
+  }
   std::vector<float> zeros;
-  int64_t widest = 0;
-  for (int64_t l = 0; l < layers; ++l) {
-    const at::Tensor& whh = packed[l == 0 ? 1 : 3 * l];
-    hs[l] = whh.size(1);
-    widest = std::max(widest, hs[l]);
-    w_hh[l] = whh.data_ptr<float>();
-    w_ih[l] = l == 0 ? nullptr : packed[3 * l - 1].data_ptr<float>();
-    k_in[l] = l == 0 ? 0 : packed[3 * l - 1].size(1);
-    bias[l] = l == 0 ? nullptr : packed[3 * l + 1].data_ptr<float>();
-    out[1 + 2 * l] = at::empty({1, n, hs[l]}, opts);
-    out[2 + 2 * l] = at::empty({1, n, hs[l]}, opts);
+  if (states.empty()) {
+    zeros.assign(n * widest, 0.0f);
+    for (int64_t l = 0; l < count; ++l) h0[l] = c0[l] = zeros.data();
   }
-  if (states.empty()) zeros.assign(n * widest, 0.0f);
-  for (int64_t l = 0; l < layers; ++l) {
-    h0[l] = states.empty() ? zeros.data() : state_data(states[2 * l], n, hs[l], keep);
-    c0[l] = states.empty() ? zeros.data() : state_data(states[2 * l + 1], n, hs[l], keep);
-  }
-  const at::Tensor &dec_w = packed[packed.size() - 2], &dec_b = packed[packed.size() - 1];
-  const int64_t v = dec_b.size(0), dec_blocks = dec_w.size(0), dec_k = dec_w.size(1);
-  out[0] = at::empty({n, v}, opts);
+  out[0] = at::empty({n, dec_b.size(0)}, opts);
   float* logits = out[0].data_ptr<float>();
-  const float *dec_wp = dec_w.data_ptr<float>(), *dec_bp = dec_b.data_ptr<float>(), *tab = table.data_ptr<float>();
-  std::vector<float> gates(n * 4 * widest);
+  const Operands dec{dec_w.data_ptr<float>(), dec_w.size(1), nullptr, 0, dec_b.size(0)};
+  const int64_t dec_blocks = dec_w.size(0);
+  const float* dec_bias = dec_b.data_ptr<float>();
+  const float* tab = table.numel() ? table.data_ptr<float>() : nullptr;
+  const int64_t tab_width = table.numel() ? table.size(1) : 0;
+  const float* emb = embedding.numel() ? embedding.data_ptr<float>() : nullptr;
+  const int64_t emb_width = embedding.numel() ? embedding.size(1) : 0;
+  std::vector<float> gates(n * buffer), mog_x(n * mog), mog_h(n * mog), mog_t(n * mog);
+  const auto tiles = row_tiles(n);
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    for (int64_t l = 0; l < layers; ++l) {
-      const int64_t h = hs[l], g4 = 4 * h, blocks = (g4 + BLOCK - 1) / BLOCK;
-      const float* x = l == 0 ? nullptr : out[2 * l - 1].data_ptr<float>();  // the layer below's h'
-      each_block(n, blocks, [&](int64_t row, int64_t b) {
-        float* g = gates.data() + row * g4;
-        if (l == 0) {
-          product_block(b, tab + id_data[row] * g4, w_hh[0], h, h0[0] + row * h, nullptr, 0, nullptr, g, g4);
-        } else {
-          product_block(b, bias[l], w_ih[l], k_in[l], x + row * k_in[l], w_hh[l], h, h0[l] + row * h, g, g4);
-        }
-      });
-      float *hp = out[1 + 2 * l].data_ptr<float>(), *cp = out[2 + 2 * l].data_ptr<float>();
+    for (int64_t l = 0; l < count; ++l) {
+      const Layer& layer = layers[l];
+      const int64_t hs = layer.hs, kin = layer.k_in;
+      // the layer's input rows: layer 0 reads the table (or, the Mogrifier, the embedding); others y[l - 1]
+      auto input = [&](int64_t row) -> const float* {
+        if (l > 0) return y[l - 1] + row * kin;
+        return emb != nullptr ? emb + id_data[row] * emb_width : nullptr;
+      };
+      auto x_row = [&](int64_t row) -> const float* {
+        return layer.kind == MOGRIFIER ? mog_x.data() + row * mog : input(row);
+      };
+      auto h_row = [&](int64_t row) -> const float* {
+        return layer.kind == MOGRIFIER ? mog_h.data() + row * mog : h0[l] + row * hs;
+      };
+      if (layer.kind == MOGRIFIER) {
 #pragma omp for schedule(static)
-      for (int64_t row = 0; row < n; ++row)
-        cell_update(gates.data() + row * g4, c0[l] + row * h, cp + row * h, hp + row * h, h);
+        for (int64_t row = 0; row < n; ++row) {
+          std::copy_n(input(row), kin, mog_x.data() + row * mog);
+          std::copy_n(h0[l] + row * hs, hs, mog_h.data() + row * mog);
+        }
+        const float* mat = layer.rounds;
+        for (int64_t i = 1; i <= layer.num_rounds; ++i) {
+          // odd rounds: x = x + x tanh((Q/2) h) (Q: k_in x H); even: h = h + h tanh((R/2) x) (R: H x k_in)
+          const bool odd = i % 2 == 1;
+          const int64_t rows_out = odd ? kin : hs, k = odd ? hs : kin, blocks = (rows_out + BLOCK - 1) / BLOCK;
+          const Operands op{mat, k, nullptr, 0, rows_out};
+          std::vector<float>& from = odd ? mog_h : mog_x;
+          each_item(ntiles * blocks, [&](int64_t t) {
+            const auto [first, rows] = tiles[t / blocks];
+            product_block(t % blocks, op, first, rows, [](int64_t) -> const float* { return nullptr; },
+                          [&](int64_t row) -> const float* { return from.data() + row * mog; },
+                          [](int64_t) -> const float* { return nullptr; },
+                          [&](int64_t row) { return mog_t.data() + row * mog; });
+          });
+          std::vector<float>& to = odd ? mog_x : mog_h;
+#pragma omp for schedule(static)
+          for (int64_t row = 0; row < n; ++row) {
+            float* v = to.data() + row * mog;
+            const float* a = mog_t.data() + row * mog;
+            for (int64_t u = 0; u < rows_out; ++u) v[u] = madd(v[u], tanh_(a[u]), v[u]);
+          }
+          mat += ((rows_out + BLOCK - 1) / BLOCK) * k * BLOCK;
+        }
+      }
+      int64_t items = 0;
+      for (const Segment& seg : layer.segments) items += seg.blocks;
+      each_item(ntiles * items, [&](int64_t t) {
+        const auto [first, rows] = tiles[t / items];
+        int64_t b = t % items;
+        const Segment* seg = layer.segments.data();
+        while (b >= seg->blocks) b -= (seg++)->blocks;
+        product_block(
+            b, seg->op, first, rows,
+            [&](int64_t row) -> const float* {
+              return seg->table >= 0 ? tab + id_data[row] * tab_width + seg->table : seg->init;
+            },
+            x_row, h_row, [&](int64_t row) { return gates.data() + row * buffer + seg->first; });
+      });
+#pragma omp for schedule(static)
+      for (int64_t row = 0; row < n; ++row) {
+        float* a = gates.data() + row * buffer;
+        const float* c_in = c0[l] == nullptr ? nullptr : c0[l] + row * hs;
+        float* h = h1[l] + row * hs;
+        switch (layer.kind) {
+          case GRU: gru_update(a, h0[l] + row * hs, h, hs); break;
+          case NORM_LSTM: norm_lstm_update(layer.flags, a, layer.norm, c_in, c1[l] + row * hs, h, hs); break;
+          case MOGRIFIER:  // a plain LSTM on the rounds' x and h
+            gated_update(INPUT | FORGET | OUTPUT | G_TANH | OUT_TANH, a, nullptr, c_in, c1[l] + row * hs, h, hs);
+            break;
+          default: gated_update(layer.flags, a, layer.peep, c_in, c1[l] + row * hs, h, hs);
+        }
+        if (layer.flags & LAYER_NORM) layer_norm(h, hs, 1e-5, layer.out_w, layer.out_b, y[l] + row * hs);
+      }
     }
-    const float* x = out[2 * layers - 1].data_ptr<float>();
-    each_block(n, dec_blocks, [&](int64_t row, int64_t b) {
-      product_block(b, dec_bp, dec_wp, dec_k, x + row * dec_k, nullptr, 0, nullptr, logits + row * v, v);
+    const float* last = y[count - 1];
+    const int64_t k = layers[count - 1].hs;
+    each_item(ntiles * dec_blocks, [&](int64_t t) {
+      const auto [first, rows] = tiles[t / dec_blocks];
+      product_block(t % dec_blocks, dec, first, rows, [&](int64_t) { return dec_bias; },
+                    [&](int64_t row) { return last + row * k; }, [](int64_t) -> const float* { return nullptr; },
+                    [&](int64_t row) { return logits + row * dec.m; });
     });
   }
   return out;
 }
 
-// Draw one id per row of ``scores`` (N, V, contiguous float) at ``temperature`` > 0 as charlm.sampling.pick
-// does with no top-k or top-p: one uniform u in [0, 1) per row from the generator (the draw of
-// torch.rand(N, dtype=float64), so it consumes the generator alike), then the first character whose
-// running sum (in double) of exp((score - max) / T) exceeds u times the whole sum. A score of -inf is never
-// drawn; NaN, +inf or no finite score at all: an error saying so (as pick's).
+// rows (R, K) of ``x`` through the packed ``w`` from ``init`` (M,): the products of the step, for layer 0's
+// table (R = the vocabulary), so the table holds what the step would compute.
+at::Tensor fused_products(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& init) {
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), b = init.to(at::kFloat).contiguous();
+  const int64_t rows = xf.size(0), m = b.size(0), blocks = packed.size(0);
+  TORCH_CHECK(packed.size(1) == xf.size(1) && blocks == (m + BLOCK - 1) / BLOCK, "fused_products: shapes differ");
+  at::Tensor out = at::empty({rows, m}, xf.options());
+  const Operands op{packed.data_ptr<float>(), xf.size(1), nullptr, 0, m};
+  const float *xp = xf.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t blk = 0; blk < blocks; ++blk)
+      product_block(blk, op, row, 1, [&](int64_t) { return bp; }, [&](int64_t r) { return xp + r * op.k; },
+                    [](int64_t) -> const float* { return nullptr; }, [&](int64_t r) { return o + r * m; });
+  return out;
+}
+
+// Draw one id per row of ``scores`` (N, V, contiguous float) at ``temperature`` > 0 as
+// charlm.generation.options.pick does with no top-k or top-p: one uniform u in [0, 1) per row from the
+// generator (the draw of torch.rand(N, dtype=float64), so it consumes the generator alike), then the first
+// character whose running sum (in double) of exp((score - max) / T) exceeds u times the whole sum. A score
+// of -inf weighs exactly 0 (never drawn, even at u = 0); NaN, +inf or no finite score at all: an error
+// saying so (as pick's).
 void draw(const float* scores, int64_t n, int64_t v, double temperature, at::CPUGeneratorImpl* gen, int64_t* id) {
   std::vector<float> e(v);
   const float t = static_cast<float>(temperature);
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t row = 0; row < n; ++row) {
     const float* l = scores + row * v;
-    float top = -std::numeric_limits<float>::infinity();
+    float top = ninf;
     bool usable = true;  // -inf is a character ruled out; NaN and +inf are not scores
     for (int64_t k = 0; k < v; ++k) {
       usable = usable && l[k] < std::numeric_limits<float>::infinity();  // false for NaN too
       top = std::max(top, l[k]);
     }
-    TORCH_CHECK(usable && std::isfinite(top), "fused_lstm_sample: scores that are not finite numbers");
-    for (int64_t k = 0; k < v; ++k) e[k] = fast_exp((l[k] - top) / t);
+    TORCH_CHECK(usable && std::isfinite(top), "fused_sample: scores that are not finite numbers");
+    for (int64_t k = 0; k < v; ++k) e[k] = l[k] == ninf ? 0.0f : fast_exp((l[k] - top) / t);
     double total = 0.0;
     for (int64_t k = 0; k < v; ++k) total += e[k];
     double u;
@@ -251,24 +547,22 @@ void draw(const float* scores, int64_t n, int64_t v, double temperature, at::CPU
     }
     const double target = u * total;
     double sum = 0.0;
-    int64_t pick = v - 1;
+    int64_t pick = -1;
     for (int64_t k = 0; k < v; ++k) {
       sum += e[k];
-      if (sum > target) {
-        pick = k;
-        break;
-      }
+      if (e[k] > 0.0f) pick = k;  // the last drawable one, should rounding leave the sum short of the target
+      if (sum > target && e[k] > 0.0f) break;
     }
     id[row] = pick;
   }
 }
 
 // ``length`` characters drawn and stepped in turn from ``logits`` (N, V) and ``states``: -> [ids (length, N),
-// the scores each row of ids was drawn from (length, N, V), then fused_lstm_step's list after the last].
-std::vector<at::Tensor> fused_lstm_sample(const at::Tensor& logits, double temperature, at::TensorList states,
-                                          at::TensorList packed, int64_t length,
-                                          std::optional<at::Generator> generator) {
-  TORCH_CHECK(logits.dim() == 2 && length >= 1, "fused_lstm_sample: logits (N, V) and a length >= 1 expected");
+// the scores each row of ids was drawn from (length, N, V), then fused_step's list after the last].
+std::vector<at::Tensor> fused_sample(const at::Tensor& logits, double temperature, at::TensorList states,
+                                     at::TensorList tensors, at::IntArrayRef layout, int64_t length,
+                                     std::optional<at::Generator> generator) {
+  TORCH_CHECK(logits.dim() == 2 && length >= 1, "fused_sample: logits (N, V) and a length >= 1 expected");
   const int64_t n = logits.size(0), v = logits.size(1);
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   at::Tensor ids = at::empty({length, n}, logits.options().dtype(at::kLong));
@@ -280,7 +574,7 @@ std::vector<at::Tensor> fused_lstm_sample(const at::Tensor& logits, double tempe
     float* row_scores = scores.data_ptr<float>() + t * n * v;
     std::copy_n(current.data_ptr<float>(), n * v, row_scores);
     draw(row_scores, n, v, temperature, gen, ids.data_ptr<int64_t>() + t * n);
-    out = fused_lstm_step(ids.select(0, t), carried, packed);
+    out = fused_step(ids.select(0, t), carried, tensors, layout);
     current = out[0];
     carried.assign(out.begin() + 1, out.end());
   }
@@ -288,17 +582,31 @@ std::vector<at::Tensor> fused_lstm_sample(const at::Tensor& logits, double tempe
   return out;
 }
 
+// (BLOCK, whether the products are vectorised with fused multiply-adds here): the packing's block and how
+// this build of the library computes.
+std::vector<int64_t> fused_build() {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  const int64_t fma = 1;
+#else
+  const int64_t fma = 0;
+#endif
+  return {BLOCK, fma};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(charlm, m) {
-  m.def("fused_lstm_pack(Tensor[] weights) -> Tensor[]");
-  m.def("fused_lstm_step(Tensor ids, Tensor[] states, Tensor[] packed) -> Tensor[]");
-  m.def("fused_lstm_sample(Tensor logits, float temperature, Tensor[] states, Tensor[] packed, int length, "
-        "Generator? generator=None) -> Tensor[]");
+  m.def("fused_build() -> int[]", TORCH_FN(fused_build));
+  m.def("fused_pack_matrix(Tensor w) -> Tensor");
+  m.def("fused_products(Tensor x, Tensor packed, Tensor init) -> Tensor");
+  m.def("fused_step(Tensor ids, Tensor[] states, Tensor[] tensors, int[] layout) -> Tensor[]");
+  m.def("fused_sample(Tensor logits, float temperature, Tensor[] states, Tensor[] tensors, int[] layout, "
+        "int length, Generator? generator=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(charlm, CompositeExplicitAutograd, m) {
-  m.impl("fused_lstm_pack", TORCH_FN(fused_lstm_pack));
-  m.impl("fused_lstm_step", TORCH_FN(fused_lstm_step));
-  m.impl("fused_lstm_sample", TORCH_FN(fused_lstm_sample));
+  m.impl("fused_pack_matrix", TORCH_FN(fused_pack_matrix));
+  m.impl("fused_products", TORCH_FN(fused_products));
+  m.impl("fused_step", TORCH_FN(fused_step));
+  m.impl("fused_sample", TORCH_FN(fused_sample));
 }
