@@ -32,6 +32,7 @@ version) or is replaced.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ MAX_ROWS = 16
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, the only one the C++ applies
 _PACK = "_fused_step_pack"
 _enabled = Switch()
+_vectorised: bool | None = None  # this build's vector FMA (build()), asked once
 
 # the layer kinds and the flags' bits of fused_step.cpp
 GATED, GRU, NORM_LSTM, MOGRIFIER = 0, 1, 2, 3
@@ -222,17 +224,33 @@ def make_pack(model: CharLM) -> Pack:
         return Pack(head + tensors, layout, states)
 
 
+def vectorised() -> bool:
+    """Whether this build of the library computes with vector fused multiply-adds (AVX2 and FMA, AVX-512, or
+    Arm's NEON). Built for PyTorch's capability ``DEFAULT`` (an x86 CPU without AVX2, or
+    ``ATEN_CPU_CAPABILITY=default``) its products are SSE2 multiplies and adds, several times slower than the
+    ATen op, whose matrix products pick their own instructions: there generation takes the ATen op, said once."""
+    global _vectorised
+    if _vectorised is None:
+        _vectorised = build()[1]
+        if not _vectorised:
+            warnings.warn("charlm: this CPU (or ATEN_CPU_CAPABILITY) gives the fused sampling route no vector "
+                          "fused multiply-adds (AVX2 and FMA), where it is slower than PyTorch's own products; "
+                          "sampling takes the ATen op instead", RuntimeWarning, stacklevel=3)
+    return _vectorised
+
+
 def packed(model: CharLM, loaded: Callable[[], bool]) -> Pack | None:
     """The model's weights packed for the fused step, or None where it does not take this route (or it is
-    off, or ``loaded()``, which loads the library where it can, says it is not there). Packed again when a
-    parameter changed (its version) or was replaced; the tensors are read from the modules at each call."""
+    off, or ``loaded()``, which loads the library where it can, says it is not there, or this build is not
+    :func:`vectorised`). Packed again when a parameter changed (its version) or was replaced; the tensors are
+    read from the modules at each call."""
     if not _enabled:
         return None
     try:
         is_ours, key, pack = model.__dict__[_PACK]
     except KeyError:
         is_ours, key, pack = model.__dict__[_PACK] = (takes_route(model), None, None)
-    if not is_ours or not loaded():
+    if not is_ours or not loaded() or not vectorised():
         return None  # (found once: a model's layers do not change)
     weights = _sources(model)
     assert weights is not None
