@@ -6,7 +6,7 @@ one training step each, so a busy shared CPU slows them all alike; the figure pe
 median step time over --steps steps after --warmup steps (``--stat min`` takes the fastest step
 instead, the better estimate when other jobs share the CPU).
 
-    python benchmarks/cells.py                                  # every cell, 2 x 256, batch 32, bptt 128
+    python benchmarks/cells.py                                  # every cell at the default config's shape
     python benchmarks/cells.py --cells lstm,gru --steps 5       # a quick look
 
 Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
@@ -20,7 +20,14 @@ normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`ch
 ``CELL[key=value,...]`` sets the cell's own config keys (``model.CELL_key``): ``mogrifier[rank=32]``,
 ``mogrifier[rounds=0]`` (``mogrifier`` alone: the config's defaults).
 ``nn.LSTM`` is the reference; ``CELL[autograd]`` runs any cell with a kernel through the engine's
-autograd loop instead. Paths: ``torch`` (a torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
+autograd loop instead. The shape is the default config's (``configs/default.yaml``: 2 x 384, batch 32, bptt
+128) unless ``--hidden`` / ``--layers`` / ``--batch`` / ``--bptt`` say otherwise. ``vs nn.LSTM`` compares
+characters per second; ``per FLOP`` compares the arithmetic done per second: each row's characters per
+second times its matrix multiply-adds per character (:func:`macs_per_char`: every weight matrix of the
+recurrent layers and the decoder, once per character; a Mogrifier round's matrix at its full size, as the
+step uses it) over nn.LSTM's, so a cell that needs fewer products (GRU: three gate blocks, not four) is not
+credited for doing less. The header names the CPU, its features and torch's capability. Paths: ``torch`` (a
+torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
 hand-written forward/backward-through-time kernel), ``c++``, ``compiled``, ``autograd``, ``naive``.
 """
 
@@ -39,9 +46,11 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import describe_cpu
 from charlm.cells import norm_lstm_cpp
 from charlm.cells.onednn_matmul import onednn_off
 from charlm.cells.registry import CELLS
+from charlm.config import load_config
 from charlm.model.recurrent_layer import RecurrentLayer
 from charlm.native.build import cpp_off
 
@@ -123,6 +132,22 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     return CharLM(stack, args.vocab, h), path
 
 
+def macs_per_char(model: nn.Module) -> int:
+    """Multiply-adds per character of one forward step through the model's weight matrices: every 2-D
+    parameter but the embedding's (a row lookup), a factorised Mogrifier round counted at its full size (the
+    step multiplies by the product of its factors). Training costs about three times this, for every row."""
+    total = 0
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or name.startswith("embed"):
+            continue
+        if name.endswith("_left_l0"):  # a Mogrifier round's factors: its full matrix, once
+            right = dict(model.named_parameters())[name.replace("_left_l0", "_right_l0")]
+            total += p.shape[0] * right.shape[1]
+        elif not name.endswith("_right_l0"):
+            total += p.numel()
+    return total
+
+
 def switch_off(row: str) -> AbstractContextManager[None]:
     """What a row runs without: oneDNN's products (``[no-onednn]``) or the C++ kernel (``[python]``)."""
     if row.endswith("[no-onednn]"):
@@ -149,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cells", default="all", help="comma-separated rows (default: all)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--bptt", type=int, default=128)
+    default = load_config("default")
+    ap.add_argument("--hidden", type=int, default=default.model.hidden_size)
+    ap.add_argument("--layers", type=int, default=default.model.num_layers)
+    ap.add_argument("--batch", type=int, default=default.data.batch_size)
+    ap.add_argument("--bptt", type=int, default=default.data.bptt)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--data", default="", help="train on windows of this text file instead of random chars")
@@ -190,15 +216,19 @@ def main(argv: list[str] | None = None) -> None:
     chars = args.batch * args.bptt
     stat = statistics.median if args.stat == "median" else min
     ref = chars / stat(times[REFERENCE])
+    ref_macs = macs_per_char(models[REFERENCE][0])
     print(
-        f"# {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
+        f"# {describe_cpu()}; {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
         f"{torch.get_num_threads()} threads, {args.stat} of {args.steps} timed steps, torch {torch.__version__}"
     )
-    print(f"{'cell':<20} {'path':<8} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10}")
+    print(f"{'cell':<20} {'path':<8} {'params':>9} {'MACs/char':>10} {'chars/s':>9} {'vs nn.LSTM':>10} {'per FLOP':>8}")
     for row, (model, _, path) in models.items():
         rate = chars / stat(times[row])
         n = sum(p.numel() for p in model.parameters())
-        print(f"{row:<20} {path:<8} {n:>9,} {rate:>9,.0f} {rate / ref:>10.2f}")
+        macs = macs_per_char(model)
+        print(f"{row:<20} {path:<8} {n:>9,} {macs:>10,} {rate:>9,.0f} {rate / ref:>10.2f} "
+              f"{rate * macs / (ref * ref_macs):>8.2f}")
+
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -34,13 +33,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from benchmarks.machine import describe_cpu
 from charlm.config import load_config
 from charlm.generation.continuation import Continuation, read_prime
 from charlm.generation.options import pick
 from charlm.model import fast_step, fused_step
 from charlm.model.char_lm import CharLM
 from charlm.native.build import cpp_off
-from charlm.tools.env import cpu
 
 VOCAB = 65
 PRIME = torch.tensor([30, 27, 25, 17, 27, 10])  # "ROMEO:" in tiny Shakespeare's vocabulary
@@ -151,14 +150,6 @@ def route(model: CharLM, streams: int) -> str:
     return "aten op" if fast_step.plan_for(model) is not None and fast_step.available() else "python"
 
 
-def cpu_name() -> str:
-    """The CPU's model name and the features its kernels use (``charlm env``'s reading), torch's capability."""
-    facts = cpu()
-    flags = [name for name in ("avx2", "fma", "avx512f", "avx512_bf16", "amx") if facts.get(name)]
-    return (f"{facts['model'] or platform.machine()} ({', '.join(flags) or 'none of avx2, fma, avx512f'}; "
-            f"torch capability {torch.backends.cpu.get_cpu_capability()})")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default="lstm,gru,peephole,lstm-ln,mogrifier")
@@ -174,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)  # as charlm.training.fit.fast_cpu_math does, for every row alike
     fast_step.available()  # build (or load) the op before anything is timed
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    machine = cpu_name()
+    machine = describe_cpu()
     if not args.json:
         shape = load_config("default").model
         print(f"# {machine}; default config ({shape.num_layers} x {shape.hidden_size}, tied), random init, "

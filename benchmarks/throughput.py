@@ -21,9 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.baseline import PlainLSTM, train_plain
+from benchmarks.machine import describe_cpu
 from charlm.config import load_config
 from charlm.data.datamodule import CharDataModule
 from charlm.generation.continuation import generate
+from charlm.model import fast_step, fused_step
 from charlm.training.fit import build_trainer
 from charlm.training.lightning_module import CharLMModule
 from charlm.util.threads import fast_cpu_math
@@ -103,13 +105,15 @@ def main() -> None:
                                       args.sample_length)
 
     m, d = cfg.model, cfg.data
-    table = Table(title=f"{m.cell} {m.num_layers}x{m.hidden_size}, batch {d.batch_size}, bptt {d.bptt}, "
-                        f"{torch.get_num_threads()} threads")
+    route = "fused" if fused_step.packed(module.model, fast_step.available) is not None else (
+        "aten op" if fast_step.plan_for(module.model) is not None and fast_step.available() else "python")
+    table = Table(title=f"{describe_cpu()}\n{m.cell} {m.num_layers}x{m.hidden_size}, batch {d.batch_size}, "
+                        f"bptt {d.bptt}, {torch.get_num_threads()} threads")
     for col in ("what", "plain nn.LSTM chars/s", "charlm chars/s", "ratio"):
         table.add_column(col)
     table.add_row("training (Lightning step)", f"{base['chars_per_s']:,.0f}", f"{ours:,.0f}",
                   f"{ours / base['chars_per_s']:.2f}")
-    table.add_row("sampling, one stream", f"{plain_sample:,.0f}", f"{ours_sample:,.0f}",
+    table.add_row(f"sampling, one stream ({route} route)", f"{plain_sample:,.0f}", f"{ours_sample:,.0f}",
                   f"{ours_sample / plain_sample:.2f}")
     Console().print(table)
 
