@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shakespeare_text
+from conftest import shakespeare_text, write_model_checkpoint
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from charlm.cells.registry import cell_names
 from charlm.cli import app
 from charlm.data.corpus import sha256_of
 from charlm.model.checkpoint import load_model
 from charlm.tools.export import model_card
+from charlm.tools.export.hub import export_folder
 from charlm.util.atomic import FOLDER_MODE
 
 runner = CliRunner()
@@ -60,6 +62,28 @@ def test_the_folder_holds_the_weights_under_their_documented_names(folder: Path,
     assert card.startswith("---\nlibrary_name: charlm\n") and "\n---\n\n# smoke\n" in card
     for name in names:  # every tensor in the card's table, with its shape
         assert f"| `{name}` | {' x '.join(map(str, stored[name].shape))} |" in card
+
+
+def test_every_cell_round_trips_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each cell (lstm-bn's running statistics included), tied and untied, with and without LayerNorm: the
+    folder's model gives the checkpoint's logits bit for bit."""
+    monkeypatch.chdir(tmp_path)  # no corpus here: the card's figures are skipped, quickly
+    text = shakespeare_text(3_000)
+    for i, cell in enumerate(cell_names()):
+        ckpt = write_model_checkpoint(tmp_path / f"{cell}.ckpt", text, seed=i, cell=cell, layer_norm=i % 2 == 0,
+                                      tie_weights=i % 3 != 0)
+        model, vocab, cfg, record = load_model(ckpt)
+        if cell == "lstm-bn":  # running statistics of 5 steps, so that the buffers hold something
+            model.train()
+            with torch.no_grad():
+                model(vocab.encode(text[:40]).view(8, 5))
+            model.eval()
+        export_folder(model, vocab, cfg, record, tmp_path / cell, name=cell)
+        again, _, again_cfg, _ = load_model(tmp_path / cell)
+        assert again_cfg == cfg
+        ids = vocab.encode(text[:300])[None]
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, model(ids).logits), cell
 
 
 def served(offered: Path) -> tuple[list[str], dict[str, object]]:

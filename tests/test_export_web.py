@@ -45,7 +45,6 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 OPTIONS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
            "--window-size=1280,860"]
-SHOTS = os.environ.get("CHARLM_SCREENSHOTS")  # a folder: the UI test saves its screenshot there too
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -219,8 +218,6 @@ def form_writes_the_same(driver: Any, prime: str, expected: str, tmp_path: Path)
     assert written == driver.execute_script(
         "return window.charlm.generate(arguments[0], arguments[1], {temperature: 0.8, seed: 3})", prime, len(written))
     driver.save_screenshot(str(tmp_path / "page.png"))
-    if SHOTS:
-        driver.save_screenshot(str(Path(SHOTS) / "web-page.png"))
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
     field("prime", "ROMEO: ☃")

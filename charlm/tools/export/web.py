@@ -9,8 +9,8 @@ What the page holds is what its step reads, from the model in eval mode and in f
 the page's precision: per layer the recurrent tensors, the input projection's weight and its summed bias (or the
 cell's own: ``gru``, ``mut1``, ``lstm-ln``), and ``mogrifier``'s prepared round matrices; then each output
 LayerNorm and the decoder. Layer 0 reads embedding rows only, so its input projection is stored once per
-character as a table (V, K) = ``cell.project(embedding)``: for the default model a sixth of the weights fewer and a
-quarter of the multiplications per character less. The page computes in float64 (JavaScript's numbers) from
+character as a table (V, K) = ``cell.project(embedding)``: for the default model a fifth fewer numbers and a
+quarter fewer multiplications per character. The page computes in float64 (JavaScript's numbers) from
 these float32 or float16 values.
 
 The numbers travel as one blob: every value in float16 (default) or float32, the bytes split into planes (every
