@@ -29,6 +29,7 @@ from charlm.config import Config, ModelConfig, load_config
 from charlm.data.vocab import Vocab
 from charlm.generation.options import filtered_probs
 from charlm.model.char_lm import CharLM
+from charlm.model.checkpoint import load_model
 from charlm.native.build import cpp_off
 from charlm.tools.export.onnx import NOT_EXPORTABLE
 from charlm.tools.export.web import export_page, render_page, web_cells
@@ -257,8 +258,6 @@ def test_the_page_draws_as_charlm_pick_weighs(driver: Any, sharp_checkpoint: Pat
 
 
 def _loaded(ckpt: Path) -> tuple[CharLM, Vocab, Config]:
-    from charlm.model.checkpoint import load_model
-
     model, vocab, cfg, _ = load_model(ckpt)
     return model, vocab, cfg
 

@@ -362,6 +362,7 @@ function charlmPick(logits, temperature, topK, topP, random) {
 
 /** The characters after a prime, one id per next(): the prime read from a zero state, then pick, step, pick ... */
 function* charlmContinue(model, primeIds, length, { temperature, topK, topP, seed }) {
+  if (!primeIds.length) throw new Error("the prime is empty: give at least one character for the model to continue");
   const random = charlmRandom(seed);
   model.reset();
   let logits = null;
