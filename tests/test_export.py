@@ -126,7 +126,8 @@ def test_export_bad_input_writes_nothing(trained_run: Path, tmp_path: Path, monk
     ckpt = str(trained_run / "best.ckpt")
     missing = tmp_path / "none.ckpt"
     assert invoke("export", str(missing)) == (2, f"error: checkpoint {missing} does not exist")
-    assert invoke("export", ckpt, "--format", "tflite") == (2, "error: --format must be one of onnx, got 'tflite'")
+    assert invoke("export", ckpt, "--format", "tflite") == (
+        2, "error: --format must be one of onnx, web, safetensors, got 'tflite'")
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("mine")

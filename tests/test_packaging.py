@@ -2,7 +2,8 @@
 
 The suite itself runs on a source tree or an editable install, which read the repository's folders in place;
 the wheel must carry the same files inside the package: the named configs (the top-level ``configs/``, mapped
-into ``charlm/configs/`` by setup.py), every C++ source and header, the serve page and the viz assets.
+into ``charlm/configs/`` by setup.py), every C++ source and header, the serve page, the viz assets and the export
+assets (the web page's files, the model card's template).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def test_the_wheel_carries_every_file_the_package_reads(wheel: Path) -> None:
     expected |= {f"charlm/native/csrc/{p.name}" for p in (REPO / "charlm" / "native" / "csrc").iterdir()}
     expected |= {"charlm/tools/serve/static/index.html"}
     expected |= {f"charlm/tools/viz/assets/{p.name}" for p in (REPO / "charlm" / "tools" / "viz" / "assets").iterdir()}
+    expected |= {f"charlm/tools/export/assets/{p.name}"
+                 for p in (REPO / "charlm" / "tools" / "export" / "assets").iterdir()}
+    assert {"charlm/tools/export/assets/model.js", "charlm/tools/export/assets/model_card.md"} <= expected
     assert {"charlm/configs/default.yaml", "charlm/configs/smoke.yaml", "charlm/configs/awd-lstm.yaml"} <= expected
     assert expected <= names, sorted(expected - names)
     packages = {str(p.parent.relative_to(REPO)) for p in (REPO / "charlm").rglob("__init__.py")}

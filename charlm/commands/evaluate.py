@@ -19,7 +19,8 @@ DYNAMIC_LR, DYNAMIC_DECAY = 1e-4, 0.0  # --dynamic's step size and decay: the be
 
 @friendly
 def evaluate(
-    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint: a .ckpt file or an exported safetensors folder (default: newest run's best).")] = None,
     split: Annotated[str, typer.Option(help="val or test.")] = "val",
     text: Annotated[str | None, typer.Option(help="Evaluate this text file instead of a split.")] = None,
     data: Annotated[str | None, typer.Option(help="Corpus the split is cut from (default: the run's).")] = None,
@@ -42,7 +43,7 @@ def evaluate(
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
     from charlm.data.corpus import load_corpus, read_corpus, resolve_corpus_path
-    from charlm.data.datamodule import corpus_ids, split_ids, text_ids
+    from charlm.data.datamodule import run_splits, text_ids
     from charlm.evaluation.dynamic import evaluate_dynamic, evaluate_static, write_char_nlls
     from charlm.evaluation.scoring import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
     from charlm.model.checkpoint import load_model
@@ -71,9 +72,7 @@ def evaluate(
     splits = None
     if text is None or dynamic:  # dynamic evaluation's gradient statistics come from the training split
         corpus = load_corpus(data if data is not None else cfg.data.path)
-        # as the run cut it: a fine-tuned run with data.drop_unknown trained without the characters it dropped
-        all_ids, _ = corpus_ids(vocab, corpus.text, f"corpus {corpus.path}", drop_unknown=cfg.data.drop_unknown)
-        splits = split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction)
+        splits = run_splits(vocab, cfg.data, corpus)  # as the run cut it
         ids, source = getattr(splits, split), f"{corpus.path} ({split} split)"
     if text is not None:
         corpus = read_corpus(resolve_corpus_path(text, option="--text"))

@@ -23,7 +23,8 @@ DEFAULT_TEMPERATURE = 0.8
 
 @friendly
 def sample(
-    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint: a .ckpt file or an exported safetensors folder (default: newest run's best).")] = None,
     prime: Annotated[str | None, typer.Option(
         help="Text the sample starts with (default: a newline).", show_default=False)] = None,
     prime_file: Annotated[str | None, typer.Option(help="Read the prime from this UTF-8 file.")] = None,

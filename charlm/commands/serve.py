@@ -16,7 +16,8 @@ NEEDS_EXTRA = 'charlm serve needs FastAPI and uvicorn, which are not installed: 
 @friendly
 def serve(
     checkpoint: Annotated[list[str] | None, typer.Option(metavar="FILE",
-        help="A checkpoint to offer (repeatable); the page switches between them.")] = None,
+        help="A checkpoint to offer, a .ckpt file or an exported safetensors folder (repeatable); the page switches "
+             "between them.")] = None,
     runs: Annotated[str | None, typer.Option(metavar="FOLDER",
         help="Offer every <runs>/<run>/best.ckpt (default, without --checkpoint: checkpoints/).")] = None,
     host: Annotated[str, typer.Option(

@@ -30,7 +30,8 @@ def _numbers(value: str | None, option: str) -> set[int] | None:
 
 @friendly
 def viz(
-    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: newest run's best).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint: a .ckpt file or an exported safetensors folder (default: newest run's best).")] = None,
     text: Annotated[str | None, typer.Option(help="Text file to show (default: a sample from --prime).")] = None,
     prime: Annotated[str, typer.Option(help="Without --text: the sample starts with this.",
                                        show_default="a newline")] = "\n",

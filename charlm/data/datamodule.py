@@ -121,6 +121,14 @@ def corpus_ids(vocab: Vocab, text: str, what: str, *, drop_unknown: bool = False
     return vocab.encode(text, what=what), dropped
 
 
+def run_splits(vocab: Vocab, data: DataConfig, corpus: Corpus) -> Splits:
+    """``corpus`` cut as a run with this ``data`` section cut it: its characters dropped or refused as the run
+    did (a fine-tuned run with ``data.drop_unknown`` trained without those it dropped), then its fractions.
+    ``charlm eval`` and the model card of ``charlm export --format safetensors`` score these splits."""
+    ids, _ = corpus_ids(vocab, corpus.text, f"corpus {corpus.path}", drop_unknown=data.drop_unknown)
+    return split_ids(ids, data.val_fraction, data.test_fraction)
+
+
 def text_ids(vocab: Vocab, text: str, what: str) -> Tensor:
     """Encode an evaluation text with a checkpoint's vocabulary (a clear error for unknown chars)."""
     if len(text) < 2:

@@ -33,6 +33,12 @@ def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch
         if not bool(torch.isfinite(logits).all()):
             raise CharlmError(NOT_FINITE)
         return logits.argmax(dim=-1)
+    return draw(filtered_probs(logits, temperature, top_k, top_p), generator)
+
+
+def filtered_probs(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """The weights (N, V) :func:`pick` draws from at a temperature above 0: softmax(logits / T) over the top k,
+    0 outside the nucleus of mass ``top_p`` (not renormalised: the draw divides by the sum)."""
     # from the top score down: a tiny temperature gives 0 for the best and -inf for the rest (never
     # inf - inf = NaN), a huge one gives a uniform draw; float64 only for a temperature float32 cannot hold
     logits = logits.to(torch.float32 if temperature >= torch.finfo(torch.float32).tiny else torch.float64)
@@ -43,7 +49,7 @@ def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         probs = _nucleus(probs, top_p)
-    return draw(probs, generator)
+    return probs
 
 
 def draw(weights: Tensor, generator: torch.Generator) -> Tensor:

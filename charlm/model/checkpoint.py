@@ -3,6 +3,10 @@
 A checkpoint is Lightning's ``.ckpt`` dictionary. Its ``hyper_parameters`` hold only primitives (the
 config as nested dicts and the vocabulary as a string), so ``torch.load(..., weights_only=True)``
 reads it: unpickling can build tensors and plain containers, never call arbitrary code.
+
+A checkpoint may also be a model folder (``model.safetensors`` + ``config.json``, as ``charlm export --format
+safetensors`` writes it): :func:`load_model` reads a folder through :mod:`charlm.model.weights_folder`, which
+never unpickles anything, and builds the model the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from charlm import __version__
 from charlm.config import Config, from_dict
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
+from charlm.model.weights_folder import CONFIG_FILE, WEIGHTS_FILE, checkpoint_view, read_folder, with_tied_decoder
 from charlm.util.errors import CharlmError
 
 FORMAT_VERSION = 1  # bump when a checkpoint of the previous layout can no longer be read
@@ -80,14 +85,14 @@ def newest_run_checkpoint(out_dir: str | Path = "checkpoints", name: str = "best
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def _weights_mismatch(path: Path, state: dict[str, Any], model: torch.nn.Module, vocab_size: int,
+def _weights_mismatch(what: str, state: dict[str, Any], model: torch.nn.Module, vocab_size: int,
                       model_config: Any) -> str | None:
-    """What does not fit between a checkpoint's weights and the model its config and vocabulary describe
+    """What does not fit between the weights ``what`` holds and the model its config and vocabulary describe
     (shapes of parameters only: a buffer such as lstm-bn's per-step statistics grows as it loads)."""
     expected, params = model.state_dict(), dict(model.named_parameters())
     rows = state.get("encoder.weight")
     if isinstance(rows, torch.Tensor) and rows.dim() == 2 and rows.shape[0] != vocab_size:
-        return (f"checkpoint {path} was trained with a vocabulary of {rows.shape[0]} characters, but the vocabulary "
+        return (f"{what} was trained with a vocabulary of {rows.shape[0]} characters, but the vocabulary "
                 f"stored with it has {vocab_size}; the file was altered or damaged: use another checkpoint or retrain")
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -106,37 +111,47 @@ def _weights_mismatch(path: Path, state: dict[str, Any], model: torch.nn.Module,
     if not parts:
         return None
     m = model_config
-    return (f"checkpoint {path} holds weights that do not fit the model its config describes (cell {m.cell}, "
+    return (f"{what} holds weights that do not fit the model its config describes (cell {m.cell}, "
             f"{m.num_layers} layer(s) of {m.hidden_size}, embedding {m.embedding_size}): {'; '.join(parts)}; "
             f"the file was altered, or written by a charlm whose models differ from this one ({__version__})")
 
 
 def load_model(path: str | Path) -> tuple[CharLM, Vocab, Config, dict[str, Any]]:
-    """(model in eval mode, vocab, config, raw checkpoint) from a checkpoint, without Lightning."""
+    """(model in eval mode, vocab, config, raw checkpoint) from a checkpoint file, or from a model folder (then
+    the last item is the folder's record in a checkpoint's keys: :func:`charlm.model.weights_folder.checkpoint_view`),
+    without Lightning."""
     path = Path(path)
-    ckpt = safe_load(path)
-    hp = ckpt["hyper_parameters"]
+    if path.is_dir():
+        contents = read_folder(path)
+        hp: dict[str, Any] = {"config": contents.config, "vocab": contents.vocab}
+        what, ckpt = f"checkpoint folder {path}", checkpoint_view(contents, FORMAT_VERSION)
+        weights_of, saved = f"{path / WEIGHTS_FILE} (with its {CONFIG_FILE})", contents.tensors
+    else:
+        ckpt = safe_load(path)
+        hp = ckpt["hyper_parameters"]
+        what = weights_of = f"checkpoint {path}"
+        saved = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         config = from_dict(hp["config"])
     except (CharlmError, KeyError, TypeError, AttributeError) as exc:
         # a config key this version does not know: the one case a newer charlm is the likely cause
         raise CharlmError(f"{path} does not match this version of charlm: {' '.join(str(exc).split())}") from None
     try:
-        vocab = Vocab(hp["vocab"], origin=f"checkpoint {path}")
+        vocab = Vocab(hp["vocab"], origin=what)
     except (CharlmError, TypeError) as exc:
-        raise CharlmError(f"checkpoint {path} holds a damaged vocabulary ({' '.join(str(exc).split())}); "
+        raise CharlmError(f"{what} holds a damaged vocabulary ({' '.join(str(exc).split())}); "
                           "use another checkpoint or retrain") from None
     try:
         model = CharLM(len(vocab), config.model)
     except (CharlmError, RuntimeError, ValueError, TypeError) as exc:
-        raise CharlmError(f"checkpoint {path} describes a model this charlm ({__version__}) cannot build: "
+        raise CharlmError(f"{what} describes a model this charlm ({__version__}) cannot build: "
                           f"{' '.join(str(exc).split())}") from None
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = with_tied_decoder(saved, config.model.tie_weights)
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise CharlmError(_weights_mismatch(path, state, model, len(vocab), config.model) or
-                          f"checkpoint {path} holds weights this charlm ({__version__}) cannot load: "
+        raise CharlmError(_weights_mismatch(weights_of, state, model, len(vocab), config.model) or
+                          f"{what} holds weights this charlm ({__version__}) cannot load: "
                           f"{' '.join(str(exc).split())}") from None
     model.eval()
     return model, vocab, config, ckpt

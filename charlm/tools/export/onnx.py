@@ -11,7 +11,8 @@ batch-norm statistics are kept per time step, so its step depends on the positio
 Beside ``model.onnx`` the export writes ``model.json``: the vocabulary (characters in id order), the
 cell, each input and output by name and shape, the state layout (per layer: names and shapes; it starts
 at zeros) and the sampling defaults of the checkpoint's ``sample`` section. Both files are written in a
-temporary folder beside the target and moved in only when complete, so a failed export leaves nothing.
+temporary folder beside the target and moved in only when complete, so a failed export leaves nothing
+(:mod:`charlm.tools.export.staging`).
 
 The exporter is PyTorch's TorchScript-based one (``dynamo=False``): the graph is a fixed, branch-free
 step, which tracing captures exactly, and tracing is far quicker than ``torch.export`` (``dynamo=True``,
@@ -22,9 +23,6 @@ but present; ``tests/test_export.py`` fails if it stops producing a graph that m
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +36,12 @@ from charlm.cells.onednn_matmul import onednn_off
 from charlm.config import Config
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
-from charlm.util.atomic import FOLDER_MODE, atomic_write_text, fsync_folder, rename_into_place
+from charlm.tools.export.staging import check_out_folder, move_in, staged_folder
+from charlm.util.atomic import atomic_write_text
 from charlm.util.errors import CharlmError
 
-FORMATS = ("onnx",)
 ONNX_FILE, META_FILE = "model.onnx", "model.json"
+FILES = (ONNX_FILE, META_FILE)
 META_FORMAT = "charlm-onnx-step"
 META_VERSION = 1
 OPSET = 17
@@ -191,25 +190,17 @@ def export_model(model: CharLM, vocab: Vocab, config: Config, out: str | Path, *
 
     ``out`` may be missing or empty; a folder holding files is refused unless ``force``, which replaces
     these two files (each by one rename) and leaves anything else in it alone. Nothing is half-written:
-    both files are made in a temporary folder beside ``out`` first."""
+    both files are made in a temporary folder beside ``out`` first (:mod:`charlm.tools.export.staging`)."""
     require_onnx()
     check_exportable(config.model.cell)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CharlmError(f"--out {out} is a file, not a folder; give a folder for {ONNX_FILE} and {META_FILE}")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CharlmError(f"--out {out} already holds files; choose a new or empty folder, or add --force to "
-                          f"replace its {ONNX_FILE} and {META_FILE}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    check_out_folder(out, FILES, force)
+    with staged_folder(out) as staging:
         write_onnx(model, staging / ONNX_FILE)
         _check_graph(model, staging / ONNX_FILE)
         atomic_write_text(staging / META_FILE, json.dumps(metadata(model, vocab, config), indent=2) + "\n")
-        _move_in(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return [out / ONNX_FILE, out / META_FILE]
+        move_in(staging, out, FILES)
+    return [out / name for name in FILES]
 
 
 def _check_graph(model: CharLM, path: Path) -> None:
@@ -224,17 +215,3 @@ def _check_graph(model: CharLM, path: Path) -> None:
     if not worst <= 1e-3:  # float rounding of the same ops stays far below this
         raise CharlmError(f"the exported graph's logits differ from charlm's by {worst:.3g}, so it was not written; "
                           "please report this with `charlm cells` and the checkpoint's cell")
-
-
-def _move_in(staging: Path, out: Path) -> None:
-    """Put the finished files in place: the whole folder in one rename where ``out`` is missing or empty,
-    else (``--force``) each file by its own rename."""
-    if not out.exists() or not any(out.iterdir()):
-        if out.exists():
-            out.rmdir()
-        os.chmod(staging, FOLDER_MODE)
-        rename_into_place(staging, out)  # the caller's cleanup then finds nothing left to remove
-    else:
-        for name in (ONNX_FILE, META_FILE):
-            rename_into_place(staging / name, out / name)
-    fsync_folder(out)

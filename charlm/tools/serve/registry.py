@@ -1,7 +1,8 @@
 """The checkpoints a server offers: listed at start, each loaded on first use, a few kept in memory.
 
-A checkpoint is loaded only through :func:`charlm.model.checkpoint.load_model` (``weights_only=True``): what a
-page asks for never makes the server run code from a file.
+A checkpoint is loaded only through :func:`charlm.model.checkpoint.load_model` (``weights_only=True``; a model
+folder of ``charlm export --format safetensors`` is read without unpickling at all): what a page asks for never
+makes the server run code from a file.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Registry:
             raise CharlmError("no checkpoint to serve: pass --checkpoint FILE (repeatable) or --runs FOLDER")
         if cache_size < 1:
             raise CharlmError(f"--cache must be at least 1 (models kept in memory), got {cache_size}")
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not (p.is_file() or p.is_dir())]  # a file, or a model folder
         if missing:
             raise CharlmError(f"checkpoint {missing[0]} does not exist" +
                               (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
