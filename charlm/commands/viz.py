@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from charlm.commands.common import checkpoint_path, friendly, out, stdout_may_close
-from charlm.tools.viz.trace import MAX_CHARS
+from charlm.tools.viz.limits import MAX_CHARS
 from charlm.util.errors import CharlmError
 
 

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
+from charlm.tools.viz.limits import MAX_CHARS
 from charlm.util.errors import CharlmError
 
-MAX_CHARS = 20_000  # the default bound on a traced text
+__all__ = ["MAX_CHARS", "TOP_K", "LayerTrace", "Trace", "check_length", "trace", "units_of"]
 TOP_K = 5
 
 
