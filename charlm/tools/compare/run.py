@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from charlm.config import Config, validate
 from charlm.data.corpus import load_corpus
-from charlm.data.datamodule import split_ids
+from charlm.data.datamodule import splits_for
 from charlm.data.vocab import Vocab
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.model.char_lm import count_parameters
@@ -45,14 +45,14 @@ class CheckpointScorer:
 
     def __init__(self, corpus_text: str) -> None:
         self.text = corpus_text
-        self._splits: dict[tuple[str, float, float], Any] = {}
+        self._splits: dict[tuple[str, float, float, str], Any] = {}
 
     def __call__(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
         """Validation and test scores, the checkpoint itself and the model's parameter count."""
         model, vocab, cfg, ckpt = load_model(checkpoint)
-        key = (vocab.chars, cfg.data.val_fraction, cfg.data.test_fraction)
+        key = (vocab.chars, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split)
         if key not in self._splits:
-            self._splits[key] = split_ids(vocab.encode(self.text, what="corpus"), key[1], key[2])
+            self._splits[key] = splits_for(vocab.encode(self.text, what="corpus"), cfg.data)
         splits = self._splits[key]
         kwargs = {"batch_size": cfg.data.eval_batch_size, "bptt": cfg.data.bptt}
         val = evaluate_ids(model, splits.val, **kwargs)
