@@ -3,13 +3,12 @@ arXiv 2410.01201): the GRU and the LSTM with the hidden state taken out of their
 
 Every gate and the candidate depend on the input alone, so a layer's recurrence is the linear one
 h_t = a_t h_{t-1} + b_t, with a_t and b_t known for the whole window after one input projection. Training
-runs it as a parallel scan over the window in log space (the paper's appendix B): log h_t =
+runs it as a parallel scan over the window in log space, as the paper's appendix does: log h_t =
 log A_t + logcumsumexp(log b - log A)_t with log A_t = cumsum(log a)_t, numerically stable because every
 term stays a logarithm (no product of a hundred gates underflows, no quotient overflows), in chunks of 8
-steps that bound float32 rounding (:func:`log_space_scan`). For the log of
-b_t to exist the candidate must be positive: the paper's g (x + 1/2 for x >= 0, sigmoid(x) below) makes it
-so, in the parallel and the sequential form alike. Sampling steps sequentially (:meth:`Cell.step`), the same
-function.
+steps that bound float32 rounding (:func:`log_space_scan`). For the log of b_t to exist the candidate must
+be positive: the paper's g (x + 1/2 for x >= 0, sigmoid(x) below) makes it so, in the parallel and the
+sequential form alike. Sampling steps sequentially (:meth:`Cell.step`), the same function.
 
 The carried state enters the scan linearly, h_t = A_t h_0 + (the scan from zero), rather than as log h_0 as
 in the paper's code: the same value, exact for any h_0 (a fresh state's zeros included, whose logarithm
@@ -53,9 +52,9 @@ def log_space_scan(log_a: Tensor, log_b: Tensor, h0: Tensor, chunk: int = SCAN_C
 
     The window is scanned in chunks of ``chunk`` steps, each starting from the previous chunk's last h.
     In float32, log A_t + logcumsumexp(...) is the difference of two terms of size |log A_t|, which grows
-    with every step (by |log a|, about 0.7 a step at z = 1/2), and so does its rounding: over a whole
-    128-step window it reaches 1e-5 of h; restarting A every 8 steps keeps it to the size of the
-    sequential step's own rounding, for a loop of T / 8 iterations.
+    with every step (by |log a|), and so does its rounding: over a whole window it outgrows the sequential
+    step's own; restarting A every 8 steps keeps it at that size, for a loop of T / 8 iterations
+    (``tests/test_cells_2024.py`` holds both forms to 1e-5 of h over a 128-step window).
     """
     outs: list[Tensor] = []
     h = h0
