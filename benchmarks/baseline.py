@@ -94,4 +94,4 @@ def train_plain(train_ids: Tensor, val_ids: Tensor, vocab_size: int, *, seconds:
                 val = evaluate_ids(_EvalAdapter(model), val_ids, batch_size=eval_batch,  # type: ignore[arg-type]
                                    bptt=eval_bptt, device=device)
                 return {"steps": n_steps, "seconds": elapsed, "chars_per_s": speed, "val_loss": val["loss"],
-                        "val_bpc": val["bpc"]}
+                        "val_bpc": val["bpc"], "parameters": sum(p.numel() for p in model.parameters())}

@@ -8,6 +8,15 @@ instead, the better estimate when other jobs share the CPU).
 
     python benchmarks/cells.py                                  # every cell at the default config's shape
     python benchmarks/cells.py --cells lstm,gru --steps 5       # a quick look
+    python benchmarks/cells.py --cells lstm,mingru,minlstm,slstm --match-params   # at nn.LSTM's parameter count
+
+Besides chars/s and its ratio to ``nn.LSTM``, each row's speed is given per FLOP (``per FLOP``): its training FLOPs
+per character (3 x 2 multiply-adds per weight of every matrix but the embedding, used once per character:
+forward, and the two products of the backward; a factorised Mogrifier round at its full size, as the step
+multiplies by it) times its chars/s, over ``nn.LSTM``'s. Cells of different widths
+or gate counts then compare by how fast they do their arithmetic, and ``--match-params`` gives every row the
+hidden size whose model has the parameter count nearest ``nn.LSTM``'s at ``--hidden`` (equal parameters: about
+equal FLOPs too), as ``charlm compare --match-params`` does.
 
 Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 ``lstm[naive]`` (autograd; per step: ``x[:, t]``, its own input matmul, chunk, five activations),
@@ -17,18 +26,15 @@ Extra rows, the steps from a textbook loop to the engine's custom LSTM path:
 hand-written forward/backward-through-time kernel with PyTorch's own matmuls), ``lstm[custom]`` (that
 kernel with oneDNN's products, as charlm runs it). ``lstm-ln[python]`` / ``lstm-bn[python]`` run the
 normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`charlm.cells.norm_lstm_cpp`).
+``mingru`` and ``minlstm`` train by a parallel scan over the window (path ``scan``,
+:mod:`charlm.cells.min_rnn`), ``slstm`` by the autograd loop.
 ``CELL[key=value,...]`` sets the cell's own config keys (``model.CELL_key``): ``mogrifier[rank=32]``,
 ``mogrifier[rounds=0]`` (``mogrifier`` alone: the config's defaults).
 ``nn.LSTM`` is the reference; ``CELL[autograd]`` runs any cell with a kernel through the engine's
 autograd loop instead. The shape is the default config's (``configs/default.yaml``: 2 x 384, batch 32, bptt
-128) unless ``--hidden`` / ``--layers`` / ``--batch`` / ``--bptt`` say otherwise. ``vs nn.LSTM`` compares
-characters per second; ``per FLOP`` compares the arithmetic done per second: each row's characters per
-second times its matrix multiply-adds per character (:func:`macs_per_char`: every weight matrix of the
-recurrent layers and the decoder, once per character; a Mogrifier round's matrix at its full size, as the
-step uses it) over nn.LSTM's, so a cell that needs fewer products (GRU: three gate blocks, not four) is not
-credited for doing less. The header names the CPU, its features and torch's capability. Paths: ``torch`` (a
-torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
-hand-written forward/backward-through-time kernel), ``c++``, ``compiled``, ``autograd``, ``naive``.
+128) unless ``--hidden`` / ``--layers`` / ``--batch`` / ``--bptt`` say otherwise. The header names the CPU,
+its features and torch's capability. Paths: ``torch`` (a torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
+hand-written forward/backward-through-time kernel), ``c++``, ``scan``, ``compiled``, ``autograd``, ``naive``.
 """
 
 from __future__ import annotations
@@ -107,9 +113,9 @@ class CharLM(nn.Module):
         return self.decode(out)
 
 
-def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
-    """The model for one table row and a word on which path it runs."""
-    h, layers = args.hidden, args.layers
+def build(row: str, args: argparse.Namespace, hidden: int | None = None) -> tuple[nn.Module, str]:
+    """The model for one table row (at ``hidden``, default ``--hidden``) and a word on which path it runs."""
+    h, layers = hidden or args.hidden, args.layers
     if row == REFERENCE:
         return CharLM(nn.LSTM(h, h, layers, batch_first=True), args.vocab, h), "torch"
     if row == "lstm[naive]":
@@ -124,12 +130,18 @@ def build(row: str, args: argparse.Namespace) -> tuple[nn.Module, str]:
     for layer in stack.layers:
         layer.cell.kernel_on = variant not in ("autograd]", "compile]")
     first = stack.layers[0]
-    kernel = first.cell.uses_kernel(torch.empty(0))  # for float32 outside autocast, as the rows run
+    kernel = first.cell.uses_kernel(torch.empty(0, device="cpu"))  # float32 outside autocast, as the rows run
     compiled = first.cell.step_compiled
-    path = "torch" if first.torch_rnn else "kernel" if kernel else "compiled" if compiled else "autograd"
+    scan = hasattr(first.cell, "scan_terms")  # the min cells' parallel scan (charlm.cells.min_rnn)
+    path = "torch" if first.torch_rnn else "kernel" if kernel else "scan" if scan else (
+        "compiled" if compiled else "autograd")
     if kernel and cell in NORM_CELLS and variant != "python]" and norm_lstm_cpp.available():
         path = "c++"
     return CharLM(stack, args.vocab, h), path
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def macs_per_char(model: nn.Module) -> int:
@@ -146,6 +158,28 @@ def macs_per_char(model: nn.Module) -> int:
         elif not name.endswith("_right_l0"):
             total += p.numel()
     return total
+
+
+def train_flops_per_char(model: nn.Module) -> int:
+    """Training FLOPs per character: 3 x 2 per multiply-add of :func:`macs_per_char`, each weight used once per
+    character by the forward product and by the backward's two (its input's gradient and its own)."""
+    return 6 * macs_per_char(model)
+
+
+def matched_hidden(row: str, args: argparse.Namespace, target: int) -> int:
+    """The hidden size whose model for ``row`` has the parameter count nearest ``target`` (ties: the smaller),
+    counted on the meta device (nothing allocated)."""
+    def count(h: int) -> int:
+        with torch.device("meta"):
+            return parameter_count(build(row, args, h)[0])
+
+    lo, hi = 1, max(2, args.hidden)
+    while count(hi) < target:
+        hi *= 2
+    while lo < hi:  # the smallest size with at least the target count
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
+    return lo - 1 if lo > 1 and target - count(lo - 1) <= count(lo) - target else lo
 
 
 def switch_off(row: str) -> AbstractContextManager[None]:
@@ -183,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--data", default="", help="train on windows of this text file instead of random chars")
     ap.add_argument("--stat", choices=("median", "min"), default="median", help="step time per model")
+    ap.add_argument("--match-params", action="store_true",
+                    help="give each row the hidden size nearest nn.LSTM's parameter count at --hidden")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,8 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [REFERENCE, *[r for r in rows if r != REFERENCE]]
     x, y = batches(args)
     models: dict[str, tuple[nn.Module, torch.optim.Optimizer, str]] = {}
+    target = parameter_count(build(REFERENCE, args)[0])
     for row in rows:
-        model, path = build(row, args)
+        hidden = matched_hidden(row, args, target) if args.match_params and row != REFERENCE else args.hidden
+        model, path = build(row, args, hidden)
         models[row] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3), path)
     times: dict[str, list[float]] = {row: [] for row in rows}
     loss_fn = nn.CrossEntropyLoss()
@@ -216,19 +254,19 @@ def main(argv: list[str] | None = None) -> None:
     chars = args.batch * args.bptt
     stat = statistics.median if args.stat == "median" else min
     ref = chars / stat(times[REFERENCE])
-    ref_macs = macs_per_char(models[REFERENCE][0])
+    ref_flops = ref * train_flops_per_char(models[REFERENCE][0])
+    matched = ", hidden sizes matched to nn.LSTM's parameter count" if args.match_params else ""
     print(
-        f"# {describe_cpu()}; {args.layers} x {args.hidden}, batch {args.batch}, bptt {args.bptt}, "
+        f"# {describe_cpu()}; {args.layers} x {args.hidden}{matched}, batch {args.batch}, bptt {args.bptt}, "
         f"{torch.get_num_threads()} threads, {args.stat} of {args.steps} timed steps, torch {torch.__version__}"
     )
-    print(f"{'cell':<20} {'path':<8} {'params':>9} {'MACs/char':>10} {'chars/s':>9} {'vs nn.LSTM':>10} {'per FLOP':>8}")
+    print(f"{'cell':<20} {'path':<8} {'hidden':>6} {'params':>9} {'chars/s':>9} {'vs nn.LSTM':>10} {'per FLOP':>8}")
     for row, (model, _, path) in models.items():
         rate = chars / stat(times[row])
-        n = sum(p.numel() for p in model.parameters())
-        macs = macs_per_char(model)
-        print(f"{row:<20} {path:<8} {n:>9,} {macs:>10,} {rate:>9,.0f} {rate / ref:>10.2f} "
-              f"{rate * macs / (ref * ref_macs):>8.2f}")
-
+        hidden = model.embed.embedding_dim
+        per_flop = rate * train_flops_per_char(model) / ref_flops
+        print(f"{row:<20} {path:<8} {hidden:>6} {parameter_count(model):>9,} {rate:>9,.0f} {rate / ref:>10.2f} "
+              f"{per_flop:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -7,16 +7,19 @@
 Every system trains on the same 90 % split of the same corpus for the same wall time and is scored by
 the same code (:func:`charlm.evaluation.scoring.evaluate_ids`, every character of the 5 % validation split once):
 
-- ``charlm``: ``charlm train`` with the default recipe, sized per budget (``CHARLM_SIZES``);
-- ``mogrifier``: the same recipe with ``model.cell=mogrifier`` (skipped where that cell is not registered);
-- ``plain``: the hand-written nn.LSTM of ``benchmarks/baseline.py`` (2 x 256, Adam 2e-3);
+- ``charlm``: ``charlm train`` with the default recipe (an LSTM), sized per budget (``CHARLM_SIZES``);
+- ``mogrifier``, ``mingru``, ``minlstm``, ``slstm``: the same recipe and candidates with ``model.cell`` set to
+  that cell (``CELL_SYSTEMS``);
+- ``plain``: the hand-written nn.LSTM of ``benchmarks/baseline.py`` (Adam, no schedule), sized per budget
+  (``PLAIN_SIZES``);
 - ``transformer``: the nanoGPT-style decoder of ``benchmarks/transformer.py``, sized per budget
   (``TRANSFORMER_SIZES``).
 
-The candidates per budget are written below (``CHARLM_SIZES``, ``TRANSFORMER_SIZES``); ``--tune`` runs
-them all and keeps the best of each system, the others listed as the tuning's record
-(``benchmarks/results/frontier/frontier.md``). Prints a table, writes
-``frontier.json`` and ``frontier.png`` (val bpc against minutes, log x; needs matplotlib) to ``--out``.
+The candidates per budget are written below (``CHARLM_SIZES``, ``PLAIN_SIZES``, ``TRANSFORMER_SIZES``), three
+per system and budget; ``--tune`` runs them all, for every system alike, and keeps the best of each, the others
+listed as the tuning's record (``benchmarks/results/frontier/frontier.md``); without it each system runs its
+first. Prints a table, writes ``frontier.json`` and ``frontier.png`` (val bpc against minutes, log x; needs
+matplotlib) to ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import json
 import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,24 +64,42 @@ def _gpt(layers: int, width: int, lr: float) -> TransformerConfig:
     return TransformerConfig(layers=layers, width=width, heads=width // 32, block=128, lr=lr)
 
 
+@dataclass(frozen=True)
+class PlainConfig:
+    """A candidate of the plain nn.LSTM (``benchmarks/baseline.py``): its size and Adam's learning rate."""
+
+    layers: int = 2
+    hidden: int = 256
+    lr: float = 2e-3
+
+
 CHARLM_SIZES: list[tuple[float, list[list[str]]]] = [
     (3, [_charlm(128, 2e-2), _charlm(128, 3e-2), _charlm(192, 3e-2)]),
     (8, [_charlm(192, 2e-2), _charlm(128, 2e-2), _charlm(256, 1e-2)]),
     (float("inf"), [_charlm(256, 1e-2, dropout=True), _charlm(192, 2e-2), _charlm(192, 2e-2, dropout=True)]),
+]
+# The plain nn.LSTM: first the baseline as it always ran (2 x 256, Adam 2e-3), then charlm's sizes at the higher
+# rates that won charlm's grid at these budgets (a constant rate, so a notch lower than charlm's peak).
+PLAIN_SIZES: list[tuple[float, list[PlainConfig]]] = [
+    (3, [PlainConfig(), PlainConfig(hidden=128, lr=1e-2), PlainConfig(hidden=128, lr=2e-2)]),
+    (8, [PlainConfig(), PlainConfig(hidden=192, lr=1e-2), PlainConfig(hidden=128, lr=1e-2)]),
+    (float("inf"), [PlainConfig(), PlainConfig(hidden=256, lr=5e-3), PlainConfig(hidden=192, lr=1e-2)]),
 ]
 TRANSFORMER_SIZES: list[tuple[float, list[TransformerConfig]]] = [
     (3, [_gpt(2, 128, 4e-3), _gpt(3, 128, 4e-3), _gpt(2, 128, 8e-3)]),
     (8, [_gpt(4, 128, 3e-3), _gpt(2, 128, 4e-3), _gpt(3, 128, 3e-3)]),
     (float("inf"), [_gpt(4, 192, 2e-3), _gpt(2, 128, 4e-3), _gpt(3, 128, 3e-3)]),
 ]
-SYSTEMS = ("charlm", "mogrifier", "plain", "transformer")
+CELL_SYSTEMS = ("mogrifier", "mingru", "minlstm", "slstm")  # charlm's recipe and candidates, model.cell changed
+SYSTEMS = ("charlm", *CELL_SYSTEMS, "plain", "transformer")
 
 
 def sized(table: list[tuple[float, Any]], minutes: float) -> Any:
     return next(value for limit, value in table if minutes <= limit)
 
 
-Spec = list[str] | TransformerConfig | None  # a charlm size (overrides) or a transformer; None: the table's
+Spec = list[str] | PlainConfig | TransformerConfig | None  # a charlm size (overrides), a plain nn.LSTM or a
+# transformer; None: the table's first
 Task = tuple[str, float, Spec]  # (system, minutes, spec)
 
 
@@ -105,14 +127,16 @@ def run_system(system: str, minutes: float, data: CharDataModule, base: list[str
     size = spec if isinstance(spec, list) else None
     if system == "charlm":
         return run_charlm(minutes, data, base, size)
-    if system == "mogrifier":
+    if system in CELL_SYSTEMS:
         from charlm.cells.registry import CELLS
 
-        return run_charlm(minutes, data, [*base, "model.cell=mogrifier"], size) if "mogrifier" in CELLS else None
+        return run_charlm(minutes, data, [*base, f"model.cell={system}"], size) if system in CELLS else None
     if system == "plain":
-        r = train_plain(data.splits.train, data.splits.val, len(data.vocab), seconds=minutes * 60)
-        return {"size": "nn.LSTM 2x256", "steps": int(r["steps"]), "parameters": None, "val_loss": r["val_loss"],
-                "val_bpc": r["val_bpc"]}
+        p = spec if isinstance(spec, PlainConfig) else sized(PLAIN_SIZES, minutes)[0]
+        r = train_plain(data.splits.train, data.splits.val, len(data.vocab), seconds=minutes * 60, hidden=p.hidden,
+                        layers=p.layers, lr=p.lr)
+        return {"size": f"nn.LSTM {p.layers}x{p.hidden}, lr {p.lr:g}", "steps": int(r["steps"]),
+                "parameters": int(r["parameters"]), "val_loss": r["val_loss"], "val_bpc": r["val_bpc"]}
     c = spec if isinstance(spec, TransformerConfig) else sized(TRANSFORMER_SIZES, minutes)[0]
     r = train_transformer(data.splits.train, data.splits.val, len(data.vocab), c, seconds=minutes * 60)
     return {"size": f"{c.layers}x{c.width}, {c.heads} heads, block {c.block}, lr {c.lr:g}", "steps": int(r["steps"]),
@@ -133,15 +157,17 @@ def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -
     return None if result is None else {"system": system, "minutes": minutes, "spec": repr(spec), **result}
 
 
+def candidates_of(system: str) -> list[tuple[float, list[Any]]]:
+    """The table of a system's candidates per budget: charlm's for charlm and every cell system."""
+    return {"plain": PLAIN_SIZES, "transformer": TRANSFORMER_SIZES}.get(system, CHARLM_SIZES)
+
+
 def tasks_for(systems: list[str], budgets: list[float], tune: bool) -> list[Task]:
-    """The runs: every system at every budget; with ``tune``, every candidate of charlm, the Mogrifier
-    (charlm's candidates, the cell changed) and the transformer."""
+    """The runs: every system at every budget; with ``tune``, every candidate of every system (three each)."""
     tasks: list[Task] = []
     for minutes in budgets:
         for system in systems:
-            table: list[Any] | None = {"charlm": CHARLM_SIZES, "mogrifier": CHARLM_SIZES,
-                                       "transformer": TRANSFORMER_SIZES}.get(system)
-            candidates = sized(table, minutes) if table is not None and tune and system != "mogrifier" else [None]
+            candidates = sized(candidates_of(system), minutes) if tune else [None]
             tasks += [(system, minutes, spec) for spec in candidates]
     return tasks
 
@@ -216,7 +242,7 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="corpus (default: tiny Shakespeare, as `charlm data` finds it)")
     parser.add_argument("--out", default="frontier", help="folder for frontier.json and frontier.png")
     parser.add_argument("--tune", action="store_true",
-                        help="run every candidate size (and lr) of charlm and the transformer; keep the best")
+                        help="run every candidate size (and lr) of every system; keep the best of each")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; above 1 each gets one thread of its own (default: 1, torch's threads)")
     args = parser.parse_args()

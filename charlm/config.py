@@ -43,6 +43,9 @@ class DataConfig:
     eval_batch_size: int = 16  # streams for validation / test
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    # fractions: train, then val_fraction, then test_fraction of the corpus (90/5/5). nanogpt: nanoGPT's split,
+    # the first 90 % to train and the last 10 % scored, as both val and test (the literature's figures)
+    split: Literal["fractions", "nanogpt"] = "fractions"
     drop_unknown: bool = False  # a given vocabulary (--init-from): drop the text's characters outside it
 
 
@@ -323,6 +326,11 @@ def validate(config: Config) -> None:
     _require(dropouts, lambda v: 0.0 <= v < 1.0, "be in [0, 1)")
     _require({"data.val_fraction": d.val_fraction, "data.test_fraction": d.test_fraction},
              lambda v: 0.0 < v < 0.5, "be in (0, 0.5)")
+    if d.split == "nanogpt" and (d.val_fraction, d.test_fraction) != (DataConfig.val_fraction,
+                                                                      DataConfig.test_fraction):
+        raise CharlmError(f"config key 'data.split' is nanogpt, which fixes the split at 90 % train and 10 % val "
+                          f"(= test); leave data.val_fraction and data.test_fraction at their defaults "
+                          f"({DataConfig.val_fraction:g}, {DataConfig.test_fraction:g}), or use data.split=fractions")
     nonneg = {"optim.lr": o.lr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
               "optim.clip": o.clip, "optim.alpha": o.alpha, "optim.beta": o.beta,
               "optim.warmup_steps": o.warmup_steps, "train.val_every_steps": t.val_every_steps,

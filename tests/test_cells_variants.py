@@ -492,16 +492,17 @@ def test_registry() -> None:
     expected = {
         "rnn", "irnn", "lstm", "peephole", "gru", "gru-cho", "lstm-ln", "lstm-bn", "linear", "lstm-f", "lstm-i",
         "lstm-o", "lstm-b", "mut1", "mut2", "mut3", "nig", "nfg", "nog", "niaf", "noaf", "np", "cifg", "fgr",
-        "mogrifier",
+        "mogrifier", "mingru", "minlstm", "slstm",
     }
     assert set(cell_names()) == expected == set(CELLS)
     for name, summary in describe_cells():
         spec = CELLS[name]
         assert spec.name == name and summary == spec.summary and "\n" not in summary and spec.paper
         layer = RecurrentLayer(name, IN, H)
-        assert spec.num_states == layer.num_states
+        assert spec.num_states == layer.num_states == len(layer.cell.state_names) == len(layer.cell.state_sizes())
+        assert layer.cell.state_names[0] == "h"
         doc = type(layer.cell).__doc__ or ""
-        assert "=" in doc and any(str(year) in doc for year in range(1950, 2021)), name  # equations + paper
+        assert "=" in doc and any(str(year) in doc for year in range(1950, 2025)), name  # equations + paper
 
 
 def test_unknown_cell_message() -> None:

@@ -132,6 +132,7 @@ def test_two_cells_write_all_files(finished: tuple[Path, str], corpus_file: Path
 
     run_columns, run_rows = read_csv(out / "runs.csv")
     assert run_columns == RUN_COLUMNS and [r["run_dir"] for r in run_rows] == ["lstm-seed1234", "gru-seed1234"]
+    assert {(r["vocab_size"], r["diverged"]) for r in run_rows} == {(str(len(set(text))), "False")}
 
     document = json.loads((out / "results.json").read_text())
     assert document["complete"] is True and document["curves"] == "curves.png"

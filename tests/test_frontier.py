@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from benchmarks.frontier import CHARLM_SIZES, TRANSFORMER_SIZES, best_per_system, sized, tasks_for
+import json
+import math
+from pathlib import Path
+
+from benchmarks.frontier import (
+    CELL_SYSTEMS,
+    CHARLM_SIZES,
+    PLAIN_SIZES,
+    SYSTEMS,
+    TRANSFORMER_SIZES,
+    PlainConfig,
+    best_per_system,
+    sized,
+    tasks_for,
+)
 
 
 def test_without_tune_each_system_runs_once_per_budget_with_its_pick() -> None:
@@ -10,11 +24,21 @@ def test_without_tune_each_system_runs_once_per_budget_with_its_pick() -> None:
     assert tasks == [(s, m, None) for m in (2, 15) for s in ("charlm", "plain", "transformer")]
 
 
-def test_tune_runs_every_candidate_of_charlm_and_the_transformer() -> None:
-    tasks = tasks_for(["charlm", "mogrifier", "plain", "transformer"], [5], tune=True)
-    assert [spec for system, _, spec in tasks if system == "charlm"] == sized(CHARLM_SIZES, 5)
-    assert [spec for system, _, spec in tasks if system == "transformer"] == sized(TRANSFORMER_SIZES, 5)
-    assert [spec for system, _, spec in tasks if system in ("mogrifier", "plain")] == [None, None]
+def test_tune_runs_every_candidate_of_every_system_three_each() -> None:
+    """The plain nn.LSTM is tuned like charlm and the transformer (size and learning rate), and the cells, the new
+    ones among them, run charlm's candidates with their cell: the same number of tries for every system."""
+    assert set(CELL_SYSTEMS) == {"mogrifier", "mingru", "minlstm", "slstm"} and set(CELL_SYSTEMS) < set(SYSTEMS)
+    for minutes in (2, 5, 15):
+        tasks = tasks_for(list(SYSTEMS), [minutes], tune=True)
+        specs = {system: [spec for s, _, spec in tasks if s == system] for system in SYSTEMS}
+        assert specs["plain"] == sized(PLAIN_SIZES, minutes)
+        assert specs["transformer"] == sized(TRANSFORMER_SIZES, minutes)
+        for system in ("charlm", *CELL_SYSTEMS):
+            assert specs[system] == sized(CHARLM_SIZES, minutes), system
+        assert {len(v) for v in specs.values()} == {3}
+        plain = sized(PLAIN_SIZES, minutes)
+        assert plain[0] == PlainConfig(layers=2, hidden=256, lr=2e-3)  # the untuned baseline stays the pick
+        assert len({(p.hidden, p.lr) for p in plain}) == 3  # size and rate both tried
 
 
 def test_the_best_candidate_is_the_figure_and_the_others_are_kept() -> None:
@@ -23,3 +47,17 @@ def test_the_best_candidate_is_the_figure_and_the_others_are_kept() -> None:
     rows, others = best_per_system(runs)
     assert [r["val_bpc"] for r in rows] == [2.2, 2.4, 2.5]
     assert others == [runs[0]]
+
+
+def test_a_plain_candidate_trains_at_its_own_size_and_rate(corpus_file: Path) -> None:
+    from benchmarks.frontier import run_system
+    from charlm.config import load_config
+    from charlm.data.datamodule import CharDataModule
+
+    cfg = load_config("default", [f"data.path={json.dumps(str(corpus_file))}"])
+    data = CharDataModule(cfg.data, seed=cfg.train.seed)
+    result = run_system("plain", 0.002, data, [], PlainConfig(layers=2, hidden=16, lr=1e-2))
+    assert result is not None and result["size"] == "nn.LSTM 2x16, lr 0.01"
+    v = len(data.vocab)
+    assert result["parameters"] == v * 16 + 2 * (4 * 16 * 16 * 2 + 8 * 16) + 16 * v + v  # embedding, LSTM, decoder
+    assert result["steps"] >= 1 and math.isfinite(result["val_bpc"])

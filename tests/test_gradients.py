@@ -16,6 +16,7 @@ from charlm.cli import app
 from charlm.config import ModelConfig
 from charlm.model.char_lm import CharLM
 from charlm.tools.gradients.measure import reinit_recurrent, state_gradient_norms
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 V, T = 11, 12  # vocabulary, measured steps minus one (K = T)
@@ -132,3 +133,27 @@ def test_gradients_command_refuses_bad_options(corpus_file: Path, tmp_path: Path
         assert result.exit_code == 2, (extra, result.output)
         assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "g").exists()
+
+
+def test_mingru_state_gradients_are_the_products_of_its_forget_gates() -> None:
+    """minGRU's gates read only x, so d h_t / d h_(t-1) = diag(1 - z_t): the gradient reaching h_(T-k) is the one
+    at h_T times the product of the last k steps' 1 - z, whatever the scan; --init other than default is refused
+    (there is no recurrent matrix to re-initialise)."""
+    model = _model("mingru")
+    windows = _windows(2, T + 2)
+    norms = state_gradient_norms(model, windows)
+    layer = model.layers[0]
+    x = model.encoder(windows[:, :-1])
+    with torch.no_grad():
+        steps = list(layer.steps(x))
+        leaf = steps[-1][0][0].clone().requires_grad_(True)
+    loss = F.cross_entropy(model.decoder(leaf), windows[:, -1], reduction="sum")
+    (g,) = torch.autograd.grad(loss, [leaf])
+    for k in range(T + 1):
+        torch.testing.assert_close(norms[0, k], g.norm(dim=1), rtol=1e-9, atol=0)
+        g = g * (1 - steps[T - k][1]["z"])
+    with pytest.raises(CharlmError) as caught:
+        reinit_recurrent(model, "orthogonal")
+    assert str(caught.value) == ("--init orthogonal re-initialises the hidden-to-hidden matrix, which mingru does not "
+                                 "have (its gates read only the input); measure it with --init default")
+    reinit_recurrent(model, "default")

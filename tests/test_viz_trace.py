@@ -92,7 +92,8 @@ def test_gru_gates_satisfy_the_cell_update() -> None:
 def test_every_cell_traces_with_its_own_gates() -> None:
     """Each cell offers the quantities it has: no c without a cell state, no removed gate."""
     expected = {"rnn": [], "linear": [], "lstm-f": ["i", "g", "o"], "lstm-o": ["i", "f", "g"],
-                "cifg": ["i", "f", "g", "o"], "mut1": ["z", "r", "n"], "fgr": ["i", "f", "g", "o"]}
+                "cifg": ["i", "f", "g", "o"], "mut1": ["z", "r", "n"], "fgr": ["i", "f", "g", "o"],
+                "mingru": ["z", "g"], "minlstm": ["f", "i", "g"], "slstm": ["i", "f", "g", "o"]}
     for cell in cell_names():
         model, vocab = _model(cell, layers=1)
         rec = trace(model, vocab, TEXT[:20]).layers[0]

@@ -35,16 +35,20 @@ INITS = ("xavier", "kaiming")
 class Cell(nn.Module):
     """Base class: one layer's recurrence. Holds no parameters of its own.
 
-    Subclasses set ``num_states`` and implement :meth:`param_shapes`, :meth:`step` (a gated cell:
-    :meth:`step_gates` and :attr:`gate_names` instead) and, where the
+    Subclasses name their states (:attr:`state_names`, h first) and implement :meth:`param_shapes`,
+    :meth:`step` (a gated cell: :meth:`step_gates` and :attr:`gate_names` instead) and, where the
     default does not fit, :meth:`project`, :meth:`reset_parameters`, :meth:`sequence` and, for a cell
-    with a hand-written kernel, :meth:`run` and :meth:`has_kernel_for`.
+    with a hand-written kernel or a parallel form, :meth:`run` (and :meth:`has_kernel_for`).
     It is an ``nn.Module`` only so that ``train()`` / ``eval()`` reach it (batch norm reads
     ``self.training``); its state_dict is empty.
+
+    A cell without hidden-to-hidden weights (``mingru``, ``minlstm``) leaves ``weight_hh`` out of
+    :meth:`param_shapes` and sets :attr:`dropped_weight` to the matrix weight drop acts on instead.
     """
 
-    num_states: int = 1
+    state_names: tuple[str, ...] = ("h",)  # the state tensors, h first (ONNX export names its inputs by them)
     gate_names: tuple[str, ...] = ()  # the gates :meth:`step_gates` returns, in order
+    dropped_weight: str = "weight_hh"  # the matrix weight drop (DropConnect, model.weight_drop) applies to
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -52,6 +56,11 @@ class Cell(nn.Module):
         self.hidden_size = hidden_size
         self.kernel_on = True  # a cell with a hand-written kernel runs it when True (off: the autograd loop)
         self._compiled_step: StepFn | None = None  # set by compile_step()
+
+    @property
+    def num_states(self) -> int:
+        """How many tensors a state holds (h, and c, ... where the cell has them)."""
+        return len(self.state_names)
 
     # -- parameters ---------------------------------------------------------------------------
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -71,11 +80,15 @@ class Cell(nn.Module):
         return None
 
     def reset_parameters(self, p: Params, init: str, forget_bias: float) -> None:
-        """Per-gate-block init: ``init`` per input block, orthogonal per recurrent block, zero biases,
-        ``forget_bias`` on the forget block of ``bias_ih``; anything else is left to the subclass."""
+        """Per-gate-block init: ``init`` per input block, orthogonal per recurrent block (where the cell has
+        ``weight_hh``), zero biases, ``forget_bias`` on the forget block of ``bias_ih``; anything else is left
+        to the subclass."""
         h = self.hidden_size
         with torch.no_grad():
-            for w, orth in ((p["weight_ih"], False), (p["weight_hh"], True)):
+            for name, orth in (("weight_ih", False), ("weight_hh", True)):
+                if name not in p:
+                    continue
+                w = p[name]
                 for k in range(w.shape[0] // h):
                     block = w[k * h : (k + 1) * h]
                     if orth:

@@ -24,7 +24,6 @@ class GRUCell(Cell):
     matmul, n = tanh(W_n x + b_in + U_n (r * h) + b_hn); the rest is unchanged.
     """
 
-    num_states = 1
     gate_names = ("r", "z", "n")
 
     def __init__(self, input_size: int, hidden_size: int, *, reset_inside: bool = False) -> None:

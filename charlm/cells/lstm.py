@@ -39,7 +39,7 @@ class GatedLSTMCell(Cell):
     with the forget gate of Gers et al. 2000).
     """
 
-    num_states = 2
+    state_names = ("h", "c")
 
     def __init__(self, input_size: int, hidden_size: int, config: GateConfig | None = None) -> None:
         super().__init__(input_size, hidden_size)
@@ -131,7 +131,7 @@ class GateRecurrentLSTMCell(GatedLSTMCell):
     It starts at zero (the cell begins as the peephole LSTM); the third state entry is (B, 3H).
     """
 
-    num_states = 3
+    state_names = ("h", "c", "gates")  # gates: the previous step's i, f, o
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__(input_size, hidden_size, GateConfig(peephole=True))

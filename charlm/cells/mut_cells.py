@@ -28,7 +28,6 @@ class MUT1Cell(Cell):
     ``weight_ih`` blocks (z, r, P); ``weight_hh`` blocks (U_r, U_h); ``bias_hh`` blocks (r, h).
     """
 
-    num_states = 1
     gate_names = ("z", "r", "n")
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -54,7 +53,6 @@ class MUT1Cell(Cell):
 class _ThreeByThreeCell(Cell):
     """MUT2 and MUT3: one state, three input blocks and three recurrent blocks."""
 
-    num_states = 1
     gate_names = ("z", "r", "n")
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

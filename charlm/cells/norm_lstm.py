@@ -38,7 +38,7 @@ class _NormalisedLSTMCell(Cell):
     ``{prefix}_hh_weight`` [4H], ``{prefix}_c_weight`` [H] (starting at ``gain_init``) and the cell
     shift ``{prefix}_c_bias`` [H] (starting at 0); the forget-gate block is the second."""
 
-    num_states = 2
+    state_names = ("h", "c")
     gate_names = ("i", "f", "g", "o")
     prefix: str
     gain_init: float

@@ -76,6 +76,8 @@ _HOCHREITER = "Hochreiter & Schmidhuber 1997; forget gate: Gers, Schmidhuber & C
 _GERS = "Gers & Schmidhuber 2000, 'Recurrent nets that time and count'"
 _GREFF = "Greff et al. 2017, 'LSTM: A Search Space Odyssey'"
 _JOZ = "Jozefowicz, Zaremba & Sutskever 2015, 'An Empirical Exploration of Recurrent Network Architectures'"
+_FENG = "Feng, Tung, Ahmed, Bengio & Hajimirsadeghi 2024, 'Were RNNs All We Needed?' (arXiv 2410.01201)"
+_BECK = "Beck et al. 2024, 'xLSTM: Extended Long Short-Term Memory' (arXiv 2405.04517)"
 
 
 _SPECS = [
@@ -100,6 +102,14 @@ _SPECS = [
     _spec("mogrifier", "Mogrifier LSTM: x, h gate each other for r rounds (2 s(Q h) * x, ...), then the LSTM",
           "Melis, Kocisky & Blunsom 2020, 'Mogrifier LSTM'", 2, _cell("mogrifier", "MogrifierLSTMCell"),
           options=("mogrifier_rounds", "mogrifier_rank")),
+    # the recurrent cells of 2024
+    _spec("mingru", "minGRU: z = s(W_z x), h' = (1-z)*h + z*g(W_h x), g(v) = v+1/2 (v >= 0) else s(v); "
+          "no h in the gate: trained by a parallel scan", _FENG, 1, _cell("min_rnn", "MinGRUCell")),
+    _spec("minlstm", "minLSTM: f = s(W_f x), i = s(W_i x), h' = (f*h + i*g(W_h x)) / (f+i); "
+          "no h in the gates: trained by a parallel scan", _FENG, 1, _cell("min_rnn", "MinLSTMCell")),
+    _spec("slstm", "sLSTM (xLSTM): i = exp(a_i), f = s(a_f), c' = f*c + i*tanh(a_z), n' = f*n + i, "
+          "h' = s(a_o)*c'/n'; stabiliser m = max(log f + m, a_i), c and n kept / exp(m)", _BECK, 4,
+          _cell("slstm", "SLSTMCell")),
     # Jozefowicz et al. 2015
     _spec("lstm-f", "LSTM without forget gate (f = 1)", _JOZ, 2, _gated(forget_gate=False)),
     _spec("lstm-i", "LSTM without input gate (i = 1)", _JOZ, 2, _gated(input_gate=False)),

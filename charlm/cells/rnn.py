@@ -19,8 +19,6 @@ class ElmanCell(Cell):
     h' = relu(W x + U h + b) with U initialised to the identity and b to zero.
     """
 
-    num_states = 1
-
     def __init__(
         self, input_size: int, hidden_size: int, *, relu: bool = False, identity_init: bool = False
     ) -> None:
@@ -53,8 +51,6 @@ class LinearCell(Cell):
     layout). A starts orthogonal (every eigenvalue on the unit circle: neither decaying nor
     exploding); there is no nonlinearity, so keep gradient clipping on.
     """
-
-    num_states = 1
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return standard_shapes(1, 1, self.input_size, self.hidden_size)

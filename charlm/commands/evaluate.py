@@ -13,6 +13,9 @@ from rich.table import Table
 from charlm.commands.common import checkpoint_path, err, friendly, out, stdout_may_close
 from charlm.util.errors import CharlmError
 
+# --windowed / --blocks: nanoGPT's shakespeare_char evaluation, block_size 256, eval_iters 200 x batch_size 64
+NANOGPT_BLOCK, NANOGPT_BLOCKS = 256, 12_800
+
 DYNAMIC_LR, DYNAMIC_DECAY = 1e-4, 0.0  # --dynamic's step size and decay: the best of a small search on a val piece
 # (benchmarks/results/dynamic-eval.md)
 
@@ -40,12 +43,28 @@ def evaluate(
         help="Segment length of --dynamic (default: the run's data.bptt).", show_default=False)] = None,
     per_char: Annotated[str | None, typer.Option(
         help="Write each character's NLL to this CSV (position, char, nll in nats).", show_default=False)] = None,
+    windowed: Annotated[int | None, typer.Option(
+        help=f"Score as nanoGPT does: random blocks of this many characters (nanoGPT: {NANOGPT_BLOCK}), each "
+             "from a zero state, averaged; comparable with its published losses.", show_default=False)] = None,
+    blocks: Annotated[int | None, typer.Option(
+        help=f"With --windowed: how many random blocks (default {NANOGPT_BLOCKS:,}, nanoGPT's 200 batches of 64).",
+        show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(
+        help="With --windowed: seed of the block starts (default 0; the same seed, the same blocks).",
+        show_default=False)] = None,
 ) -> None:
     """Loss (nats/char), bits per char and perplexity of a checkpoint on a split or a file."""
+    from charlm.config import check_seed
     from charlm.data.corpus import load_corpus, read_corpus, resolve_corpus_path
     from charlm.data.datamodule import run_splits, text_ids
     from charlm.evaluation.dynamic import evaluate_dynamic, evaluate_static, write_char_nlls
-    from charlm.evaluation.scoring import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
+    from charlm.evaluation.scoring import (
+        evaluate_blocks,
+        evaluate_ids,
+        finite_or_null,
+        nonfinite_parameters,
+        validation_streams,
+    )
     from charlm.model.checkpoint import load_model
     from charlm.util.threads import fast_cpu_math
 
@@ -57,6 +76,19 @@ def evaluate(
                                   ("--dynamic-bptt", dynamic_bptt)) if v is not None]
     if given and not dynamic:
         raise CharlmError(f"{given[0]} sets up dynamic evaluation; add --dynamic")
+    windowed_given = [flag for flag, v in (("--blocks", blocks), ("--seed", seed)) if v is not None]
+    if windowed_given and windowed is None:
+        raise CharlmError(f"{windowed_given[0]} sets up the windowed evaluation; add --windowed {NANOGPT_BLOCK}")
+    if windowed is not None:
+        conflict = next((flag for flag, on in (("--dynamic", dynamic), ("--per-char", per_char is not None)) if on),
+                        None)
+        if conflict:
+            raise CharlmError(f"--windowed scores random blocks, not the text in order; leave out {conflict}")
+        for flag, value in (("--windowed", windowed), ("--blocks", blocks)):
+            if value is not None and value < 1:
+                raise CharlmError(f"{flag} must be at least 1, got {value}")
+        if seed is not None:
+            check_seed(seed, "--seed")
     if dynamic and batch_size not in (None, 1):
         raise CharlmError("--dynamic reads the text as one stream, in order, so that every score stays a "
                           f"prediction; leave out --batch-size (got {batch_size}) or give 1")
@@ -82,7 +114,15 @@ def evaluate(
     # the training run's window, as its validation used: lstm-bn's per-step statistics restart with every
     # window, so its loss depends on the window length (the other cells' does not, up to float rounding)
     nll = None
-    if dynamic:
+    if windowed is not None:
+        if ids.numel() < windowed + 1:
+            raise CharlmError(f"{source} has {ids.numel():,} characters, too few for one block of {windowed} and its "
+                              "last target; give a smaller --windowed")
+        options = {"block": windowed, "blocks": NANOGPT_BLOCKS if blocks is None else blocks,
+                   "seed": 0 if seed is None else seed}
+        streams = batch_size or 64
+        result = {**evaluate_blocks(model, ids, batch_size=streams, **options), "windowed": options}
+    elif dynamic:
         assert splits is not None
         settings = replace(settings, bptt=cfg.data.bptt if dynamic_bptt is None else dynamic_bptt)
         result, nll = evaluate_dynamic(model, ids, splits.train, settings, train_batch_size=cfg.data.batch_size,
@@ -104,6 +144,10 @@ def evaluate(
             return
         mode = (f"\ndynamic evaluation: lr {settings.lr:g}, decay {settings.decay:g}, segments of {settings.bptt}"
                 if dynamic else "")
+        if windowed is not None:
+            w = result["windowed"]
+            mode = (f"\nwindowed (nanoGPT's way): {w['blocks']:,} random blocks of {w['block']} characters, each "
+                    f"from a zero state, seed {w['seed']}")
         table = Table(title=f"{path}\n{source}{mode}", show_header=False)
         for key, fmt in (("loss", "{:.4f} nats/char"), ("bpc", "{:.4f} bits/char"), ("perplexity", "{:.3f}"),
                          ("chars", "{:,}"), ("chars_per_s", "{:,.0f}")):

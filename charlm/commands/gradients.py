@@ -45,7 +45,7 @@ def gradients(
     from charlm.cells.registry import cell_registry_names
     from charlm.config import check_seed, load_config
     from charlm.data.corpus import load_corpus
-    from charlm.data.datamodule import split_ids
+    from charlm.data.datamodule import splits_for
     from charlm.data.vocab import Vocab
     from charlm.model.char_lm import CharLM
     from charlm.model.checkpoint import load_model
@@ -102,7 +102,7 @@ def gradients(
                 runs.append(("init", model, vocab, cell, name))
     for source, model, vocab, cell, name in runs:
         ids = vocab.encode(corpus.text, what=f"corpus {corpus.path}")
-        val = split_ids(ids, cfg.data.val_fraction, cfg.data.test_fraction).val
+        val = splits_for(ids, cfg.data).val
         windows = sample_windows(val if val.numel() >= length else ids, sequences, length, seed)
         for c in clips:
             norms = state_gradient_norms(model, windows, warmup=warmup, clip=c)

@@ -1,4 +1,5 @@
-"""The ``LightningDataModule``: corpus -> vocabulary -> 90/5/5 split -> stream windows per rank."""
+"""The ``LightningDataModule``: corpus -> vocabulary -> split (90/5/5, or nanoGPT's 90/10) -> stream windows per
+rank."""
 
 from __future__ import annotations
 
@@ -43,6 +44,24 @@ def split_ids(ids: Tensor, val_fraction: float, test_fraction: float) -> Splits:
     return Splits(ids[:n_train], ids[n_train:n_train + n_val], ids[n_train + n_val:])
 
 
+NANOGPT_TRAIN = 0.9  # nanoGPT's data/shakespeare_char/prepare.py: train = data[:int(n * 0.9)], val = the rest
+
+
+def nanogpt_split(ids: Tensor) -> Splits:
+    """nanoGPT's split: the first int(0.9 n) ids to train, the rest to score. nanoGPT has no test split and reports
+    the loss on this one, so val and test are the same ids (model selection and the reported figure alike)."""
+    n_train = int(ids.numel() * NANOGPT_TRAIN)
+    held_out = ids[n_train:]
+    return Splits(ids[:n_train], held_out, held_out)
+
+
+def splits_for(ids: Tensor, config: DataConfig) -> Splits:
+    """The split ``config`` asks for (``data.split``): its fractions, or nanoGPT's."""
+    if config.split == "nanogpt":
+        return nanogpt_split(ids)
+    return split_ids(ids, config.val_fraction, config.test_fraction)
+
+
 class CharDataModule(L.LightningDataModule):
     """Serves stream windows; the vocabulary comes from the corpus unless a checkpoint's is given (then the
     text's characters outside it are an error, or with ``data.drop_unknown`` removed: see ``dropped``)."""
@@ -60,7 +79,7 @@ class CharDataModule(L.LightningDataModule):
             raise CharlmError(f"{problem}{whose}; pass --drop-unknown (data.drop_unknown=true) to remove them "
                               "from the text")
         ids, self.dropped = corpus_ids(self.vocab, self.corpus.text, what, drop_unknown=config.drop_unknown)
-        self.splits = split_ids(ids, config.val_fraction, config.test_fraction)
+        self.splits = splits_for(ids, config)
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -123,10 +142,10 @@ def corpus_ids(vocab: Vocab, text: str, what: str, *, drop_unknown: bool = False
 
 def run_splits(vocab: Vocab, data: DataConfig, corpus: Corpus) -> Splits:
     """``corpus`` cut as a run with this ``data`` section cut it: its characters dropped or refused as the run
-    did (a fine-tuned run with ``data.drop_unknown`` trained without those it dropped), then its fractions.
-    ``charlm eval`` and the model card of ``charlm export --format safetensors`` score these splits."""
+    did (a fine-tuned run with ``data.drop_unknown`` trained without those it dropped), then its split
+    (:func:`splits_for`). ``charlm eval`` and the model card of ``charlm export --format safetensors`` score these."""
     ids, _ = corpus_ids(vocab, corpus.text, f"corpus {corpus.path}", drop_unknown=data.drop_unknown)
-    return split_ids(ids, data.val_fraction, data.test_fraction)
+    return splits_for(ids, data)
 
 
 def text_ids(vocab: Vocab, text: str, what: str) -> Tensor:

@@ -1,4 +1,5 @@
-"""Scoring a text exactly: every character once, the hidden state carried across windows."""
+"""Scoring a text exactly: every character once, the hidden state carried across windows; and nanoGPT's way,
+random blocks each read from a zero state (:func:`evaluate_blocks`), for figures comparable with its."""
 
 from __future__ import annotations
 
@@ -69,6 +70,33 @@ def char_nlls(model: CharLM, ids: Tensor, *, batch_size: int = 16, bptt: int = 2
         else:
             rows[:, window.start : window.start + window.length] = per_char
     return nll
+
+
+@torch.no_grad()
+def evaluate_blocks(model: CharLM, ids: Tensor, *, block: int, blocks: int, seed: int, batch_size: int = 64,
+                    device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The mean NLL over ``blocks`` random blocks of ``block`` characters, each read from a zero state, as nanoGPT's
+    ``estimate_loss`` scores a split: starts drawn uniformly from [0, len(ids) - block) by a generator seeded with
+    ``seed``, every position of a block a target (the first predicted from one character, the last from ``block``),
+    all positions weighted alike. The same seed draws the same blocks, whatever ``batch_size`` (blocks per forward).
+    """
+    if block < 1 or blocks < 1:
+        raise ValueError(f"block and blocks must be at least 1, got {block} and {blocks}")
+    if ids.numel() < block + 1:
+        raise ValueError(f"{ids.numel()} characters hold no block of {block} plus its last target")
+    model.eval()
+    starts = torch.randint(ids.numel() - block, (blocks,), generator=torch.Generator().manual_seed(seed))
+    offsets = torch.arange(block + 1)
+    nll_sum = 0.0
+    start = time.perf_counter()
+    for chunk in starts.split(batch_size):
+        rows = ids[chunk[:, None] + offsets]  # (n, block + 1)
+        x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
+        logits = model(x).logits.float()
+        nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+    seconds = time.perf_counter() - start
+    chars = blocks * block
+    return {**summarize(nll_sum, chars), "seconds": seconds, "chars_per_s": chars / max(seconds, 1e-9)}
 
 
 def validation_streams(checkpoint: dict[str, Any], n_ids: int, eval_batch_size: int) -> int:

@@ -26,7 +26,9 @@ CPU (oneDNN's bfloat16 LSTM needs AVX-512) runs in float32 instead, after one wa
 (:func:`cpu_autocast_runs`); GPUs are not probed.
 
 Weight drop (DropConnect on ``weight_hh``, Merity et al. 2017): one mask per forward call, shared by
-every time step; eval uses the raw weights.
+every time step; eval uses the raw weights. A cell without hidden-to-hidden weights (``mingru``,
+``minlstm``) names another matrix (:attr:`charlm.cells.base.Cell.dropped_weight`: their input matrix
+``weight_ih``), so ``model.weight_drop`` regularises every cell and the default config trains them all.
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ class RecurrentLayer(nn.Module):
     Args:
         cell: a name from :data:`charlm.cells.registry.CELLS`.
         input_size, hidden_size: feature sizes of x and h.
-        weight_drop: DropConnect probability on ``weight_hh`` (one mask per forward call).
-        weight_drop_variational: drop whole rows of ``weight_hh`` instead of single weights.
+        weight_drop: DropConnect probability on ``weight_hh`` (one mask per forward call); on ``weight_ih``
+            for a cell without ``weight_hh`` (:attr:`charlm.cells.base.Cell.dropped_weight`).
+        weight_drop_variational: drop whole rows of that matrix instead of single weights.
         torch_rnn: use the torch RNN kernel (the ATen op of nn.LSTM / nn.GRU / nn.RNN) when the cell is
             exactly what it computes (:attr:`charlm.cells.registry.CellSpec.torch_rnn`).
         init: "xavier" or "kaiming" for each input gate block (recurrent blocks are orthogonal).
@@ -200,10 +203,12 @@ class RecurrentLayer(nn.Module):
         return p
 
     def _params(self) -> Params:
-        """The layer's tensors with ``weight_hh`` weight-dropped (a fresh mask per call in training)."""
+        """The layer's tensors with ``weight_hh`` (the cell's :attr:`~charlm.cells.base.Cell.dropped_weight`)
+        weight-dropped (a fresh mask per call in training)."""
         p = self._raw()
         if self.weight_drop > 0.0 and self.training:
-            p["weight_hh"] = drop_weight(p["weight_hh"], self.weight_drop, self.weight_drop_variational, True)
+            name = self.cell.dropped_weight
+            p[name] = drop_weight(p[name], self.weight_drop, self.weight_drop_variational, True)
         return p
 
     def _grow_buffers(self, steps: int) -> None:
@@ -311,7 +316,7 @@ class RecurrentLayer(nn.Module):
             self._grow_buffers(t + 1)
         p = self._params()
         st = tuple(s[0] for s in state)
-        w = (p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"])
+        w = tuple(p[name] for name in _TORCH_RNN_WEIGHTS) if kind is not None else ()
         if kind == "LSTM":
             st = torch.lstm_cell(x, (st[0], st[1]), *w)
         elif kind == "GRU":

@@ -18,6 +18,13 @@ training clock go on), and refuses (naming the keys) a run whose settings differ
 Presets: ``--preset jozefowicz`` / ``greff`` name their rows as the papers do (``LSTM-f``, ``MUT1``, ``V``,
 ``NIG`` ...). The jozefowicz preset also sets ``model.forget_bias=0`` (over the config file, before any
 ``--set``): the paper's LSTM rows start from a zero forget bias and LSTM-b is the one with a bias of 1.
+``--preset modern`` (LSTM, GRU, minGRU, minLSTM, sLSTM, Mogrifier) matches parameter counts and runs seeds
+1, 2, 3 unless ``--seeds`` says otherwise.
+
+Diverged runs: a run whose best validation loss is not finite or above ln V (a uniform guess) is counted in
+the ``diverged`` column and left out of every mean, spread, test and of the choice of the best row
+(:mod:`~charlm.tools.compare.summary`); ``--rebuild --out DIR`` writes a comparison's tables again from its
+``results.json`` under these rules, training nothing (:mod:`~charlm.tools.compare.rebuild`).
 
 Budget: ``--max-steps`` alone turns the config's time limit off and ``--max-time`` alone its step
 limit, so every cell gets exactly the stated budget; with both, whichever comes first. Samples printed
@@ -33,5 +40,6 @@ The package, by job: :mod:`~charlm.tools.compare.plan` (cells, presets, seeds, b
 counts, the planned runs), :mod:`~charlm.tools.compare.records` (each run's record and curve),
 :mod:`~charlm.tools.compare.summary` (mean and spread per cell), :mod:`~charlm.tools.compare.significance`
 (Welch's t-test, the papers' claims), :mod:`~charlm.tools.compare.tables` (tables, results files),
-:mod:`~charlm.tools.compare.plot` (``curves.png``) and :mod:`~charlm.tools.compare.run` (the run loop).
+:mod:`~charlm.tools.compare.plot` (``curves.png``), :mod:`~charlm.tools.compare.run` (the run loop) and
+:mod:`~charlm.tools.compare.rebuild` (the tables again from the records).
 """

@@ -32,15 +32,23 @@ PRESETS: dict[str, dict[str, str]] = {
                    "lstm-b": "LSTM-b", "gru": "GRU", "mut1": "MUT1", "mut2": "MUT2", "mut3": "MUT3"},
     "greff": {"peephole": "V", "nig": "NIG", "nfg": "NFG", "nog": "NOG", "niaf": "NIAF", "noaf": "NOAF",
               "np": "NP", "cifg": "CIFG", "fgr": "FGR"},
+    "modern": {"lstm": "LSTM", "gru": "GRU", "mingru": "minGRU", "minlstm": "minLSTM", "slstm": "sLSTM",
+               "mogrifier": "Mogrifier"},
 }
 PRESET_SOURCES = {
     "jozefowicz": "Jozefowicz, Zaremba & Sutskever 2015: LSTM, Tanh, the LSTM ablations, GRU, MUT1-3",
     "greff": "Greff et al. 2017, 'LSTM: A Search Space Odyssey': vanilla (peephole) LSTM and its 8 variants",
+    "modern": "the cells of 2024 beside the classics: LSTM, GRU, minGRU and minLSTM (Feng et al. 2024), sLSTM "
+              "(Beck et al. 2024), Mogrifier (Melis et al. 2020), at matched parameter counts over 3 seeds",
 }
+# What a preset settles unless the command says otherwise: its seeds (without --seeds) and whether the hidden
+# sizes are matched to the first row's parameter count (--match-params is then implied).
+PRESET_SEEDS: dict[str, str] = {"modern": "1,2,3"}
+PRESET_MATCH_PARAMS = frozenset({"modern"})
 # Config overrides a preset applies before the user's --set. Jozefowicz et al. start every LSTM-family
 # cell with a zero forget-gate bias and make the bias of 1 its own row (LSTM-b, which forces 1.0): the
 # preset pins 0 whatever the config file says, so its LSTM and LSTM-b rows stay two models.
-PRESET_OVERRIDES: dict[str, list[str]] = {"jozefowicz": ["model.forget_bias=0.0"], "greff": []}
+PRESET_OVERRIDES: dict[str, list[str]] = {"jozefowicz": ["model.forget_bias=0.0"], "greff": [], "modern": []}
 
 
 # --------------------------------------------------------------------------------------- what to run

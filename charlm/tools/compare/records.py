@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,16 @@ class RunResult:
     steps: int  # optimizer steps trained
     # step, seconds (training time logged at that validation, None where unknown), val_loss, val_bpc
     curve: list[dict[str, float | None]] = field(default_factory=list)
+    vocab_size: int | None = None  # V, for the divergence rule (val_loss > ln V); None in records made before it
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "curve"}
+
+    def diverged(self, vocab_size: int | None = None) -> bool:
+        """Whether the run diverged: its best validation loss is not finite, or worse than a uniform guess over the
+        V characters (ln V nats), V its own (``vocab_size``) or, for a record without one, the one given."""
+        v = self.vocab_size or vocab_size
+        return not math.isfinite(self.val_loss) or (v is not None and self.val_loss > math.log(v))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunResult:

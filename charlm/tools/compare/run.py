@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from charlm.config import Config, validate
 from charlm.data.corpus import load_corpus
-from charlm.data.datamodule import split_ids
+from charlm.data.datamodule import splits_for
 from charlm.data.vocab import Vocab
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.model.char_lm import count_parameters
@@ -45,19 +45,19 @@ class CheckpointScorer:
 
     def __init__(self, corpus_text: str) -> None:
         self.text = corpus_text
-        self._splits: dict[tuple[str, float, float], Any] = {}
+        self._splits: dict[tuple[str, float, float, str], Any] = {}
 
-    def __call__(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int]:
-        """Validation and test scores, the checkpoint itself and the model's parameter count."""
+    def __call__(self, checkpoint: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, int]:
+        """Validation and test scores, the checkpoint itself, the model's parameter count and its vocabulary size."""
         model, vocab, cfg, ckpt = load_model(checkpoint)
-        key = (vocab.chars, cfg.data.val_fraction, cfg.data.test_fraction)
+        key = (vocab.chars, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split)
         if key not in self._splits:
-            self._splits[key] = split_ids(vocab.encode(self.text, what="corpus"), key[1], key[2])
+            self._splits[key] = splits_for(vocab.encode(self.text, what="corpus"), cfg.data)
         splits = self._splits[key]
         kwargs = {"batch_size": cfg.data.eval_batch_size, "bptt": cfg.data.bptt}
         val = evaluate_ids(model, splits.val, **kwargs)
         test = evaluate_ids(model, splits.test, **kwargs)
-        return val, test, ckpt, count_parameters(model)
+        return val, test, ckpt, count_parameters(model), len(vocab)
 
 
 def train_run(plan: PlannedRun, out: Path, scorer: CheckpointScorer, console: Console | None) -> RunResult:
@@ -70,7 +70,7 @@ def train_run(plan: PlannedRun, out: Path, scorer: CheckpointScorer, console: Co
     trained = run_training(plan.config, resume=last if last.is_file() else None, run_dir=plan.run_dir,
                            console=console)
 
-    val, test, best_ckpt, parameters = scorer(trained.best_checkpoint)
+    val, test, best_ckpt, parameters, vocab_size = scorer(trained.best_checkpoint)
     best_step = int(best_ckpt.get("global_step", 0))
     clock = safe_load(last).get("elapsed_s") if last.is_file() else None  # the run's clock, over resumes
     seconds = float(clock) if clock is not None else trained.seconds  # unknown: this session's time only
@@ -89,7 +89,8 @@ def train_run(plan: PlannedRun, out: Path, scorer: CheckpointScorer, console: Co
         hidden_size=plan.config.model.hidden_size, parameters=parameters,
         val_loss=val["loss"], val_bpc=val["bpc"], val_ppl=val["perplexity"],
         test_loss=test["loss"], test_bpc=test["bpc"], test_ppl=test["perplexity"],
-        train_seconds=seconds, train_chars_per_s=chars_per_s, best_step=best_step, steps=steps, curve=curve)
+        train_seconds=seconds, train_chars_per_s=chars_per_s, best_step=best_step, steps=steps, curve=curve,
+        vocab_size=vocab_size)
     write_record(plan, result)
     return result
 

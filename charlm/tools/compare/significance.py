@@ -15,6 +15,11 @@ comparison shows on the test split, and "agree?" says whether the two match:
 - ``not better``: the change did not help; agreed unless ours is better with p < 0.05.
 - ``closer to GRU``: LSTM-b's forget-gate bias of 1 closes most of the gap between LSTM and GRU;
   agreed when LSTM-b's mean is nearer GRU's than half the LSTM-GRU gap.
+
+Diverged runs (:meth:`charlm.tools.compare.records.RunResult.diverged`) are left out of the means and of the
+t-test, and divergence is itself evidence: a row with a larger share of diverged seeds than the reference is
+"worse" (one with a smaller share "better") whatever its other seeds score, and "we see" says so
+(``1/3 seeds diverged (reference 0/3): worse``). With equal shares the surviving seeds are compared as usual.
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ CLAIMS: dict[str, dict[str, tuple[str, str]]] = {
 
 @dataclass(frozen=True)
 class Difference:
-    """One row against the reference on one split: mean difference (bits/char) and Welch's p."""
+    """One row against the reference on one split: mean difference (bits/char) and Welch's p, over the runs that
+    did not diverge; ``diverged`` says how many did (``1/3 diverged (reference 0/3)``), where any did."""
 
     diff: float | None
     p: float | None
+    diverged: str = ""
 
     @property
     def significant(self) -> bool:
@@ -63,10 +70,11 @@ class Difference:
 
     def text(self) -> str:
         if self.diff is None:
-            return "—"
+            return self.diverged or "—"
         mark = " *" if self.significant else ""
         p = "" if self.p is None else f" (p={self.p:.3f})"
-        return f"{self.diff:+.4f}{p}{mark}"
+        note = f"; {self.diverged}" if self.diverged else ""
+        return f"{self.diff:+.4f}{p}{mark}{note}"
 
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -91,12 +99,25 @@ def scipy_missing() -> bool:
     return False
 
 
+def _diverged_note(row: CellSummary, reference: CellSummary) -> str:
+    """``1/3 diverged (reference 0/3)`` where either side has a diverged run, else empty."""
+    if not (row.diverged or reference.diverged):
+        return ""
+    return f"{row.diverged_text()} diverged (reference {reference.diverged_text()})"
+
+
 def difference(row: CellSummary, reference: CellSummary, metric: str) -> Difference:
-    a = [float(getattr(r, metric)) for r in row.runs]
-    b = [float(getattr(r, metric)) for r in reference.runs]
+    """The mean difference and Welch's p over the runs of either side that did not diverge."""
+    a = [float(getattr(r, metric)) for r in row.kept]
+    b = [float(getattr(r, metric)) for r in reference.kept]
+    note = _diverged_note(row, reference)
     if not a or not b:
-        return Difference(None, None)
-    return Difference(statistics.fmean(a) - statistics.fmean(b), welch_p(a, b))
+        return Difference(None, None, note)
+    return Difference(statistics.fmean(a) - statistics.fmean(b), welch_p(a, b), note)
+
+
+def _diverged_share(s: CellSummary) -> float:
+    return len(s.diverged) / len(s.runs) if s.runs else 0.0
 
 
 def _by_name(summaries: Sequence[CellSummary], name: str) -> CellSummary | None:
@@ -105,7 +126,16 @@ def _by_name(summaries: Sequence[CellSummary], name: str) -> CellSummary | None:
 
 def verdict(kind: str, row: CellSummary, reference: CellSummary,
             summaries: Sequence[CellSummary]) -> tuple[str, str]:
-    """What this comparison shows of a claim on the test split, and whether it agrees: ("we see", "agree?")."""
+    """What this comparison shows of a claim on the test split, and whether it agrees: ("we see", "agree?").
+    A larger share of diverged seeds than the reference's is "worse" (a smaller one "better"), whatever the rest."""
+    if row.runs and reference.runs and _diverged_share(row) != _diverged_share(reference):
+        worse = _diverged_share(row) > _diverged_share(reference)
+        if worse or kind != "closer to GRU":  # fewer divergences than LSTM say nothing of the gap to GRU
+            seen = (f"{row.diverged_text()} seeds diverged (reference {reference.diverged_text()}): "
+                    + ("worse" if worse else "better"))
+            agree = {"worse": worse, "same": False, "not worse": not worse, "not better": worse,
+                     "closer to GRU": False}[kind]
+            return seen, "yes" if agree else "no"
     d = difference(row, reference, "test_bpc")
     if d.diff is None:
         return "—", "—"
@@ -122,6 +152,8 @@ def verdict(kind: str, row: CellSummary, reference: CellSummary,
     seen = "no significant difference"
     if d.significant:
         seen = "significantly " + ("worse" if d.diff > 0 else "better")
+    if d.diverged:  # the same share on both sides: the surviving seeds decide
+        seen += f" ({d.diverged}: the others compared)"
     agree = {"worse": d.significant and d.diff > 0, "same": not d.significant,
              "not worse": not (d.significant and d.diff > 0), "not better": not (d.significant and d.diff < 0)}[kind]
     return seen, "yes" if agree else "no"
@@ -172,7 +204,9 @@ def significance_markdown(summaries: Sequence[CellSummary], preset: str | None) 
              "| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * len(HEADERS)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += ["", f"Δ: mean bpc minus {reference}'s (negative is better); p: Welch's t-test over seeds, "
-              f"two-sided; * marks p < {P_THRESHOLD}. \"we see\" is on the test split."]
+              f"two-sided; * marks p < {P_THRESHOLD}. \"we see\" is on the test split. Diverged seeds are left out "
+              f"of Δ and p; a row with a larger share of them than {reference} is worse, whatever its other seeds "
+              "score."]
     if scipy_missing():
         lines += ["", f"_No p-values: scipy is not installed ({STATS_EXTRA})._"]
     return lines

@@ -52,7 +52,8 @@ def _range(s: dict[str, float | None], digits: int) -> str:
 
 
 def table_cells(summary: CellSummary, *, multi_seed: bool, show_hidden: bool) -> list[str]:
-    """The displayed values of one row (shared by the terminal table and results.md)."""
+    """The displayed values of one row (shared by the terminal table and results.md): figures over the runs that
+    did not diverge ("—" where none is left), then, with several seeds, the runs done and the diverged ones."""
     name = summary.entry.name if summary.entry.name == summary.entry.cell else (
         f"{summary.entry.name} ({summary.entry.cell})")
     params = summary.stat("parameters")
@@ -68,14 +69,16 @@ def table_cells(summary: CellSummary, *, multi_seed: bool, show_hidden: bool) ->
         cells.append(_range(summary.stat("val_bpc"), 4))
     cells += [
         _num(summary.stat("test_bpc"), 4), _num(summary.stat("test_ppl"), 3),
-        "—" if not summary.runs else format_seconds(summary.mean("train_seconds")),
-        "—" if not summary.runs else f"{summary.mean('train_chars_per_s'):,.0f}",
+        "—" if not summary.kept else format_seconds(summary.mean("train_seconds")),
+        "—" if not summary.kept else f"{summary.mean('train_chars_per_s'):,.0f}",
         "—" if best_steps["min"] is None else (
             f"{best_steps['min']:.0f}" if best_steps["min"] == best_steps["max"]
             else f"{best_steps['min']:.0f}–{best_steps['max']:.0f}"),
     ]
     if multi_seed:
-        cells.append(f"{len(summary.runs)}/{len(summary.seeds)}")
+        cells += [f"{len(summary.runs)}/{len(summary.seeds)}", summary.diverged_text() if summary.runs else "—"]
+    elif summary.diverged:
+        cells[0] += " (diverged)"
     return cells
 
 
@@ -86,7 +89,7 @@ def table_headers(*, multi_seed: bool, show_hidden: bool, short: bool = False) -
     heads += [("val bpc range" if short else "val bpc min–max")] if multi_seed else []
     heads += ["test bpc", "test ppl"]
     heads += ["time", "chars/s", "best step"] if short else ["training time", "train chars/s", "best step"]
-    return heads + (["seeds" if short else "seeds done"] if multi_seed else [])
+    return heads + (["seeds" if short else "seeds done", "diverged"] if multi_seed else [])
 
 
 _DROP_FOR_WIDTH = ("val loss", "test ppl", "val bpc range", "best step", "chars/s", "params", "hidden", "seeds")
@@ -117,7 +120,8 @@ def render_table(summaries: Sequence[CellSummary], *, show_hidden: bool = False,
 
     def build() -> Table:
         caption = "loss in nats/char; bpc = bits/char; ppl = test perplexity; time = training wall time"
-        caption += "; mean ± std over seeds" if multi_seed else ""
+        caption += ("; mean ± std over seeds that did not diverge (best val loss finite and below ln V)"
+                    if multi_seed else "")
         caption += f"; left out for width: {', '.join(dropped)} (see results.md)" if dropped else ""
         table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, caption=caption)
         keep = [i for i, h in enumerate(heads) if h not in dropped]
@@ -183,13 +187,27 @@ def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-RESULT_COLUMNS = ["cell", "name", "hidden_size", "parameters", "seeds", "runs",
+RESULT_COLUMNS = ["cell", "name", "hidden_size", "parameters", "seeds", "runs", "diverged",
                   "val_loss", "val_loss_std", "val_loss_min", "val_loss_max",
                   "val_bpc", "val_bpc_std", "val_bpc_min", "val_bpc_max", "val_ppl",
                   "test_loss", "test_loss_std", "test_loss_min", "test_loss_max",
                   "test_bpc", "test_bpc_std", "test_bpc_min", "test_bpc_max", "test_ppl",
                   "train_seconds", "train_chars_per_s", "best_step", "steps", "best"]
-RUN_COLUMNS = [f.name for f in dataclasses.fields(RunResult) if f.name != "curve"]
+RUN_COLUMNS = [f.name for f in dataclasses.fields(RunResult) if f.name != "curve"] + ["diverged"]
+
+
+def run_rows(summaries: Sequence[CellSummary], runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """``runs.csv``'s rows: every run's scores and whether it diverged; a diverged run's perplexities left blank
+    (exp of a loss past ln V is no figure of the model's, and may run to 40 digits)."""
+    vocab = {s.entry.cell: s.vocab_size for s in summaries}
+    rows = []
+    for run in runs:
+        diverged = run.diverged(vocab.get(run.cell))
+        row = {**run.row(), "diverged": diverged}
+        if diverged:
+            row["val_ppl"] = row["test_ppl"] = None
+        rows.append(row)
+    return rows
 
 
 def budget_text(config: Config) -> str:
@@ -212,7 +230,7 @@ def write_results(out: Path, base: Config, summaries: Sequence[CellSummary], run
     rows = [s.row(s.entry.cell == best) for s in summaries if s.runs]
     files = {name: out / name for name in ("results.csv", "runs.csv", "results.json", "results.md")}
     atomic_write_text(files["results.csv"], _csv_text(rows, RESULT_COLUMNS))
-    atomic_write_text(files["runs.csv"], _csv_text([r.row() for r in runs], RUN_COLUMNS))
+    atomic_write_text(files["runs.csv"], _csv_text(run_rows(summaries, runs), RUN_COLUMNS))
     document = {"charlm_version": __version__, "written": dt.datetime.now().isoformat(timespec="seconds"),
                 "complete": complete, "settings": settings, "best": best, "curves": curves,
                 "cells": rows, "runs": [dataclasses.asdict(r) for r in runs],
@@ -232,9 +250,11 @@ def write_results(out: Path, base: Config, summaries: Sequence[CellSummary], run
              f"- corpus: {settings.get('corpus')}", "",
              markdown_table(summaries, show_hidden=show_hidden), "",
              "Scores come from each run's best checkpoint (lowest validation loss), evaluated on the whole "
-             "validation and test splits. ★ marks the lowest validation bpc: validation chooses, "
-             "test is only reported. Perplexity is on the test split."
-             + (" Values are mean ± sample std over seeds; min–max gives the range." if len(seeds) > 1 else "")]
+             "validation and test splits. ★ marks the lowest validation bpc among the cells with no diverged "
+             "run: validation chooses, test is only reported. Perplexity is on the test split."
+             + (" Values are mean ± sample std over seeds; min–max gives the range." if len(seeds) > 1 else "")
+             + " A run whose best validation loss is not finite or above ln V (a uniform guess over the V "
+             "characters) diverged: it is counted in the diverged column and left out of every figure and test."]
     against = significance_markdown(summaries, settings.get("preset"))
     lines += ["", *against] if against else []
     if not complete:

@@ -52,7 +52,6 @@ NOT_EXPORTABLE = {
     "lstm-bn": "its batch-norm statistics are kept per time step, so one step depends on its position in the "
                "window, which a one-step graph does not carry",
 }
-_STATE_NAMES = {1: ("h",), 2: ("h", "c"), 3: ("h", "c", "gates")}  # fgr's third state: the previous i, f, o
 
 
 def require_onnx() -> None:
@@ -75,7 +74,7 @@ class StateSlot:
     """One state tensor of one layer: graph input ``name``, output ``name + '_next'``, shape (N, size)."""
 
     layer: int
-    kind: str  # "h", "c" or "gates"
+    kind: str  # the cell's name of it: "h", "c", fgr's "gates", slstm's "n" and "m"
     size: int
 
     @property
@@ -90,7 +89,7 @@ class StateSlot:
 def state_slots(model: CharLM) -> list[StateSlot]:
     """Every state tensor of the model, layer by layer, in the order the graph takes and returns them."""
     return [StateSlot(i, kind, size) for i, layer in enumerate(model.layers)
-            for kind, size in zip(_STATE_NAMES[layer.num_states], layer.cell.state_sizes(), strict=True)]
+            for kind, size in zip(layer.cell.state_names, layer.cell.state_sizes(), strict=True)]
 
 
 class OnnxStep(nn.Module):

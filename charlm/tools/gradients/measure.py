@@ -41,6 +41,10 @@ def reinit_recurrent(model: CharLM, init: str) -> None:
         raise CharlmError(f"unknown --init '{init}'; valid: {', '.join(RECURRENT_INITS)}")
     if init == "default":
         return
+    for layer in model.layers:
+        if "weight_hh_l0" not in layer._parameters:
+            raise CharlmError(f"--init {init} re-initialises the hidden-to-hidden matrix, which {layer.cell_name} does "
+                              "not have (its gates read only the input); measure it with --init default")
     with torch.no_grad():
         for layer in model.layers:
             w = layer.weight_hh_l0
