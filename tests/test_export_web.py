@@ -31,8 +31,7 @@ from charlm.generation.options import filtered_probs
 from charlm.model.char_lm import CharLM
 from charlm.model.checkpoint import load_model
 from charlm.native.build import cpp_off
-from charlm.tools.export.onnx import NOT_EXPORTABLE
-from charlm.tools.export.web import export_page, render_page, web_cells
+from charlm.tools.export.web import NOT_ON_PAGE, export_page, render_page, web_cells
 from charlm.util.errors import CharlmError
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -100,7 +99,7 @@ def perturbed_model(vocab: Vocab, **model: Any) -> CharLM:
 
 def test_every_cell_runs_in_the_page_or_is_refused(driver: Any, tmp_path: Path) -> None:
     """Each cell's page, from a zero state over 6 characters, gives the model's own logits (the sequence path:
-    kernels and torch RNN ops), with and without LayerNorm, tied and untied; lstm-bn is refused in one sentence."""
+    kernels and torch RNN ops), with and without LayerNorm, tied and untied; lstm-bn and the cells of 2024 are refused in one sentence."""
     vocab = Vocab("abcdefg")
     ids = [0, 3, 6, 1, 1, 5]
     variants = [{"cell": name, "layer_norm": ln, "tie_weights": tie} for name in cell_names()
@@ -109,11 +108,11 @@ def test_every_cell_runs_in_the_page_or_is_refused(driver: Any, tmp_path: Path) 
     for variant in variants:
         model = perturbed_model(vocab, **variant)
         page = tmp_path / f"{'-'.join(map(str, variant.values()))}.html"
-        if variant["cell"] in NOT_EXPORTABLE:
+        if variant["cell"] in NOT_ON_PAGE:
             with pytest.raises(CharlmError) as caught:
                 export_page(model, vocab, Config(model=model.config), page, weights="float32")
             assert str(caught.value) == (f"cell {variant['cell']} cannot be exported to a web page: "
-                                         f"{NOT_EXPORTABLE[variant['cell']]}; the page runs {', '.join(web_cells())}")
+                                         f"{NOT_ON_PAGE[variant['cell']]}; the page runs {', '.join(web_cells())}")
             assert not page.exists()
             continue
         export_page(model, vocab, Config(model=model.config), page, weights="float32")
@@ -122,7 +121,8 @@ def test_every_cell_runs_in_the_page_or_is_refused(driver: Any, tmp_path: Path) 
         with torch.no_grad(), cpp_off():  # lstm-ln: its Python kernel, not a C++ build (compared with it elsewhere)
             expected = model(torch.tensor([ids])).logits[0].double().numpy()
         assert np.abs(got - expected).max() < 1e-5, variant
-    assert set(NOT_EXPORTABLE) == {"lstm-bn"} and web_cells() == [c for c in cell_names() if c != "lstm-bn"]
+    refused = {"lstm-bn", "mingru", "minlstm", "slstm"}
+    assert set(NOT_ON_PAGE) == refused and web_cells() == [c for c in cell_names() if c not in refused]
 
     # float16: the same page at about half the size, its logits near the float32 model's
     model = perturbed_model(vocab, cell="peephole")
@@ -286,7 +286,7 @@ def test_export_web_refusals_write_nothing(trained_run: Path, tmp_path: Path) ->
         2, "error: --weights goes with --format web, not onnx; drop it")
     bn = write_model_checkpoint(tmp_path / "bn.ckpt", shakespeare_text(), cell="lstm-bn")
     code, output = invoke("export", str(bn), "--format", "web", "--out", str(tmp_path / "bn.html"))
-    assert (code, output) == (2, f"error: cell lstm-bn cannot be exported to a web page: {NOT_EXPORTABLE['lstm-bn']}; "
+    assert (code, output) == (2, f"error: cell lstm-bn cannot be exported to a web page: {NOT_ON_PAGE['lstm-bn']}; "
                                  f"the page runs {', '.join(web_cells())}")
     assert invoke("export", ckpt, "--format", "web", "--out", str(page), "--force")[0] == 0
     assert page.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
