@@ -3,7 +3,6 @@ checkpoint per session, and an environment with no corpus configured."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,13 +13,17 @@ SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-excerp
 
 
 def require_cpp_build(available: Callable[[], bool], what: str) -> None:
-    """Build a C++ library (``available`` builds and loads it); where a compiler and ninja are installed a
-    failed build is a test failure, elsewhere the test is skipped."""
+    """Build a C++ library (``available`` builds and loads it); where the build finds a compiler and ninja
+    (looking where it looks: :func:`charlm.native.build.missing_build_tools`) a failed build is a test
+    failure, elsewhere the test is skipped."""
+    from charlm.native.build import missing_build_tools
+
     if available():
         return
-    if shutil.which("c++") and shutil.which("ninja"):
+    missing = missing_build_tools()
+    if not missing:
         pytest.fail(f"a C++ compiler and ninja are installed, but {what} did not build")
-    pytest.skip(f"no C++ compiler or ninja: {what} cannot be built here")
+    pytest.skip(f"no {' or '.join(missing)}: {what} cannot be built here")
 
 
 def shakespeare_text(n_chars: int | None = None) -> str:

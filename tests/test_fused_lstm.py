@@ -3,6 +3,8 @@ draws against charlm.generation.options.pick's, runs cut short, and which models
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from conftest import require_cpp_build, shakespeare_text
@@ -117,6 +119,37 @@ def test_draws_follow_the_probabilities(built: None) -> None:
     assert counts[4] == 0
 
 
+def generator_drawing_zero() -> torch.Generator:
+    """A generator whose next float64 uniform is exactly 0: torch's CPU generator (mt19937) makes it from
+    its next two 32-bit outputs, here two state words set to 0 (tempering maps 0 to 0). Its state bytes:
+    seed (8), left (int32), seeded (int32), next (8), then the 624 words, 8 bytes each."""
+    gen = torch.Generator().manual_seed(0)
+    torch.rand(1, dtype=torch.float64, generator=gen)  # past the first twist: the words are read in order
+    state = gen.get_state().clone()
+    following = int(state[16:24].view(torch.int64))
+    words = state[24 : 24 + 624 * 8].view(torch.int64)
+    words[following : following + 2] = 0
+    gen.set_state(state)
+    copy = torch.Generator()
+    copy.set_state(gen.get_state())
+    assert torch.rand(1, dtype=torch.float64, generator=copy).item() == 0.0
+    return gen
+
+
+def test_a_character_of_probability_zero_is_not_drawn_even_at_u_zero(built: None) -> None:
+    """The draw takes the first character whose running sum exceeds u times the total: at u = 0 that is the
+    first character of any weight at all, so a -inf score must weigh exactly 0 (exp's float floor, 1.2e-38,
+    is not 0). The C++ draw and pick agree on the first finite character."""
+    model = lstm_model()
+    pack = fused_lstm.packed(model, fast_step.available)
+    assert pack is not None
+    scores = torch.tensor([[float("-inf"), float("-inf"), 1.0] + [0.5] * (V - 3)])
+    for temperature in (1.0, 0.3):
+        ids = fused_lstm.sample(scores, temperature, generator_drawing_zero(), None, pack, 1)[0]
+        assert ids.tolist() == [[2]]
+        assert pick(scores, temperature, None, generator_drawing_zero()).tolist() == [2]
+
+
 def run_of(model: CharLM, vocab_prime: torch.Tensor, length: int, seed: int, taken: int | None = None,
            **options: object) -> tuple[list[int], Continuation, torch.Generator]:
     logits, states = read_prime(model, vocab_prime)
@@ -187,13 +220,40 @@ def test_not_finite_scores_are_one_sentence(built: None) -> None:
                           generator=torch.Generator()))
 
 
+def ops_run(fn: Callable[[], object]) -> set[str]:
+    """The charlm C++ ops that ``fn`` called (torch's profiler names each op it dispatches)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("charlm::")}
+
+
 @pytest.mark.parametrize("settings", [dict(cell="gru"), dict(cell="peephole"), dict(cell="lstm", layer_norm=True),
                                       dict(cell="lstm", torch_rnn=False)], ids=str)
 def test_other_models_take_the_aten_op(built: None, settings: dict[str, object]) -> None:
+    """Not the fused route: the ATen op of model_step.cpp runs (seen by the profiler) and gives the Python
+    step's logits and states bit for bit; a run of draws is left to the caller."""
     config = ModelConfig(embedding_size=8, hidden_size=8, **settings)  # type: ignore[arg-type]
     model = CharLM(V, config).eval()
     assert fused_lstm.packed(model, fast_step.available) is None
     assert fast_step.sample(model, torch.zeros(1, V), 1.0, None, None, torch.Generator(), None, 4) is None
+    x = torch.tensor([3, 5])
+    start = model(torch.tensor([[1, 2], [4, 0]])).states
+    out: list[tuple[torch.Tensor, States]] = []
+    assert ops_run(lambda: out.append(fast_step.step(model, x, start))) == {"charlm::model_step"}
+    with cpp_off():
+        assert ops_run(lambda: out.append(fast_step.step(model, x, start))) == set()
+    (logits, states), (ref_logits, ref_states) = out
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(a, b) for s, r in zip(states, ref_states, strict=True) for a, b in zip(s, r, strict=True))
+
+
+def test_plain_lstm_stacks_take_the_fused_op(built: None) -> None:
+    model = lstm_model()
+    fast_step.step(model, torch.tensor([1]))  # packs the weights
+    assert ops_run(lambda: fast_step.step(model, torch.tensor([1]))) == {"charlm::fused_lstm_step"}
+    logits = torch.zeros(1, V)
+    assert ops_run(lambda: fast_step.sample(model, logits, 1.0, None, None, torch.Generator(), None, 3)) == {
+        "charlm::fused_lstm_sample"}
 
 
 def test_more_rows_filters_and_greedy_take_the_other_routes(built: None) -> None:
@@ -208,15 +268,28 @@ def test_more_rows_filters_and_greedy_take_the_other_routes(built: None) -> None
 
 
 def test_changed_weights_are_packed_again(built: None) -> None:
-    """In-place changes (an optimizer step, load_state_dict) and a replaced parameter are seen."""
+    """In-place changes (an optimizer step, load_state_dict), a replaced parameter, and writes that autograd
+    does not count (through ``.data``, through a numpy view) are all seen: the fused logits follow."""
     model = lstm_model()
     x = torch.tensor([2])
+
+    def fused_is_python() -> None:
+        torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0,
+                                   atol=1e-5)
+
     fast_step.step(model, x)
     with torch.no_grad():
         model.layers[0].weight_hh_l0.mul_(0.5)
-    torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    fused_is_python()
     model.layers[1].weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.layers[1].weight_ih_l0))
-    torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    fused_is_python()
+    model.layers[0].weight_ih_l0.data.mul_(0)
+    fused_is_python()
+    model.decoder.bias.detach().numpy()[:] = -model.decoder.bias.detach().numpy()
+    fused_is_python()
+    model.encoder.weight.data[3].mul_(-2.0)  # one row, the character fed: layer 0's input table
+    torch.testing.assert_close(fast_step.step(model, torch.tensor([3]))[0],
+                               python_steps(model, [torch.tensor([3])], None)[0][0], rtol=0, atol=1e-5)
 
 
 def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:

@@ -15,7 +15,7 @@ characters unless a draw falls within that rounding of the boundary between two 
 :mod:`charlm.model.fast_step` takes this route (its library holds both C++ files) for models whose layers are
 all ``lstm`` on the torch kernel with no norm, in float32, at up to :data:`MAX_ROWS` rows, and the
 ATen op of ``model_step.cpp`` for the rest; ``off()`` turns this route off inside a block. The packed
-weights are kept on the model and made again when a parameter changes (its version) or is replaced.
+weights are kept on the model and made again when a parameter changes or is replaced (:func:`packed`).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ SOURCE = CSRC / "fused_lstm.cpp"
 # Rows up to which the fused products beat PyTorch's: each row streams the weights once more, while a
 # matrix product reads them once for all rows (benchmarks/sampling.py, 1 and 16 streams).
 MAX_ROWS = 4
+PROBES = 64  # elements of each weight compared at every call, to see writes its version counter misses
 _PACK = "_fused_lstm_pack"
 _enabled = Switch()
 
@@ -59,28 +60,50 @@ def _sources(model: CharLM) -> list[tuple[dict[str, Any], str]] | None:
     return [*out, (model.decoder._parameters, "weight"), (model.decoder._parameters, "bias")]
 
 
+def _probes(weights: list[Tensor]) -> list[Tensor]:
+    """Views of about :data:`PROBES` elements of each weight, spread over all of it (every k-th element; all
+    of a small one): they see any write into the weight's memory that touches one of them."""
+    views = []
+    for t in weights:
+        flat = t.detach().view(-1) if t.is_contiguous() else t.detach()
+        views.append(flat[:: max(1, flat.size(0) // PROBES)])
+    return views
+
+
 def packed(model: CharLM, loaded: Callable[[], bool]) -> list[Tensor] | None:
     """The model's weights packed for the fused step, or None where it does not take this route (or it is
-    off, or ``loaded()``, which loads the library where it can, says it is not there). Packed again when a
-    parameter changed (its version) or was replaced; the tensors are read from the modules at each call,
-    without nn.Module's attribute lookups."""
+    off, or ``loaded()``, which loads the library where it can, says it is not there). The tensors are read
+    from the modules at each call, without nn.Module's attribute lookups.
+
+    Packed again when a parameter was replaced or changed in place: its version counter counts the writes
+    autograd sees (an optimizer step, ``load_state_dict``); writes it does not see (through ``p.data``, a
+    numpy view) are caught by comparing a sample of every weight's elements (:func:`_probes`) with their
+    values at packing, which costs a small fraction of a step. A change that touches none of the sampled
+    elements goes unseen: after such a write, :func:`forget` the pack."""
     if not _enabled:
         return None
     try:
-        sources, key, pack = model.__dict__[_PACK]
+        sources, key, probes, seen, pack = model.__dict__[_PACK]
     except KeyError:
-        sources, key, pack = model.__dict__[_PACK] = (_sources(model), None, None)
+        sources, key, probes, seen, pack = model.__dict__[_PACK] = (_sources(model), None, [], None, None)
     if sources is None or not loaded():
         return None  # (the sources found once: a model's layers do not change)
     weights = [d[name] for d, name in sources]
     now = tuple((t.data_ptr(), t._version) for t in weights)
-    if now != key:
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in weights):
-            return None
-        with torch.no_grad():
-            pack = torch.ops.charlm.fused_lstm_pack.default(weights)
-        model.__dict__[_PACK] = (sources, now, pack)
+    if now == key and torch.equal(torch.cat(probes), seen):
+        return pack  # type: ignore[no-any-return]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in weights):
+        return None
+    with torch.no_grad():
+        pack = torch.ops.charlm.fused_lstm_pack.default(weights)
+    probes = _probes(weights)
+    model.__dict__[_PACK] = (sources, now, probes, torch.cat(probes), pack)
     return pack  # type: ignore[no-any-return]
+
+
+def forget(model: CharLM) -> None:
+    """Drop the model's packed weights: the next fused step packs them afresh."""
+    model.__dict__.pop(_PACK, None)
 
 
 def flat_states(states: States | None) -> list[Tensor]:
