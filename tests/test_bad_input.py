@@ -103,7 +103,7 @@ def test_output_folder_not_writable(tmp_path: Path, corpus_file: Path) -> None:
     blocker = tmp_path / "file.txt"  # a regular file where a folder should be (tests run as root: no chmod)
     blocker.write_text("not a folder")
     check(train_args(corpus_file, blocker / "sub"),
-          f"output folder {blocker / 'sub' / 'run'} is not writable (Not a directory); choose another with --out")
+          f"--out {blocker / 'sub'} cannot be made: {blocker} is a regular file, not a folder; give another folder")
     assert blocker.read_text() == "not a folder"
 
 

@@ -44,6 +44,7 @@ def compare(
     from charlm.config import load_config
     from charlm.tools.compare.plan import PRESET_OVERRIDES, budget_overrides, parse_seeds, resolve_entries
     from charlm.tools.compare.run import run_comparison
+    from charlm.util.atomic import check_output_folder
 
     entries = resolve_entries(cells, preset)
     overrides = ["sample.enabled=false", *PRESET_OVERRIDES.get((preset or "").strip().lower(), []),
@@ -54,6 +55,7 @@ def compare(
         overrides.append(f"train.loggers={json.dumps(','.join(logger))}")
     cfg = load_config(config, overrides)
     folder = Path(out_dir) if out_dir else Path(cfg.train.out) / f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    check_output_folder(folder, "--out" if out_dir else "train.out")
     settings = {"config": config, "overrides": overrides, "preset": preset}
     result = run_comparison(cfg, entries, seeds=parse_seeds(seeds, cfg.train.seed), out=folder,
                             match_params=match_params, console=out, settings=settings)

@@ -46,8 +46,11 @@ def evaluate(
     from charlm.evaluation.dynamic import evaluate_dynamic, evaluate_static, write_char_nlls
     from charlm.evaluation.scoring import evaluate_ids, finite_or_null, nonfinite_parameters, validation_streams
     from charlm.model.checkpoint import load_model
+    from charlm.util.atomic import check_output_file
     from charlm.util.threads import fast_cpu_math
 
+    if per_char is not None:
+        check_output_file(per_char, "--per-char")  # before the work that fills it
     if split not in ("val", "test"):
         raise CharlmError(f"--split must be val or test, got '{split}'")
     if batch_size is not None and batch_size < 1:

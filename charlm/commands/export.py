@@ -28,6 +28,10 @@ def export(
     if format_ not in FORMATS:
         raise CharlmError(f"--format must be one of {', '.join(FORMATS)}, got '{format_}'")
     require_onnx()  # before the slow load
+    if out_dir is not None:
+        from charlm.util.atomic import check_output_folder
+
+        check_output_folder(out_dir, "--out")
     from charlm.evaluation.scoring import nonfinite_parameters
     from charlm.model.checkpoint import load_model
     from charlm.tools.export.onnx import check_exportable, export_model

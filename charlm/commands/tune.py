@@ -42,6 +42,7 @@ def tune(
     from charlm.tools.tune.results import report_study
     from charlm.tools.tune.space import load_space
     from charlm.tools.tune.study import run_study, study_settings
+    from charlm.util.atomic import check_output_folder
 
     search = load_space(space)
     overrides = [*(set_ or []), *budget_overrides(max_steps, max_time)]
@@ -49,6 +50,7 @@ def tune(
         overrides.append(f"data.path={json.dumps(data)}")
     user_config = load_config(config, overrides)  # what best.yaml starts from
     base = load_config(config, ["sample.enabled=false", "train.progress=false", *overrides])  # each trial's
+    check_output_folder(out_dir or user_config.train.out, "--out" if out_dir else "train.out")
     settings = study_settings(base, search, study=study, out=Path(out_dir or user_config.train.out),
                               storage=storage, trials=trials, workers=workers, pruner=pruner)
     t = base.train

@@ -58,9 +58,10 @@ def viz(
     from charlm.tools.viz.features import find_units as score_units
     from charlm.tools.viz.page import render
     from charlm.tools.viz.trace import check_length, trace
-    from charlm.util.atomic import atomic_write_text
+    from charlm.util.atomic import atomic_write_text, check_output_file
     from charlm.util.threads import fast_cpu_math
 
+    check_output_file(out_file, "--out")  # before any work
     if max_chars < 1:
         raise CharlmError(f"--max-chars must be at least 1, got {max_chars}")
     if top < 1:

@@ -56,6 +56,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     """Fetch ``url`` to ``dest`` through :func:`charlm.util.atomic.atomic_file`: the hash is checked before the
     rename, so a wrong or broken download leaves nothing at ``dest``."""
     digest = hashlib.sha256()
+    dest.parent.mkdir(parents=True, exist_ok=True)  # the cache folder
     with atomic_file(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
         while chunk := response.read(1 << 16):
             digest.update(chunk)

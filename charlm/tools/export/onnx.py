@@ -38,7 +38,7 @@ from charlm.cells.onednn_matmul import onednn_off
 from charlm.config import Config
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
-from charlm.util.atomic import FOLDER_MODE, atomic_write_text, fsync_folder, rename_into_place
+from charlm.util.atomic import FOLDER_MODE, atomic_write_text, check_output_folder, fsync_folder, rename_into_place
 from charlm.util.errors import CharlmError
 
 FORMATS = ("onnx",)
@@ -194,9 +194,7 @@ def export_model(model: CharLM, vocab: Vocab, config: Config, out: str | Path, *
     both files are made in a temporary folder beside ``out`` first."""
     require_onnx()
     check_exportable(config.model.cell)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CharlmError(f"--out {out} is a file, not a folder; give a folder for {ONNX_FILE} and {META_FILE}")
+    out = check_output_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CharlmError(f"--out {out} already holds files; choose a new or empty folder, or add --force to "
                           f"replace its {ONNX_FILE} and {META_FILE}")
