@@ -117,7 +117,7 @@ def test_bad_eval_and_sample_options(trained_run: Path, args: list[str], message
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (None, "corpus file {path} does not exist; give --text an existing text file"),
+    (None, "--text file {path} does not exist; give --text an existing text file"),
     ("R", "--text file {path} needs at least 2 characters to score"),
     ("ROMEO: «sweet» ~~\n", "--text file {path} has 4 character(s) outside the model's"),
 ], ids=["missing", "one-char", "unknown-chars"])

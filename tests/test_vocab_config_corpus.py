@@ -267,7 +267,8 @@ def test_a_folder_or_a_device_is_not_called_missing(tmp_path: Path, option: str)
     assert str(info.value) == f"{option} /dev/null is not a regular file; give a text file"
     with pytest.raises(CharlmError) as info:
         corpus_mod.resolve_corpus_path(tmp_path / "nope.txt", option=option)
-    assert str(info.value) == f"corpus file {tmp_path / 'nope.txt'} does not exist; give {option} an existing text file"
+    what = "corpus file" if option == "--data" else "--text file"
+    assert str(info.value) == f"{what} {tmp_path / 'nope.txt'} does not exist; give {option} an existing text file"
 
 
 def test_the_cli_says_what_a_folder_or_a_device_given_as_corpus_is(tmp_path: Path, trained_run: Path) -> None:

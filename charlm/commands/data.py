@@ -18,13 +18,14 @@ def data_(
     """Where the corpus is, its sha256, size, vocabulary and split sizes."""
     from charlm.config import load_config
     from charlm.data.corpus import load_corpus
-    from charlm.data.datamodule import split_ids
+    from charlm.data.datamodule import check_split_sizes, split_ids
     from charlm.data.vocab import Vocab
 
     cfg = load_config(config)
     corpus = load_corpus(data if data is not None else cfg.data.path)
     vocab = Vocab.from_text(corpus.text)
     splits = split_ids(vocab.encode(corpus.text), cfg.data.val_fraction, cfg.data.test_fraction)
+    check_split_sizes(splits, cfg.data, corpus.path)  # as charlm train would
     table = Table(show_header=False)
     table.add_column("what", no_wrap=True)
     table.add_column("value", overflow="fold")  # a narrow terminal folds the hash, never cuts it

@@ -79,7 +79,7 @@ def evaluate(
         splits = split_ids(all_ids, cfg.data.val_fraction, cfg.data.test_fraction)
         ids, source = getattr(splits, split), f"{corpus.path} ({split} split)"
     if text is not None:
-        corpus = read_corpus(resolve_corpus_path(text, option="--text"))
+        corpus = read_corpus(resolve_corpus_path(text, option="--text"), "--text file")
         ids = text_ids(vocab, corpus.text, what=f"--text file {corpus.path}")
         source = str(corpus.path)
     streams = 1 if dynamic else batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)

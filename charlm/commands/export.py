@@ -36,7 +36,7 @@ def export(
     from charlm.model.checkpoint import load_model
     from charlm.tools.export.onnx import check_exportable, export_model
 
-    path = checkpoint_path(checkpoint)
+    path = checkpoint_path(checkpoint, option="the checkpoint argument")
     model, vocab, cfg, _ = load_model(path)
     check_exportable(cfg.model.cell)
     bad = nonfinite_parameters(model)

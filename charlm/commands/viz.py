@@ -78,7 +78,7 @@ def viz(
         raise CharlmError(f"--layers must be numbers from 1 to {cfg.model.num_layers} (this model's layers), "
                           f"got {layers}")
     if text is not None:
-        corpus = read_corpus(resolve_corpus_path(text, option="--text"))
+        corpus = read_corpus(resolve_corpus_path(text, option="--text"), "--text file")
         shown, what, source = corpus.text, f"--text file {corpus.path}", str(corpus.path)
     else:
         vocab.check(prime, what="--prime")

@@ -71,7 +71,7 @@ class Perplexity(CharNLL):
     perplexity saturates at exp(700)."""
 
     def compute(self) -> Tensor:
-        return torch.exp(self.mean_nll()).clamp(max=FLOAT32_MAX).float()
+        return torch.exp(self.mean_nll().double()).clamp(max=FLOAT32_MAX).float()  # (16-bit: states in half)
 
 
 class CharCount(CharNLL):

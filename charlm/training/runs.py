@@ -32,6 +32,11 @@ def check_run_name(name: str) -> str:
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise CharlmError(f"--name (train.name) must be a plain folder name under --out: not empty, not '.' or "
                           f"'..', without '/' or '\\'; got {name!r}")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise CharlmError(f"--name (train.name) {name!r} holds characters this file system cannot name a folder "
+                          "with; choose another name") from None
     return name
 
 
