@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from charlm.commands.common import ConfigOption, DataOption, RunStepsOption, RunTimeOption, friendly, out
 from charlm.util.errors import CharlmError
@@ -60,7 +61,7 @@ def tune(
     out.print(f"[bold]tune[/] study {study}: {trials} trials, {workers} worker(s) here, storage "
               f"{settings.storage if storage is None else 'from --storage'}; runs in {settings.study_dir} "
               "(the same command continues the study)")
-    result = run_study(settings)
+    result = run_study(settings, say=lambda line: out.print(f"[yellow]note:[/] {escape(line)}"))
     report = report_study(result, user_config, settings.study_dir, out)
     if report.best is not None and report.best_yaml is not None:
         out.print(f"[bold green]best[/] trial {report.best.number}: val loss {report.best.value:.4f}; "

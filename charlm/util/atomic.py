@@ -18,9 +18,10 @@ so a mistyped path costs a sentence, not a run.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -133,6 +134,14 @@ def check_output_folder(path: str | Path, option: str) -> Path:
         raise CharlmError(f"{option} {path} cannot be made: {above} is {path_kind(above)}, not a folder; give "
                           "another folder")
     return path
+
+
+def leftover_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """The temporary files :func:`atomic_file` left in ``folder`` for the files ``names`` when its process was
+    killed while writing one (``.last.ckpt.k3j_x9ab.tmp``): garbage to remove once no writer can be at work."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    pattern = re.compile(rf"\.({alternatives})\.[A-Za-z0-9_]{{8}}\.tmp")
+    return sorted(p for p in Path(folder).iterdir() if pattern.fullmatch(p.name) and p.is_file())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> None:
