@@ -3,6 +3,7 @@ checkpoint per session, and an environment with no corpus configured."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,18 @@ import pytest
 import torch
 
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-excerpt.txt"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_env() -> dict[str, str]:
+    """This environment for a process that starts a distributed run: no launcher's or cluster's variables
+    (rank, world size, master address, SLURM's, torchrun's, Lightning's) from outside, one thread, wide output."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                        "LOCAL_WORLD_SIZE")
+           and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="250", PYTHONPATH=str(REPO))
+    return env
 
 
 def require_cpp_build(available: Callable[[], bool], what: str) -> None:

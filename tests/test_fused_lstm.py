@@ -104,7 +104,8 @@ def test_the_draw_is_picks_draw(built: None) -> None:
 
 def test_draws_follow_the_probabilities(built: None) -> None:
     """20,000 draws from fixed scores: each character's share within 0.015 of its probability, and a
-    character of probability 0 (score -inf) never drawn."""
+    character of probability 0 (score -inf) never drawn, also at u = 0, the one draw that tells a weight of 0
+    from exp's float floor (1.2e-38)."""
     model = lstm_model()
     pack = fused_lstm.packed(model, fast_step.available)
     assert pack is not None
@@ -117,6 +118,8 @@ def test_draws_follow_the_probabilities(built: None) -> None:
     share = counts / counts.sum()
     torch.testing.assert_close(share, torch.softmax(scores[0], -1), rtol=0, atol=0.015)
     assert counts[4] == 0
+    first_ruled_out = torch.cat([scores[:1, 4:5], scores[:1, :4], scores[:1, 5:]], dim=1)  # -inf at index 0
+    assert fused_lstm.sample(first_ruled_out, 1.0, generator_drawing_zero(), None, pack, 1)[0].tolist() == [[1]]
 
 
 def generator_drawing_zero() -> torch.Generator:

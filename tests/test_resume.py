@@ -309,6 +309,22 @@ def test_a_checkpoint_written_after_its_validation_resumes_exactly(tmp_path: Pat
     assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
 
 
+def test_a_run_resumed_after_its_budget_logs_as_an_unbroken_one(tmp_path: Path, short_corpus: Path) -> None:
+    """8 steps (last.ckpt written when training ends, mid-epoch), then --resume --max-steps 12: validations and
+    training losses at the steps of a 12-step run, not one step later (Lightning counts the last batch before
+    training ends, then once more on resuming). A rate that ignores the budget, so the two runs are one."""
+    steps = ["train.val_every_steps=4", "train.log_every_steps=3", "optim.schedule=constant"]
+    invoke(run_args(short_corpus, tmp_path, "reference", *steps, "train.max_steps=12"))
+    invoke(run_args(short_corpus, tmp_path, "longer", *steps, "train.max_steps=8"))
+    run, reference = tmp_path / "longer", tmp_path / "reference"
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 8
+    invoke(["train", "--resume", str(run / "last.ckpt"), "--max-steps", "12"])
+    assert [s for s, _ in val_losses(run)] == [3, 7, 11] and val_losses(run) == val_losses(reference)
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert sorted(train_losses(run)) == [2, 5, 8, 11]
+    assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (["--cell", "gru"], "model.cell='gru' (the checkpoint's: 'lstm')"),
     (["--set", "model.hidden_size=128"], "model.hidden_size=128 (the checkpoint's: 64)"),
