@@ -79,10 +79,10 @@ def test_no_score_depends_on_its_own_character_or_later(trained_run: Path, tmp_p
         assert before[j:] != after[j:], mode  # the change does reach the scores after it
 
 
-def test_each_score_is_a_distribution_over_the_character_scored(trained_run: Path) -> None:
+def test_each_score_is_a_distribution_over_the_character_scored(sharp_checkpoint: Path) -> None:
     """Put every character of the vocabulary in turn at position j: if the score of position j does not
     depend on the character there, the scores are -log of one distribution, so exp(-nll) sums to 1."""
-    model, vocab, _, _ = load_model(trained_run / "best.ckpt")
+    model, vocab, _, _ = load_model(sharp_checkpoint)
     text, j = shakespeare_text(10_070)[10_000:], 45
     train = vocab.encode(shakespeare_text(1_000))
     settings = DynamicSettings(lr=3e-3, decay=0.01, bptt=20, rms_windows=1)
@@ -106,8 +106,8 @@ def test_dynamic_beats_static_on_the_held_out_split(trained_run: Path) -> None:
     assert dynamic["loss"] < min(static["loss"], one_stream["loss"]) - 0.01
 
 
-def test_dynamic_evaluation_puts_the_weights_back(trained_run: Path) -> None:
-    model, vocab, _, _ = load_model(trained_run / "best.ckpt")
+def test_dynamic_evaluation_puts_the_weights_back(sharp_checkpoint: Path) -> None:
+    model, vocab, _, _ = load_model(sharp_checkpoint)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = vocab.encode(shakespeare_text(3_000)[2_000:])
     nll = dynamic_char_nlls(model, ids, ids, DynamicSettings(lr=1e-3, decay=0.01, bptt=40, rms_windows=2),

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import smoke_args
+from conftest import shakespeare_text, smoke_args
 from typer.testing import CliRunner
 
 from charlm.cli import app
@@ -63,37 +63,46 @@ def is_char_device(path: Path) -> bool:
     return stat.S_ISCHR(os.stat(path).st_mode)
 
 
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path.parent / f"{tmp_path.name}-text.txt"  # beside the test's folder, whose listing is checked
+    path.write_text(shakespeare_text(400), encoding="utf-8")
+    return path
+
+
+def per_char(checkpoint: Path, text: Path, target: Path, *extra: str) -> tuple[int, str]:
+    return invoke("eval", "--checkpoint", str(checkpoint), "--text", str(text), "--per-char", str(target), *extra)
+
+
 # ------------------------------------------------------------------------------------------ --per-char
-def test_per_char_to_a_null_device_writes_through_and_leaves_it_a_device(trained_run: Path,
+def test_per_char_to_a_null_device_writes_through_and_leaves_it_a_device(sharp_checkpoint: Path, text_file: Path,
                                                                           null_device: Path) -> None:
-    assert invoke("eval", "--checkpoint", str(trained_run / "best.ckpt"), "--per-char", str(null_device),
-                  "--json")[0] == 0
+    assert per_char(sharp_checkpoint, text_file, null_device, "--json")[0] == 0
     assert is_char_device(null_device) and sorted(p.name for p in null_device.parent.iterdir()) == ["null"]
 
 
-def test_per_char_to_a_full_device_is_one_sentence_and_leaves_it_a_device(trained_run: Path,
+def test_per_char_to_a_full_device_is_one_sentence_and_leaves_it_a_device(sharp_checkpoint: Path, text_file: Path,
                                                                           full_device: Path) -> None:
-    code, output = invoke("eval", "--checkpoint", str(trained_run / "best.ckpt"), "--per-char", str(full_device))
+    code, output = per_char(sharp_checkpoint, text_file, full_device)
     assert (code, output) == (2, f"error: could not read or write {full_device}: No space left on device")
     assert is_char_device(full_device) and sorted(p.name for p in full_device.parent.iterdir()) == ["full"]
 
 
-def test_per_char_into_a_pipe_reaches_the_reader(trained_run: Path, tmp_path: Path) -> None:
+def test_per_char_into_a_pipe_reaches_the_reader(sharp_checkpoint: Path, text_file: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    code, _ = invoke("eval", "--checkpoint", str(trained_run / "best.ckpt"), "--per-char", str(fifo), "--json")
+    code, _ = per_char(sharp_checkpoint, text_file, fifo, "--json")
     reader.join(timeout=60)
     assert code == 0 and stat.S_ISFIFO(os.stat(fifo).st_mode)
     lines = received[0].decode().splitlines()
-    assert lines[0] == "position,char,nll" and len(lines) > 100
+    assert lines[0] == "position,char,nll" and len(lines) == 400  # the header and 399 scored characters
 
 
 @pytest.mark.parametrize("case", ["folder", "missing-folder", "file-as-folder", "socket"])
-def test_per_char_paths_refused_before_any_work(trained_run: Path, tmp_path: Path, case: str,
-                                                unix_socket: Path) -> None:
+def test_per_char_paths_refused_before_any_work(tmp_path: Path, case: str, unix_socket: Path) -> None:
     blocker = tmp_path / "blocker.txt"
     blocker.write_text("keep me")
     target, message = {
@@ -114,10 +123,8 @@ def test_per_char_paths_refused_before_any_work(trained_run: Path, tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------- the other outputs
-def test_viz_out(trained_run: Path, tmp_path: Path, null_device: Path) -> None:
-    ckpt = str(trained_run / "best.ckpt")
-    text = tmp_path / "t.txt"
-    text.write_text("ROMEO: what light\n")
+def test_viz_out(sharp_checkpoint: Path, text_file: Path, tmp_path: Path, null_device: Path) -> None:
+    ckpt, text = str(sharp_checkpoint), text_file
     assert invoke("viz", "--checkpoint", ckpt, "--text", str(text), "--out", str(null_device))[0] == 0
     assert is_char_device(null_device)
     assert invoke("viz", "--checkpoint", ckpt, "--text", str(text), "--out", str(tmp_path)) == (
@@ -129,9 +136,9 @@ def test_viz_out(trained_run: Path, tmp_path: Path, null_device: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["export", "gradients", "compare", "tune", "train"])
-def test_an_out_folder_that_is_a_device_or_a_file_is_refused(command: str, trained_run: Path, corpus_file: Path,
+def test_an_out_folder_that_is_a_device_or_a_file_is_refused(command: str, sharp_checkpoint: Path, corpus_file: Path,
                                                             tmp_path: Path, null_device: Path) -> None:
-    args = {"export": ["export", str(trained_run / "best.ckpt")],
+    args = {"export": ["export", str(sharp_checkpoint)],
             "gradients": ["gradients", "--config", "smoke", "--data", str(corpus_file)],
             "compare": ["compare", "--cells", "lstm", "--config", "smoke", "--data", str(corpus_file)],
             "tune": ["tune", "--space", str(tmp_path / "space.yaml"), "--study", "s", "--trials", "2", "--data",

@@ -97,7 +97,8 @@ def evaluate(
     else:
         result = evaluate_ids(model, ids, batch_size=streams, bptt=cfg.data.bptt)
     if per_char is not None and nll is not None:
-        write_char_nlls(per_char, ids, vocab, nll)
+        with stdout_may_close():  # --per-char /dev/stdout | head: the reader may stop early
+            write_char_nlls(per_char, ids, vocab, nll)
     bad = nonfinite_parameters(model)
     why = (f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. {bad[0]})" if bad
            else "the model's scores overflowed on this text")

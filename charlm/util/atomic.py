@@ -83,7 +83,7 @@ def _written_through(path: Path) -> Iterator[None]:
     except OSError as exc:
         if exc.filename is not None:
             raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None  # (BrokenPipeError stays one)
 
 
 REGULAR = "a regular file"
