@@ -8,6 +8,7 @@ Every user error is a :class:`CharlmError`, printed as one red line on stderr wi
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 
 import typer
@@ -45,5 +46,13 @@ for name, command, kwargs in [
     app.command(name, help=help_text(command), **kwargs)(command)
 
 
+STDOUT_CLOSED = ("standard output is closed, so charlm has nowhere to write its output; send it to a file or to "
+                 "/dev/null instead of closing it (>&-)")
+
+
 def main() -> None:
+    if sys.stdout is None:  # started with stdout closed (`charlm ... >&-`): Python then has no sys.stdout
+        if sys.stderr is not None:
+            print(f"error: {STDOUT_CLOSED}", file=sys.stderr)
+        sys.exit(2)
     app()

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from charlm.cells.registry import cell_registry_names
+from charlm.util.atomic import path_kind
 from charlm.util.errors import CharlmError
 
 
@@ -187,8 +188,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif tp is str and isinstance(value, str):
-        return value
+        return joined_surrogates(value)
     raise CharlmError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def joined_surrogates(text: str) -> str:
+    """``text`` with each UTF-16 surrogate pair as the one character it stands for: JSON writes a character
+    outside the Basic Multilingual Plane (an emoji) as two ``\\u`` escapes, which YAML reads as two lone
+    surrogates, a string no file system or encoder accepts. A lone surrogate is left as it is."""
+    if not any("\ud800" <= ch <= "\udfff" for ch in text):
+        return text
+    try:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        return text
 
 
 def _section(name: str) -> type:
@@ -245,14 +258,40 @@ def parse_override(text: str) -> dict[str, dict[str, Any]]:
 def resolve_config_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the name of a named config (``smoke``: ``configs/smoke.yaml``)."""
     path = Path(name_or_path).expanduser()
-    if path.is_file():
+    kind = path_kind(path)
+    if kind == "a regular file":
         return path
     folder = config_dir()
     packaged = folder / f"{name_or_path}.yaml"
     if Path(name_or_path).name == name_or_path and packaged.is_file():
         return packaged
-    known = sorted(p.stem for p in folder.glob("*.yaml"))
-    raise CharlmError(f"config '{name_or_path}' not found; give a YAML file or one of: {', '.join(known)}")
+    known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+    if kind is not None:  # a folder, /dev/null, a pipe: say what it is
+        raise CharlmError(f"config {path} is {kind}, not a YAML file; give a YAML file or one of: {known}")
+    raise CharlmError(f"config '{name_or_path}' not found; give a YAML file or one of: {known}")
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML text as Python values; a mapping that gives a key twice is one error naming the key and its lines
+    (PyYAML would keep the last silently, and a config with a key twice is a mistake)."""
+    _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), [], source)
+    return yaml.safe_load(text)
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, where: list[str], source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if name in lines:
+                dotted = ".".join([*where, name])
+                raise CharlmError(f"{source} gives '{dotted}' twice (lines {lines[name]} and "
+                                  f"{key.start_mark.line + 1}); a key given twice is a mistake: keep one")
+            lines[name] = key.start_mark.line + 1
+            _refuse_duplicate_keys(value, [*where, name], source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, where, source)
 
 
 def load_config(name_or_path: str | None = "default", overrides: list[str] | None = None) -> Config:
@@ -261,7 +300,7 @@ def load_config(name_or_path: str | None = "default", overrides: list[str] | Non
     if name_or_path is not None:
         path = resolve_config_path(name_or_path)
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            values = read_yaml(path.read_text(encoding="utf-8"), f"config file {path}") or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CharlmError(f"config file {path} is not valid YAML: {exc}") from None
         apply(config, values, source=str(path))
@@ -292,6 +331,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     return apply(Config(), _renamed_keys(values), source="checkpoint config")
 
 
+MAX_LAYERS = 100  # recurrent layers: 100 of the default size build in about 2 s
 SEED_MAX = 2**32 - 1  # the largest seed lightning.seed_everything accepts (numpy's uint32)
 
 
@@ -321,6 +361,9 @@ def validate(config: Config) -> None:
                 "model.num_layers": m.num_layers, "train.num_nodes": t.num_nodes,
                 "train.log_every_steps": t.log_every_steps, "optim.nonmono": o.nonmono}
     _require(positive, lambda v: v >= 1, "be at least 1")
+    if m.num_layers > MAX_LAYERS:  # (the sizes are bounded by memory: charlm.model.char_lm.check_fits_in_memory)
+        raise CharlmError(f"config key 'model.num_layers' must be at most {MAX_LAYERS} (a deeper stack takes "
+                          f"minutes just to build), got {m.num_layers:,}")
     dropouts = {f"model.{key}": getattr(m, key)
                 for key in ("dropout", "dropouth", "dropouti", "dropoute", "weight_drop")}
     _require(dropouts, lambda v: 0.0 <= v < 1.0, "be in [0, 1)")

@@ -3,7 +3,7 @@ checkpoint per session, and an environment with no corpus configured."""
 
 from __future__ import annotations
 
-import shutil
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,16 +11,32 @@ import pytest
 import torch
 
 SHAKESPEARE = Path(__file__).resolve().parent / "data" / "tinyshakespeare-excerpt.txt"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_env() -> dict[str, str]:
+    """This environment for a process that starts a distributed run: no launcher's or cluster's variables
+    (rank, world size, master address, SLURM's, torchrun's, Lightning's) from outside, one thread, wide output."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                        "LOCAL_WORLD_SIZE")
+           and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="250", PYTHONPATH=str(REPO))
+    return env
 
 
 def require_cpp_build(available: Callable[[], bool], what: str) -> None:
-    """Build a C++ library (``available`` builds and loads it); where a compiler and ninja are installed a
-    failed build is a test failure, elsewhere the test is skipped."""
+    """Build a C++ library (``available`` builds and loads it); where the build finds a compiler and ninja
+    (looking where it looks: :func:`charlm.native.build.missing_build_tools`) a failed build is a test
+    failure, elsewhere the test is skipped."""
+    from charlm.native.build import missing_build_tools
+
     if available():
         return
-    if shutil.which("c++") and shutil.which("ninja"):
+    missing = missing_build_tools()
+    if not missing:
         pytest.fail(f"a C++ compiler and ninja are installed, but {what} did not build")
-    pytest.skip(f"no C++ compiler or ninja: {what} cannot be built here")
+    pytest.skip(f"no {' or '.join(missing)}: {what} cannot be built here")
 
 
 def shakespeare_text(n_chars: int | None = None) -> str:

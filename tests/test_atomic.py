@@ -12,6 +12,7 @@ import torch
 
 from charlm.training.checkpoint_io import atomic_torch_save
 from charlm.util.atomic import FILE_MODE, atomic_file, atomic_write_bytes, atomic_write_text
+from charlm.util.errors import CharlmError
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -63,10 +64,13 @@ def test_a_write_that_dies_half_way_leaves_the_old_file(tmp_path: Path, death: B
     assert temp_files(tmp_path) == []
 
 
-def test_text_and_a_new_folder(tmp_path: Path) -> None:
-    target = tmp_path / "new" / "config.yaml"
-    atomic_write_text(target, "model:\n  cell: lstm\n")
-    assert target.read_text() == "model:\n  cell: lstm\n"
+def test_text_into_a_folder_that_exists_only(tmp_path: Path) -> None:
+    """No folder is made on the way (the caller makes the folders it owns): see test_outputs.py."""
+    atomic_write_text(tmp_path / "config.yaml", "model:\n  cell: lstm\n")
+    assert (tmp_path / "config.yaml").read_text() == "model:\n  cell: lstm\n"
+    with pytest.raises(CharlmError, match=r"the folder .*new does not exist"):
+        atomic_write_text(tmp_path / "new" / "config.yaml", "x")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")

@@ -103,7 +103,7 @@ def test_output_folder_not_writable(tmp_path: Path, corpus_file: Path) -> None:
     blocker = tmp_path / "file.txt"  # a regular file where a folder should be (tests run as root: no chmod)
     blocker.write_text("not a folder")
     check(train_args(corpus_file, blocker / "sub"),
-          f"output folder {blocker / 'sub' / 'run'} is not writable (Not a directory); choose another with --out")
+          f"--out {blocker / 'sub'} cannot be made: {blocker} is a regular file, not a folder; give another folder")
     assert blocker.read_text() == "not a folder"
 
 
@@ -117,7 +117,7 @@ def test_bad_eval_and_sample_options(trained_run: Path, args: list[str], message
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (None, "corpus file {path} does not exist; give --text an existing text file"),
+    (None, "--text file {path} does not exist; give --text an existing text file"),
     ("R", "--text file {path} needs at least 2 characters to score"),
     ("ROMEO: «sweet» ~~\n", "--text file {path} has 4 character(s) outside the model's"),
 ], ids=["missing", "one-char", "unknown-chars"])

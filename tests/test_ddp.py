@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import launch_env
 from typer.testing import CliRunner
 
 from charlm.cli import app
@@ -157,11 +158,7 @@ class DDPRun:
 
 
 def _clean_env(record: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-           and not k.startswith(("SLURM_", "TORCHELASTIC_", "PL_"))}
-    env.update(CHARLM_TEST_RECORD=str(record), OMP_NUM_THREADS="1", COLUMNS="250", PYTHONPATH=str(REPO))
-    return env
+    return {**launch_env(), "CHARLM_TEST_RECORD": str(record)}
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,27 @@ weights come back unchanged."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 from conftest import shakespeare_text
 from typer.testing import CliRunner
 
 from charlm.cli import app
+from charlm.config import ModelConfig
 from charlm.data.datamodule import split_ids
-from charlm.evaluation.dynamic import DynamicSettings, dynamic_char_nlls
+from charlm.data.vocab import Vocab
+from charlm.evaluation.dynamic import DynamicSettings, dynamic_char_nlls, dynamic_update, gradient_rms
 from charlm.evaluation.scoring import char_nlls
+from charlm.model.char_lm import CharLM
 from charlm.model.checkpoint import load_model
+from charlm.util.errors import CharlmError
 
 runner = CliRunner()
 
@@ -72,10 +79,10 @@ def test_no_score_depends_on_its_own_character_or_later(trained_run: Path, tmp_p
         assert before[j:] != after[j:], mode  # the change does reach the scores after it
 
 
-def test_each_score_is_a_distribution_over_the_character_scored(trained_run: Path) -> None:
+def test_each_score_is_a_distribution_over_the_character_scored(sharp_checkpoint: Path) -> None:
     """Put every character of the vocabulary in turn at position j: if the score of position j does not
     depend on the character there, the scores are -log of one distribution, so exp(-nll) sums to 1."""
-    model, vocab, _, _ = load_model(trained_run / "best.ckpt")
+    model, vocab, _, _ = load_model(sharp_checkpoint)
     text, j = shakespeare_text(10_070)[10_000:], 45
     train = vocab.encode(shakespeare_text(1_000))
     settings = DynamicSettings(lr=3e-3, decay=0.01, bptt=20, rms_windows=1)
@@ -99,8 +106,8 @@ def test_dynamic_beats_static_on_the_held_out_split(trained_run: Path) -> None:
     assert dynamic["loss"] < min(static["loss"], one_stream["loss"]) - 0.01
 
 
-def test_dynamic_evaluation_puts_the_weights_back(trained_run: Path) -> None:
-    model, vocab, _, _ = load_model(trained_run / "best.ckpt")
+def test_dynamic_evaluation_puts_the_weights_back(sharp_checkpoint: Path) -> None:
+    model, vocab, _, _ = load_model(sharp_checkpoint)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids = vocab.encode(shakespeare_text(3_000)[2_000:])
     nll = dynamic_char_nlls(model, ids, ids, DynamicSettings(lr=1e-3, decay=0.01, bptt=40, rms_windows=2),
@@ -123,3 +130,111 @@ def test_dynamic_option_errors(trained_run: Path) -> None:
         2, "error: --dynamic-decay must be between 0 and 1, got 2.0")
     assert invoke("eval", "--checkpoint", ckpt, "--dynamic", "--dynamic-bptt", "0") == (
         2, "error: --dynamic-bptt must be at least 1, got 0")
+
+
+# ------------------------------------------------------------------------- the update, by hand (issue #30, 1)
+def test_the_update_is_krauses_formula_by_hand() -> None:
+    """θ <- θ - lr ∇ / (RMS + eps) + rate (θ_g - θ), both terms from the weights before the step (Krause et
+    al. 2018): worked by hand for two weights, one with its decay rate capped at 1, which still adapts."""
+    p = torch.tensor([1.0, -2.0], requires_grad=True)
+    p.grad = torch.tensor([0.5, 1.0])
+    theta_g, rate, scale = torch.tensor([2.0, -2.0]), torch.tensor([0.25, 1.0]), torch.tensor([4.0, 2.0])
+    dynamic_update([p], [theta_g], [rate], [scale], lr=0.1)
+    # 1 - 0.1 * 0.5 * 4 + 0.25 * (2 - 1) = 1.05;  -2 - 0.1 * 1 * 2 + 1 * (-2 - -2) = -2.2
+    assert p.detach().tolist() == pytest.approx([1.05, -2.2], abs=1e-7)
+    q = torch.tensor([3.0], requires_grad=True)  # no gradient (a weight the segment did not reach): decay only
+    dynamic_update([q], [torch.tensor([1.0])], [torch.tensor([0.5])], [torch.tensor([9.0])], lr=0.1)
+    assert q.detach().tolist() == [2.0]
+
+
+def tiny_model(vocab_size: int) -> CharLM:
+    torch.manual_seed(0)
+    config = ModelConfig(cell="lstm", embedding_size=4, hidden_size=5, num_layers=1, tie_weights=False,
+                         dropout=0.0, dropouth=0.0)
+    return CharLM(vocab_size, config).eval()
+
+
+def reference_dynamic_nlls(model: CharLM, ids: torch.Tensor, train: torch.Tensor, lr: float, decay: float,
+                           bptt: int, windows: int, eps: float) -> list[float]:
+    """Dynamic evaluation written out plainly on a copy of ``model``: the RMS from ``windows`` windows of
+    ``train`` read as one stream, then per segment: score, one step of θ - lr ∇ / (RMS + eps) + rate (θ_g - θ)."""
+    net = copy.deepcopy(model)
+    params = list(net.parameters())
+    theta_g = [p.detach().clone() for p in params]
+    squares = [torch.zeros_like(p) for p in params]
+    states = None
+    for k in range(windows):
+        x, y = train[k * bptt : (k + 1) * bptt], train[k * bptt + 1 : (k + 1) * bptt + 1]
+        net.zero_grad()
+        out = net(x.view(1, -1), states)
+        F.cross_entropy(out.logits[0], y).backward()
+        states = [tuple(t.detach() for t in s) for s in out.states]
+        for total, p in zip(squares, params, strict=True):
+            total += p.grad**2
+    rms = [(total / windows).sqrt() for total in squares]
+    mean_rms = torch.cat([r.flatten() for r in rms]).mean()
+    rates = [torch.clamp(decay * r / mean_rms, max=1.0) for r in rms]
+    nlls: list[float] = []
+    states = None
+    for start in range(0, ids.numel() - 1, bptt):
+        x, y = ids[start : start + bptt], ids[start + 1 : start + bptt + 1]
+        x = x[: y.numel()]
+        net.zero_grad()
+        out = net(x.view(1, -1), states)
+        per_char = F.cross_entropy(out.logits[0], y, reduction="none")
+        nlls += per_char.tolist()
+        per_char.mean().backward()
+        states = [tuple(t.detach() for t in s) for s in out.states]
+        with torch.no_grad():
+            for p, theta, r, g in zip(params, theta_g, rates, rms, strict=True):
+                p.copy_(p - lr * p.grad / (g + eps) + r * (theta - p))
+    return nlls
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.3, 1.0])
+def test_dynamic_nlls_are_the_plain_loop_on_a_tiny_model(decay: float) -> None:
+    """Every score of dynamic evaluation equals that of the update written out by hand, segment after segment
+    (segments of 7 over 60 characters, a short last one); with decay the scores differ from decay 0."""
+    text = shakespeare_text(200)
+    vocab = Vocab.from_text(text)
+    ids, train = vocab.encode(text[:60]), vocab.encode(text[60:200])
+    model = tiny_model(len(vocab))
+    settings = DynamicSettings(lr=0.01, decay=decay, bptt=7, rms_windows=19)  # every training window
+    ours = dynamic_char_nlls(model, ids, train, settings, train_batch_size=1, train_bptt=7)
+    expected = reference_dynamic_nlls(model, ids, train, lr=0.01, decay=decay, bptt=7, windows=19, eps=settings.eps)
+    assert ours.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    static = char_nlls(model, ids, batch_size=1, bptt=7)
+    assert ours[:6].tolist() == pytest.approx(static[:6].tolist(), abs=1e-6)  # segment 1: the trained weights
+    assert (ours[6:] - static[6:]).abs().max() > 1e-3  # later segments: adapted
+
+
+def test_gradient_rms_is_the_root_mean_square_by_hand() -> None:
+    """RMS of each weight's gradient over the first windows of the training text, read as ``batch_size``
+    streams with the state carried: against the squares summed by hand; the weights and gradients untouched."""
+    text = shakespeare_text(300)
+    vocab = Vocab.from_text(text)
+    train = vocab.encode(text)
+    model = tiny_model(len(vocab))
+    before = [p.detach().clone() for p in model.parameters()]
+    rms = gradient_rms(model, train, batch_size=2, bptt=9, windows=4)
+    rows = train[: 2 * ((train.numel() - 1) // 2) + 1]
+    length = (train.numel() - 1) // 2
+    xs, ys = rows[:-1].view(2, length), train[1 : 2 * length + 1].view(2, length)
+    squares = [torch.zeros_like(p) for p in model.parameters()]
+    states = None
+    for k in range(4):
+        model.zero_grad()
+        out = model(xs[:, k * 9 : (k + 1) * 9], states)
+        F.cross_entropy(out.logits.reshape(-1, len(vocab)), ys[:, k * 9 : (k + 1) * 9].reshape(-1)).backward()
+        states = [tuple(t.detach() for t in s) for s in out.states]
+        for total, p in zip(squares, model.parameters(), strict=True):
+            total += p.grad**2
+    model.zero_grad(set_to_none=True)
+    for r, total in zip(rms, squares, strict=True):
+        torch.testing.assert_close(r, (total / 4).sqrt(), rtol=1e-5, atol=1e-8)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(CharlmError) as caught:
+        gradient_rms(model, vocab.encode(text[:1]), batch_size=2, bptt=9, windows=4)
+    assert str(caught.value) == ("dynamic evaluation needs training text for its gradient statistics, and the "
+                                 "training split is too short for one window")

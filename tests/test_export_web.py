@@ -99,7 +99,8 @@ def perturbed_model(vocab: Vocab, **model: Any) -> CharLM:
 
 def test_every_cell_runs_in_the_page_or_is_refused(driver: Any, tmp_path: Path) -> None:
     """Each cell's page, from a zero state over 6 characters, gives the model's own logits (the sequence path:
-    kernels and torch RNN ops), with and without LayerNorm, tied and untied; lstm-bn and the cells of 2024 are refused in one sentence."""
+    kernels and torch RNN ops), with and without LayerNorm, tied and untied; lstm-bn and the cells of 2024 are
+    refused in one sentence."""
     vocab = Vocab("abcdefg")
     ids = [0, 3, 6, 1, 1, 5]
     variants = [{"cell": name, "layer_norm": ln, "tie_weights": tie} for name in cell_names()

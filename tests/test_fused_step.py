@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,8 @@ def test_the_draw_is_picks_draw(built: None) -> None:
 
 def test_draws_follow_the_probabilities(built: None) -> None:
     """20,000 draws from fixed scores: each character's share within 0.015 of its probability, and a
-    character of probability 0 (score -inf) never drawn."""
+    character of probability 0 (score -inf) never drawn, also at u = 0, the one draw that tells a weight of 0
+    from exp's float floor (1.2e-38)."""
     model = lstm_model()
     pack = fused_step.packed(model, fast_step.available)
     assert pack is not None
@@ -175,6 +177,39 @@ def test_draws_follow_the_probabilities(built: None) -> None:
     share = counts / counts.sum()
     torch.testing.assert_close(share, torch.softmax(scores[0], -1), rtol=0, atol=0.015)
     assert counts[4] == 0
+    first_ruled_out = torch.cat([scores[:1, 4:5], scores[:1, :4], scores[:1, 5:]], dim=1)  # -inf at index 0
+    assert fused_step.sample(first_ruled_out, 1.0, generator_drawing_zero(), None, pack, 1)[0].tolist() == [[1]]
+
+
+def generator_drawing_zero() -> torch.Generator:
+    """A generator whose next float64 uniform is exactly 0: torch's CPU generator (mt19937) makes it from
+    its next two 32-bit outputs, here two state words set to 0 (tempering maps 0 to 0). Its state bytes:
+    seed (8), left (int32), seeded (int32), next (8), then the 624 words, 8 bytes each."""
+    gen = torch.Generator().manual_seed(0)
+    torch.rand(1, dtype=torch.float64, generator=gen)  # past the first twist: the words are read in order
+    state = gen.get_state().clone()
+    following = int(state[16:24].view(torch.int64))
+    words = state[24 : 24 + 624 * 8].view(torch.int64)
+    words[following : following + 2] = 0
+    gen.set_state(state)
+    copy = torch.Generator()
+    copy.set_state(gen.get_state())
+    assert torch.rand(1, dtype=torch.float64, generator=copy).item() == 0.0
+    return gen
+
+
+def test_a_character_of_probability_zero_is_not_drawn_even_at_u_zero(built: None) -> None:
+    """The draw takes the first character whose running sum exceeds u times the total: at u = 0 that is the
+    first character of any weight at all, so a -inf score must weigh exactly 0 (exp's float floor, 1.2e-38,
+    is not 0). The C++ draw and pick agree on the first finite character."""
+    model = lstm_model()
+    pack = fused_step.packed(model, fast_step.available)
+    assert pack is not None
+    scores = torch.tensor([[float("-inf"), float("-inf"), 1.0] + [0.5] * (V - 3)])
+    for temperature in (1.0, 0.3):
+        ids = fused_step.sample(scores, temperature, generator_drawing_zero(), None, pack, 1)[0]
+        assert ids.tolist() == [[2]]
+        assert pick(scores, temperature, None, generator_drawing_zero()).tolist() == [2]
 
 
 def run_of(model: CharLM, vocab_prime: torch.Tensor, length: int, seed: int, taken: int | None = None,
@@ -247,17 +282,42 @@ def test_not_finite_scores_are_one_sentence(built: None) -> None:
                           generator=torch.Generator()))
 
 
+def ops_run(fn: Callable[[], object]) -> set[str]:
+    """The charlm C++ ops that ``fn`` called (torch's profiler names each op it dispatches)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("charlm::")}
+
+
 @pytest.mark.parametrize(("settings", "aten"), [(dict(cell="rnn"), True), (dict(cell="irnn"), True),
                                                (dict(cell="gru-cho"), False), (dict(cell="lstm-bn"), False),
                                                (dict(cell="fgr"), False), (dict(cell="mut1"), False)], ids=str)
 def test_other_models_take_the_aten_op_or_python(built: None, settings: dict[str, object], aten: bool) -> None:
-    """The cells the fused route does not take: those the ATen op knows step through it (a C++ step with no
-    fused pack), the rest in Python."""
+    """The cells the fused route does not take: those the ATen op knows step through it (seen by the
+    profiler) and give the Python step's logits and states bit for bit; the rest step in Python."""
     config = ModelConfig(embedding_size=8, hidden_size=8, **settings)  # type: ignore[arg-type]
     model = CharLM(V, config).eval()
     assert not fused_step.takes_route(model) and fused_step.packed(model, fast_step.available) is None
     assert fast_step.sample(model, torch.zeros(1, V), 1.0, None, None, torch.Generator(), None, 4) is None
     assert (fast_step.cpp_step(model, torch.tensor([1, 2]), None) is not None) == aten
+    x = torch.tensor([3, 5])
+    start = model(torch.tensor([[1, 2], [4, 0]])).states
+    out: list[tuple[torch.Tensor, States]] = []
+    assert ops_run(lambda: out.append(fast_step.step(model, x, start))) == ({"charlm::model_step"} if aten else set())
+    with cpp_off():
+        assert ops_run(lambda: out.append(fast_step.step(model, x, start))) == set()
+    (logits, states), (ref_logits, ref_states) = out
+    assert torch.equal(logits, ref_logits)
+    assert all(torch.equal(a, b) for s, r in zip(states, ref_states, strict=True) for a, b in zip(s, r, strict=True))
+
+
+def test_plain_lstm_stacks_take_the_fused_op(built: None) -> None:
+    model = lstm_model()
+    fast_step.step(model, torch.tensor([1]))  # packs the weights
+    assert ops_run(lambda: fast_step.step(model, torch.tensor([1]))) == {"charlm::fused_step"}
+    logits = torch.zeros(1, V)
+    assert ops_run(lambda: fast_step.sample(model, logits, 1.0, None, None, torch.Generator(), None, 3)) == {
+        "charlm::fused_sample"}
 
 
 def test_more_rows_filters_and_greedy_take_the_other_routes(built: None) -> None:
@@ -272,15 +332,28 @@ def test_more_rows_filters_and_greedy_take_the_other_routes(built: None) -> None
 
 
 def test_changed_weights_are_packed_again(built: None) -> None:
-    """In-place changes (an optimizer step, load_state_dict) and a replaced parameter are seen."""
+    """In-place changes (an optimizer step, load_state_dict), a replaced parameter, and writes that autograd
+    does not count (through ``.data``, through a numpy view) are all seen: the fused logits follow."""
     model = lstm_model()
     x = torch.tensor([2])
+
+    def fused_is_python() -> None:
+        torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0,
+                                   atol=1e-5)
+
     fast_step.step(model, x)
     with torch.no_grad():
         model.layers[0].weight_hh_l0.mul_(0.5)
-    torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    fused_is_python()
     model.layers[1].weight_ih_l0 = torch.nn.Parameter(torch.randn_like(model.layers[1].weight_ih_l0))
-    torch.testing.assert_close(fast_step.step(model, x)[0], python_steps(model, [x], None)[0][0], rtol=0, atol=1e-5)
+    fused_is_python()
+    model.layers[0].weight_ih_l0.data.mul_(0)
+    fused_is_python()
+    model.decoder.bias.detach().numpy()[:] = -model.decoder.bias.detach().numpy()
+    fused_is_python()
+    model.encoder.weight.data[3].mul_(-2.0)  # one row, the character fed: layer 0's input table
+    torch.testing.assert_close(fast_step.step(model, torch.tensor([3]))[0],
+                               python_steps(model, [torch.tensor([3])], None)[0][0], rtol=0, atol=1e-5)
 
 
 def test_generate_is_the_same_text_with_the_route_off(built: None) -> None:

@@ -247,3 +247,28 @@ def test_charlm_native_0_skips_the_build(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("CHARLM_NATIVE", "0")
     assert not norm_lstm_cpp.available()
     assert build._loaded == {} and not any(tmp_path.iterdir())
+
+
+def _stub(folder: Path, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("#!/bin/sh\nexit 0\n")
+    (folder / name).chmod(0o755)
+
+
+@pytest.mark.parametrize("ninja_beside_python", [True, False])
+def test_a_failed_build_fails_where_the_build_finds_its_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             ninja_beside_python: bool) -> None:
+    """A compiler on PATH and ninja only beside this Python (pip's, in a venv not activated): the build finds
+    both, so a library that did not build is a failure, not a skip; with no ninja anywhere, a skip."""
+    _stub(tmp_path / "path", "c++")
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    if ninja_beside_python:
+        _stub(tmp_path / "venv" / "bin", "ninja")
+    monkeypatch.setenv("PATH", str(tmp_path / "path"))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    expected = pytest.fail.Exception if ninja_beside_python else pytest.skip.Exception
+    with pytest.raises(expected) as caught:
+        require_cpp_build(lambda: False, "the test's library")
+    assert str(caught.value) == ("a C++ compiler and ninja are installed, but the test's library did not build"
+                                 if ninja_beside_python else "no ninja: the test's library cannot be built here")

@@ -175,46 +175,83 @@ def test_averaged_weights_noop_without_asgd() -> None:
     assert torch.equal(model.weight, before)
 
 
-class LearningRates(L.Callback):
-    """(steps done, learning rate, optimizer class) at every optimizer step."""
+class AppliedRates(L.Callback):
+    """(steps done, the rate the optimizer step really applied, window length, optimizer class) of every step,
+    read from the weights: with no momentum, weight decay or clipping an SGD / ASGD (lambd = 0) step moves a
+    weight by -rate * gradient, so the rate is the move of the decoder bias's element with the largest
+    gradient over that gradient (not the group's ``lr``, which ASGD need not apply)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, float, str]] = []
+        self.rows: list[tuple[int, float, int, str]] = []
+        self._window = 0
+        self._before: tuple[int, torch.Tensor, float, str] | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._window = batch.x.size(1)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        self.rows.append((trainer.global_step, optimizer.param_groups[0]["lr"], type(optimizer).__name__))
+        bias = pl_module.model.decoder.bias  # type: ignore[union-attr]
+        assert bias.grad is not None
+        i = int(bias.grad.abs().argmax())
+        self._before = (i, bias.detach().clone(), float(bias.grad[i]), type(optimizer).__name__)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        assert self._before is not None
+        i, before, grad, name = self._before
+        after = pl_module.model.decoder.bias.detach()  # type: ignore[union-attr]
+        self.rows.append((trainer.global_step - 1, float(before[i] - after[i]) / grad, self._window, name))
+        self._before = None
+
+
+def ntasgd_run(corpus: Path, out: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> tuple[Any, AppliedRates]:
+    """A smoke run with NT-ASGD (nonmono=1), validations every 5 steps whose losses are scripted so that the
+    4th (after step 20) switches to averaged SGD; SGD with nothing that changes a step but the rate."""
+    from charlm.training import fit as train_module
+
+    scripted = iter([3.0, 2.0, 2.5, 3.5, 1.0, 0.9])  # nonmono=1: 3.5 > min([3.0]) switches after step 20
+    monkeypatch.setattr(CharLMModule, "_val_loss", lambda self: next(scripted))
+    record = AppliedRates()
+    cfg = load_config("smoke", ["optim.optimizer=ntasgd", "optim.nonmono=1", "optim.weight_decay=0", "optim.clip=0",
+                                "train.val_every_steps=5", "train.max_steps=30", f"data.path={corpus}",
+                                f"train.out={out}", "train.name=nt", "sample.enabled=false", *overrides])
+    return train_module.train(cfg, callbacks=[record]), record
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_cosine_rate_is_continuous_at_the_switch_and_held_after(
         corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Averaged SGD goes on at the rate the schedule had reached at the switch, held constant (AWD-LSTM
-    averages at a constant rate); it never jumps back to the base rate."""
-    from charlm.training import fit as train_module
-
-    scripted = iter([3.0, 2.0, 2.5, 3.5, 1.0, 0.9])  # nonmono=1: 3.5 > min([3.0]) switches after step 20
-    monkeypatch.setattr(CharLMModule, "_val_loss", lambda self: next(scripted))
-    record = LearningRates()
-    build = train_module.build_trainer
-    monkeypatch.setattr(train_module, "build_trainer",
-                        lambda c, d, extra_callbacks=None: build(c, d, extra_callbacks=[record]))
+    averages at a constant rate); it never jumps back to the base rate. The rates are those the steps applied."""
     lr, min_lr, steps = 1.0, 0.01, 30
-    cfg = load_config("smoke", ["optim.optimizer=ntasgd", f"optim.lr={lr}", f"optim.min_lr={min_lr}",
-                                "optim.schedule=cosine", "optim.warmup_steps=0", "optim.nonmono=1",
-                                "train.val_every_steps=5", f"train.max_steps={steps}", f"data.path={corpus_file}",
-                                f"train.out={tmp_path}", "train.name=nt", "sample.enabled=false"])
-    result = train_module.train(cfg)
+    result, record = ntasgd_run(corpus_file, tmp_path, monkeypatch, f"optim.lr={lr}", f"optim.min_lr={min_lr}",
+                                "optim.schedule=cosine", "optim.warmup_steps=0")
 
     def cosine(done: int) -> float:
         return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * done / steps))
 
-    assert [(done, name) for done, _, name in record.rows] == [
+    assert [(done, name) for done, _, _, name in record.rows] == [
         (done, "SGD" if done < 20 else "ASGD") for done in range(steps)]
-    for done, rate, _ in record.rows:
-        assert rate == pytest.approx(cosine(min(done, 20))), done
+    for done, rate, _, _ in record.rows:
+        assert rate == pytest.approx(cosine(min(done, 20)), rel=2e-3), done
     ckpt = torch.load(result.run_dir / "last.ckpt", weights_only=True)
     assert ckpt["ntasgd"]["switched_at"] == 3
     assert ckpt["ntasgd_lr_at_switch"] == pytest.approx(cosine(20))  # kept for a resume
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_each_step_applies_its_own_windows_rate_after_the_switch(
+        corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variable-length BPTT scales a step's rate by its window's length / bptt, before and after the switch
+    to averaged SGD: the rate each step applied is its own window's (torch's ASGD would apply the one its
+    previous step saved, the previous window's)."""
+    _, record = ntasgd_run(corpus_file, tmp_path, monkeypatch, "optim.lr=0.5", "optim.schedule=constant",
+                           "optim.warmup_steps=0", "data.variable_bptt=true", "data.bptt=20")
+    assert {name for _, _, _, name in record.rows} == {"SGD", "ASGD"}
+    assert len({window for _, _, window, _ in record.rows[20:]}) > 3  # the windows do vary after the switch
+    for done, rate, window, _ in record.rows:
+        assert rate == pytest.approx(0.5 * window / 20, rel=2e-3), done
 
 
 def test_rate_at_the_switch_survives_a_checkpoint() -> None:

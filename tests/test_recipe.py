@@ -22,10 +22,15 @@ class Record(L.Callback):
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, float, int, str]] = []
+        self._window = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._window = batch.x.size(1)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         group = optimizer.param_groups[0]
-        self.rows.append((trainer.global_step, group["lr"], pl_module.last_window, type(optimizer).__name__))
+        self.rows.append((trainer.global_step, group["lr"], self._window, type(optimizer).__name__))
 
 
 def test_ntasgd_switches_to_averaged_sgd_when_validation_stops_improving(

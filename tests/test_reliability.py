@@ -348,6 +348,36 @@ def test_skip_mode_still_stops_when_every_step_is_bad(tmp_path: Path, short_corp
                                  "was not finite. Last good checkpoint: none saved yet.")
 
 
+class PoisonSteps(Poison):
+    """Poison's transient NaN at each of ``steps`` (never two in a row here)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        super().__init__(-1, transient=True)
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.step = trainer.global_step if trainer.global_step in self.steps else -1
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+@pytest.mark.parametrize("settings", [["train.precision=32-true"],
+                                      ["train.precision=16-true", "optim.optimizer=ntasgd", "optim.lr=1"]],
+                         ids=["32-bit", "16-bit"])  # (AdamW's eps is 0 in float16: SGD there)
+def test_skip_mode_counts_bad_steps_in_a_row_not_in_the_run(tmp_path: Path, short_corpus: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            settings: list[str]) -> None:
+    """Twelve bad steps, each followed by a good one, in 32 and 16 bits (where a gradient scaler would own
+    non-finite gradients): the run goes on to its end, each bad step skipped."""
+    bad = set(range(2, 26, 2))
+    config = smoke(short_corpus, "train.max_steps=27", "train.on_nan=skip", *settings,
+                   "train.checkpoint_every_steps=0", "train.val_every_steps=0")
+    result = train(config, run_dir=tmp_path / "run", callbacks=[PoisonSteps(bad)])
+    assert result.steps == 27
+    printed = capsys.readouterr().out
+    assert [s for s in range(27) if f"step {s}: the loss became nan; step skipped" in printed] == sorted(bad)
+
+
 def test_non_finite_weights_are_never_saved(tmp_path: Path, short_corpus: Path) -> None:
     config = smoke(short_corpus, "train.max_steps=30", "train.on_nan=skip", "train.checkpoint_every_steps=5")
     last = tmp_path / "run" / "last.ckpt"

@@ -40,14 +40,18 @@ WINDOWS_PER_EPOCH = 22  # 6,000 chars: 5,400 train chars / 8 streams = 674 colum
 KILLER = textwrap.dedent('''
     """The charlm CLI, SIGKILL-ing itself right after training step $KILL_AT (a crash, nothing cleaned up),
     or with KILL_IN=validation in the middle of the validation after that step, or with KILL_IN=metrics
-    while it writes metrics.csv for the first time."""
+    while it writes metrics.csv for the first time, or with KILL_IN=last.ckpt / best.ckpt half-way through
+    the $KILL_AT-th write of that checkpoint in this session (half its bytes in the temporary file)."""
     import os
     import signal
     import sys
+    from pathlib import Path
 
     import lightning as L
 
+    from charlm.training import checkpoint_io
     from charlm.training import fit as train_module
+    from charlm.util import atomic
 
 
     class KillAt(L.Callback):
@@ -70,6 +74,21 @@ KILLER = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
 
         csv.DictWriter.writerows = writerows
+
+    if os.environ.get("KILL_IN", "").endswith(".ckpt"):
+        _write, writes = checkpoint_io.atomic_write_bytes, []
+
+        def atomic_write_bytes(path, data):
+            if Path(path).name == os.environ["KILL_IN"]:
+                writes.append(path)
+                if len(writes) == int(os.environ["KILL_AT"]):
+                    with atomic.atomic_file(path) as fh:
+                        fh.write(bytes(data[: len(data) // 2]))
+                        fh.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+            _write(path, data)
+
+        checkpoint_io.atomic_write_bytes = atomic_write_bytes
 
     original = train_module.build_trainer
 
@@ -130,13 +149,17 @@ def largest_difference(a: Path, b: Path) -> float:
 
 def kill_run(out: Path, corpus: Path, name: str, kill_at: int, kill_in: str = "train", *overrides: str) -> Path:
     """Run ``name`` under the killer script until it SIGKILLs itself; its folder."""
+    killed_command(out, run_args(corpus, out, name, *overrides), kill_at, kill_in)
+    return out / name
+
+
+def killed_command(out: Path, args: list[str], kill_at: int, kill_in: str) -> None:
+    """``charlm <args>`` under the killer script (written into ``out``), which must SIGKILL itself."""
     script = out / "killer.py"
     script.write_text(KILLER, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(script), *run_args(corpus, out, name, *overrides)],
-                          env={**os.environ, "KILL_AT": str(kill_at), "KILL_IN": kill_in}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KILL_AT": str(kill_at), "KILL_IN": kill_in})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    return out / name
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +261,35 @@ def test_a_kill_while_metrics_csv_is_written_keeps_its_history(killed: dict[str,
     assert (run / "metrics.csv").read_bytes() == before
 
 
+def test_a_run_killed_again_and_again_ends_as_the_unbroken_one(killed: dict[str, Path], short_corpus: Path) -> None:
+    """Killed half-way through writing last.ckpt, resumed and killed inside a validation, resumed and killed
+    half-way through writing best.ckpt, resumed and killed after a training step, then resumed to the end:
+    the same validations, training losses, best checkpoint and final weights as the run that never stopped.
+    No kill leaves a damaged checkpoint or, once resumed, its temporary file."""
+    reference, out = killed["reference"], killed["out"]
+    run = out / "again-and-again"
+    last = run / "last.ckpt"
+
+    def step_of(path: Path) -> int:
+        return int(torch.load(path, weights_only=True)["global_step"])
+
+    killed_command(out, run_args(short_corpus, out, run.name), 2, "last.ckpt")  # step 20's last.ckpt
+    assert step_of(last) == 10 and [p.name for p in run.glob(".last.ckpt.*.tmp")] != []
+    killed_command(out, ["train", "--resume", str(last)], 20, "validation")  # the validation after step 20
+    assert step_of(last) == 10 and not list(run.glob(".*.tmp"))
+    killed_command(out, ["train", "--resume", str(last)], 1, "best.ckpt")  # that validation's best.ckpt
+    assert step_of(last) == 10 and step_of(run / "best.ckpt") == 20  # the first session wrote it whole
+    killed_command(out, ["train", "--resume", str(last)], 33, "train")
+    assert step_of(last) == 30
+    invoke(["train", "--resume", str(last)])
+    assert step_of(last) == 40 and not list(run.glob(".*.tmp"))
+    assert val_losses(run) == val_losses(reference)
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert step_of(run / "best.ckpt") == step_of(reference / "best.ckpt")
+    assert largest_difference(run / "best.ckpt", reference / "best.ckpt") < 1e-6
+    assert largest_difference(last, reference / "last.ckpt") < 1e-6
+
+
 @pytest.mark.parametrize(("kill_at", "overrides", "saved_at", "validations"), [
     (21, [], 20, 2),  # step 20: a checkpoint and a validation
     (25, ["train.val_every_steps=0", "train.checkpoint_every_steps=0"], WINDOWS_PER_EPOCH, 1),  # epoch end: both
@@ -254,6 +306,22 @@ def test_a_checkpoint_written_after_its_validation_resumes_exactly(tmp_path: Pat
     invoke(["train", "--resume", str(run / "last.ckpt")])
     assert val_losses(run) == val_losses(reference) and len(val_losses(run)) == validations
     assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
+
+
+def test_a_run_resumed_after_its_budget_logs_as_an_unbroken_one(tmp_path: Path, short_corpus: Path) -> None:
+    """8 steps (last.ckpt written when training ends, mid-epoch), then --resume --max-steps 12: validations and
+    training losses at the steps of a 12-step run, not one step later (Lightning counts the last batch before
+    training ends, then once more on resuming). A rate that ignores the budget, so the two runs are one."""
+    steps = ["train.val_every_steps=4", "train.log_every_steps=3", "optim.schedule=constant"]
+    invoke(run_args(short_corpus, tmp_path, "reference", *steps, "train.max_steps=12"))
+    invoke(run_args(short_corpus, tmp_path, "longer", *steps, "train.max_steps=8"))
+    run, reference = tmp_path / "longer", tmp_path / "reference"
+    assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 8
+    invoke(["train", "--resume", str(run / "last.ckpt"), "--max-steps", "12"])
+    assert [s for s, _ in val_losses(run)] == [3, 7, 11] and val_losses(run) == val_losses(reference)
+    assert train_losses(run) == pytest.approx(train_losses(reference), abs=1e-6)
+    assert sorted(train_losses(run)) == [2, 5, 8, 11]
     assert largest_difference(run / "last.ckpt", reference / "last.ckpt") < 1e-6
 
 

@@ -15,7 +15,7 @@ from charlm.cli import app
 from charlm.data.vocab import Vocab
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.generation.beam import beam_search
-from charlm.generation.continuation import StopMatcher, generate, generate_samples, read_prime
+from charlm.generation.continuation import StopMatcher, generate, generate_samples, read_prime, seeded_generator
 from charlm.generation.options import decode_escapes, pick
 from charlm.model import fast_step
 from charlm.model.char_lm import CharLM
@@ -296,3 +296,15 @@ def test_options_refused_before_loading(tmp_path: Path, args: tuple[str, ...], m
     """A checkpoint that does not exist: the option's own message shows it was checked first."""
     code, output = invoke("sample", "--checkpoint", str(tmp_path / "missing.ckpt"), *args)
     assert (code, one_line(output)) == (2, f"error: {message}")
+
+
+def test_an_unseeded_generator_leaves_the_global_one_alone() -> None:
+    """``seed=None`` draws a fresh seed for its own generator, not by reseeding torch's global one (which
+    would change what the caller's seeded code draws next)."""
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    generators = [seeded_generator(None) for _ in range(2)]
+    assert torch.equal(torch.rand(4), expected)
+    assert generators[0].initial_seed() != generators[1].initial_seed()
+    assert seeded_generator(7).initial_seed() == 7

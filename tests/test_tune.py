@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -309,3 +310,36 @@ def test_processes_opening_a_new_storage_together_all_get_it(tmp_path: Path) -> 
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in results]
+
+
+def test_the_report_waits_for_trials_still_running_elsewhere(tmp_path: Path, corpus_file: Path) -> None:
+    """A study of 2 trials: one complete, one RUNNING in another live process of this machine (a command killed
+    just before left its worker running, say). The command runs no trial, waits for that one, and its table
+    and best.yaml then hold it (its loss is the better one)."""
+    from charlm.tools.tune.study import default_storage, open_storage
+
+    space = write_space(tmp_path, "optim.lr: loguniform(1e-3, 3e-2)\n")
+    out = tmp_path / "runs"
+    args = tune_args(space, corpus_file, out, trials=2, steps=3)
+    first = CliRunner().invoke(app, [*args[:args.index("--trials") + 1], "1", *args[args.index("--trials") + 2:]])
+    assert first.exit_code == 0, first.output
+    storage = open_storage(default_storage(out / "s"))
+    study = optuna.load_study(study_name="s", storage=storage)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        running = study.ask({"optim.lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True)})
+        running.set_user_attr("host", socket.gethostname())
+        running.set_user_attr("pid", other.pid)
+        finisher = threading.Timer(3.0, lambda: study.tell(running, 0.125))
+        finisher.start()
+        result = CliRunner().invoke(app, args)
+        finisher.join()
+    finally:
+        other.kill()
+        other.wait()
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "waiting for 1 trial still running in other processes (trial 1) before the report" in output
+    assert "RUNNING" not in output and "best trial 1: val loss 0.1250" in output
+    assert [t.state for t in load(out).trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert (out / "s" / "best.yaml").read_text().startswith("# charlm tune, study s: trial 1, val loss 0.1250")

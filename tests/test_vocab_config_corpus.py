@@ -267,10 +267,11 @@ def test_a_folder_or_a_device_is_not_called_missing(tmp_path: Path, option: str)
     assert str(info.value) == f"{option} /dev/null is not a regular file; give a text file"
     with pytest.raises(CharlmError) as info:
         corpus_mod.resolve_corpus_path(tmp_path / "nope.txt", option=option)
-    assert str(info.value) == f"corpus file {tmp_path / 'nope.txt'} does not exist; give {option} an existing text file"
+    what = "corpus file" if option == "--data" else "--text file"
+    assert str(info.value) == f"{what} {tmp_path / 'nope.txt'} does not exist; give {option} an existing text file"
 
 
-def test_the_cli_says_what_a_folder_or_a_device_given_as_corpus_is(tmp_path: Path, trained_run: Path) -> None:
+def test_the_cli_says_what_a_folder_or_a_device_given_as_corpus_is(tmp_path: Path, sharp_checkpoint: Path) -> None:
     from typer.testing import CliRunner
 
     from charlm.cli import app
@@ -280,9 +281,9 @@ def test_the_cli_says_what_a_folder_or_a_device_given_as_corpus_is(tmp_path: Pat
         (["train", "--config", "smoke", "--data", str(tmp_path), "--out", str(tmp_path / "runs")],
          f"error: --data {tmp_path} is a folder; give a text file"),
         (["data", "--data", "/dev/null"], "error: --data /dev/null is not a regular file; give a text file"),
-        (["eval", "--checkpoint", str(trained_run / "best.ckpt"), "--text", str(tmp_path)],
+        (["eval", "--checkpoint", str(sharp_checkpoint), "--text", str(tmp_path)],
          f"error: --text {tmp_path} is a folder; give a text file"),
-        (["eval", "--checkpoint", str(trained_run / "best.ckpt"), "--text", "/dev/null"],
+        (["eval", "--checkpoint", str(sharp_checkpoint), "--text", "/dev/null"],
          "error: --text /dev/null is not a regular file; give a text file"),
     ]:
         result = runner.invoke(app, args)

@@ -60,11 +60,15 @@ def friendly(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def checkpoint_path(path: str | None, out_dir: str = "checkpoints") -> Path:
-    """The checkpoint asked for, else the newest run's best under ``out_dir``."""
+def checkpoint_path(path: str | None, out_dir: str = "checkpoints", option: str = "--checkpoint") -> Path:
+    """The checkpoint asked for, else (none given) the newest run's best under ``out_dir``."""
     from charlm.model.checkpoint import newest_run_checkpoint
 
-    return Path(path) if path else newest_run_checkpoint(out_dir)
+    if path == "":  # an unset shell variable, say: not the same as leaving the option out
+        leave = "the option" if option.startswith("-") else "it"
+        raise CharlmError(f"{option} is empty; give a checkpoint file, or leave {leave} out to use the newest "
+                          "run's best.ckpt")
+    return Path(path) if path is not None else newest_run_checkpoint(out_dir)
 
 
 @contextlib.contextmanager

@@ -61,6 +61,7 @@ def compare(
                  match_params=match_params, set_=set_, logger=logger)
         return
     from charlm.tools.compare.run import run_comparison
+    from charlm.util.atomic import check_output_folder
 
     entries = resolve_entries(cells, preset)
     key = (preset or "").strip().lower()
@@ -74,6 +75,7 @@ def compare(
         overrides.append(f"train.loggers={json.dumps(','.join(logger))}")
     cfg = load_config(config, overrides)
     folder = Path(out_dir) if out_dir else Path(cfg.train.out) / f"compare-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    check_output_folder(folder, "--out" if out_dir else "train.out")
     settings = {"config": config, "overrides": overrides, "preset": preset}
     result = run_comparison(cfg, entries, seeds=parse_seeds(seeds, cfg.train.seed), out=folder,
                             match_params=match_params, console=out, settings=settings)

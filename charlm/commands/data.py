@@ -20,13 +20,14 @@ def data_(
     """Where the corpus is, its sha256, size, vocabulary and split sizes."""
     from charlm.config import load_config
     from charlm.data.corpus import load_corpus
-    from charlm.data.datamodule import splits_for
+    from charlm.data.datamodule import check_split_sizes, splits_for
     from charlm.data.vocab import Vocab
 
     cfg = load_config(config, set_)
     corpus = load_corpus(data if data is not None else cfg.data.path)
     vocab = Vocab.from_text(corpus.text)
     splits = splits_for(vocab.encode(corpus.text), cfg.data)
+    check_split_sizes(splits, cfg.data, corpus.path)  # as charlm train would
     table = Table(show_header=False)
     table.add_column("what", no_wrap=True)
     table.add_column("value", overflow="fold")  # a narrow terminal folds the hash, never cuts it

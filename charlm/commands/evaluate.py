@@ -66,8 +66,11 @@ def evaluate(
         validation_streams,
     )
     from charlm.model.checkpoint import load_model
+    from charlm.util.atomic import check_output_file
     from charlm.util.threads import fast_cpu_math
 
+    if per_char is not None:
+        check_output_file(per_char, "--per-char")  # before the work that fills it
     if split not in ("val", "test"):
         raise CharlmError(f"--split must be val or test, got '{split}'")
     if batch_size is not None and batch_size < 1:
@@ -107,7 +110,7 @@ def evaluate(
         splits = run_splits(vocab, cfg.data, corpus)  # as the run cut it
         ids, source = getattr(splits, split), f"{corpus.path} ({split} split)"
     if text is not None:
-        corpus = read_corpus(resolve_corpus_path(text, option="--text"))
+        corpus = read_corpus(resolve_corpus_path(text, option="--text"), "--text file")
         ids = text_ids(vocab, corpus.text, what=f"--text file {corpus.path}")
         source = str(corpus.path)
     streams = 1 if dynamic else batch_size or validation_streams(ckpt, ids.numel(), cfg.data.eval_batch_size)
@@ -133,7 +136,8 @@ def evaluate(
     else:
         result = evaluate_ids(model, ids, batch_size=streams, bptt=cfg.data.bptt)
     if per_char is not None and nll is not None:
-        write_char_nlls(per_char, ids, vocab, nll)
+        with stdout_may_close():  # --per-char /dev/stdout | head: the reader may stop early
+            write_char_nlls(per_char, ids, vocab, nll)
     bad = nonfinite_parameters(model)
     why = (f"checkpoint {path} has weights that are NaN or inf ({len(bad)} tensor(s), e.g. {bad[0]})" if bad
            else "the model's scores overflowed on this text")

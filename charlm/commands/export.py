@@ -52,10 +52,18 @@ def export(
 
         if weights is not None and weights not in WEIGHTS:
             raise CharlmError(f"--weights must be one of {', '.join(WEIGHTS)}, got '{weights}'")
+    if out_dir is not None:  # before the slow load (the export checks again, with the files it writes)
+        from charlm.tools.export.staging import check_out_file
+        from charlm.util.atomic import check_output_folder
+
+        if format_ == "web":
+            check_out_file(Path(out_dir), force)
+        else:
+            check_output_folder(out_dir, "--out")
     from charlm.evaluation.scoring import nonfinite_parameters
     from charlm.model.checkpoint import load_model
 
-    path = checkpoint_path(checkpoint)
+    path = checkpoint_path(checkpoint, option="the checkpoint argument")
     model, vocab, cfg, ckpt = load_model(path)
     _check_cell(format_, cfg.model.cell)
     bad = nonfinite_parameters(model)

@@ -57,9 +57,11 @@ def gradients(
         state_gradient_norms,
         summarise,
     )
+    from charlm.util.atomic import check_output_folder
     from charlm.util.plotting import PlottingUnavailable
     from charlm.util.threads import fast_cpu_math
 
+    check_output_folder(out_dir, "--out")  # before the measurements
     for name, value, low in (("--max-lag", max_lag, 0), ("--sequences", sequences, 1), ("--warmup", warmup, 0)):
         if value < low:
             raise CharlmError(f"{name} must be at least {low}, got {value}")

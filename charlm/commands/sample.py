@@ -50,7 +50,7 @@ def sample(
         "--interactive", help="A session: each line you type is read into the running state and continued.")] = False,
 ) -> None:
     """Generate text, streamed as it comes; the output starts with the prime."""
-    from charlm.generation.options import check_options, decode_escapes, read_prime_file
+    from charlm.generation.options import check_options, check_prime, decode_escapes, read_prime_file
 
     if prime is not None and prime_file is not None:
         raise CharlmError("--prime and --prime-file both give the prime; use one of them")
@@ -59,6 +59,8 @@ def sample(
     temp = DEFAULT_TEMPERATURE if temperature is None else temperature
     check_options(length, temp, top_k, num_samples, prefix="--", seed=seed, top_p=top_p, beam=beam, stop=stops)
     text = read_prime_file(prime_file) if prime_file is not None else prime  # before the slow load
+    if prime is not None:
+        check_prime(prime)
     what = f"--prime-file {prime_file}" if prime_file is not None else "--prime"
     model, vocab, path = _load(checkpoint)
     if text is not None:

@@ -71,6 +71,9 @@ def train(
     if devices is not None:
         overrides.append(f"train.devices={devices}")
     cfg = load_config(config, overrides)
+    from charlm.util.atomic import check_output_folder
+
+    check_output_folder(cfg.train.out, "--out" if out_dir is not None else "train.out")
     resume_path, run_dir = None, None
     if resume is not None:
         from charlm.training.resume import INIT_FROM_WITH_RESUME, resolve_resume

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from charlm.commands.common import ConfigOption, DataOption, RunStepsOption, RunTimeOption, friendly, out
 from charlm.util.errors import CharlmError
@@ -42,6 +43,7 @@ def tune(
     from charlm.tools.tune.results import report_study
     from charlm.tools.tune.space import load_space
     from charlm.tools.tune.study import run_study, study_settings
+    from charlm.util.atomic import check_output_folder
 
     search = load_space(space)
     overrides = [*(set_ or []), *budget_overrides(max_steps, max_time)]
@@ -49,6 +51,7 @@ def tune(
         overrides.append(f"data.path={json.dumps(data)}")
     user_config = load_config(config, overrides)  # what best.yaml starts from
     base = load_config(config, ["sample.enabled=false", "train.progress=false", *overrides])  # each trial's
+    check_output_folder(out_dir or user_config.train.out, "--out" if out_dir else "train.out")
     settings = study_settings(base, search, study=study, out=Path(out_dir or user_config.train.out),
                               storage=storage, trials=trials, workers=workers, pruner=pruner)
     t = base.train
@@ -58,7 +61,7 @@ def tune(
     out.print(f"[bold]tune[/] study {study}: {trials} trials, {workers} worker(s) here, storage "
               f"{settings.storage if storage is None else 'from --storage'}; runs in {settings.study_dir} "
               "(the same command continues the study)")
-    result = run_study(settings)
+    result = run_study(settings, say=lambda line: out.print(f"[yellow]note:[/] {escape(line)}"))
     report = report_study(result, user_config, settings.study_dir, out)
     if report.best is not None and report.best_yaml is not None:
         out.print(f"[bold green]best[/] trial {report.best.number}: val loss {report.best.value:.4f}; "

@@ -60,9 +60,10 @@ def viz(
     from charlm.tools.viz.limits import check_length
     from charlm.tools.viz.page import render
     from charlm.tools.viz.trace import trace
-    from charlm.util.atomic import atomic_write_text
+    from charlm.util.atomic import atomic_write_text, check_output_file
     from charlm.util.threads import fast_cpu_math
 
+    check_output_file(out_file, "--out")  # before any work
     if max_chars < 1:
         raise CharlmError(f"--max-chars must be at least 1, got {max_chars}")
     if top < 1:
@@ -79,7 +80,7 @@ def viz(
         raise CharlmError(f"--layers must be numbers from 1 to {cfg.model.num_layers} (this model's layers), "
                           f"got {layers}")
     if text is not None:
-        corpus = read_corpus(resolve_corpus_path(text, option="--text"))
+        corpus = read_corpus(resolve_corpus_path(text, option="--text"), "--text file")
         shown, what, source = corpus.text, f"--text file {corpus.path}", str(corpus.path)
     else:
         vocab.check(prime, what="--prime")

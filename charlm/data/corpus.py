@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from charlm.util.atomic import atomic_file
+from charlm.util.atomic import atomic_file, path_kind
 from charlm.util.errors import CharlmError
 
 CORPUS_NAME = "tinyshakespeare.txt"
@@ -56,6 +56,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     """Fetch ``url`` to ``dest`` through :func:`charlm.util.atomic.atomic_file`: the hash is checked before the
     rename, so a wrong or broken download leaves nothing at ``dest``."""
     digest = hashlib.sha256()
+    dest.parent.mkdir(parents=True, exist_ok=True)  # the cache folder
     with atomic_file(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
         while chunk := response.read(1 << 16):
             digest.update(chunk)
@@ -73,12 +74,14 @@ def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: b
     ``option`` is the command-line flag an explicit path came from, named in the error."""
     if explicit is not None:
         path = Path(explicit).expanduser()
-        if path.is_dir():
+        kind = path_kind(path)
+        if kind == "a folder":
             raise CharlmError(f"{option} {path} is a folder; give a text file")
-        if path.exists() and not path.is_file():  # /dev/null, a pipe, a socket
+        if kind not in (None, "a regular file"):  # /dev/null, a pipe, a socket
             raise CharlmError(f"{option} {path} is not a regular file; give a text file")
-        if not path.is_file():
-            raise CharlmError(f"corpus file {path} does not exist; give {option} an existing text file")
+        if kind is None:
+            what = "corpus file" if option == "--data" else f"{option} file"
+            raise CharlmError(f"{what} {path} does not exist; give {option} an existing text file")
         return path
     env_dir = os.environ.get("CHARLM_DATA_DIR")
     if env_dir:
@@ -103,30 +106,46 @@ def resolve_corpus_path(explicit: str | Path | None = None, *, allow_download: b
             f"set CHARLM_DATA_DIR to its folder, or pass --data FILE.") from None
 
 
-def read_utf8(path: Path, what: str, empty: str = "") -> tuple[str, bytes]:
-    """The text of a UTF-8 file and its bytes, or one sentence naming ``what`` it was (``corpus``,
-    ``--prime-file``) and why it cannot be read; ``empty`` is added to the sentence for an empty file."""
+BOM = "\ufeff"  # a byte order mark some editors put at the start of a UTF-8 file: not part of the text
+
+
+def read_utf8(path: Path, what: str, empty: str = "", *, max_chars: int | None = None) -> tuple[str, bytes]:
+    """The text of a UTF-8 file (a byte order mark at its start removed) and its bytes, or one sentence naming
+    ``what`` it was (``corpus``, ``--prime-file``) and why it cannot be read: a folder, a device or a pipe
+    (which may never end, as ``/dev/zero``), not UTF-8, empty (``empty`` is added to that sentence), or
+    longer than ``max_chars`` characters (then no more than that is read)."""
+    kind = path_kind(path)
+    if kind not in (None, "a folder", "a regular file"):
+        raise CharlmError(f"{what} {path} is {kind}, not a text file; give the path of a UTF-8 text file")
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fh:
+            raw = fh.read() if max_chars is None else fh.read(4 * max_chars + 1)  # UTF-8: at most 4 bytes a char
     except FileNotFoundError:
         raise CharlmError(f"{what} {path} does not exist; give the path of a UTF-8 text file") from None
     except IsADirectoryError:
         raise CharlmError(f"{what} {path} is a folder; give the path of a UTF-8 text file") from None
     except OSError as exc:
         raise CharlmError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    too_long = f"{what} {path} is longer than {max_chars or 0:,} characters; give a shorter text"
+    if max_chars is not None and len(raw) > 4 * max_chars:  # more bytes than max_chars characters can take
+        raise CharlmError(too_long)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CharlmError(f"{what} {path} is not UTF-8 text (invalid byte 0x{raw[exc.start]:02x} at offset "
                           f"{exc.start}); save it as UTF-8") from None
+    text = text.removeprefix(BOM)
     if not text:
         raise CharlmError(f"{what} {path} is empty{empty}")
+    if max_chars is not None and len(text) > max_chars:
+        raise CharlmError(too_long)
     return text, raw
 
 
-def read_corpus(path: Path) -> Corpus:
-    """Read a UTF-8 text file, refusing empty and non-UTF-8 files with a clear message."""
-    text, raw = read_utf8(path, "corpus")
+def read_corpus(path: Path, what: str = "corpus") -> Corpus:
+    """Read a UTF-8 text file, refusing empty and non-UTF-8 files with a clear message naming ``what`` it is
+    (``corpus``, ``--text file``)."""
+    text, raw = read_utf8(path, what)
     return Corpus(path=path, text=text, sha256=hashlib.sha256(raw).hexdigest())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -62,6 +63,19 @@ def splits_for(ids: Tensor, config: DataConfig) -> Splits:
     return split_ids(ids, config.val_fraction, config.test_fraction)
 
 
+def check_split_sizes(splits: Splits, config: DataConfig, path: Path) -> None:
+    """Refuse, in one sentence, a corpus whose training split cannot fill one batch or whose validation or test
+    split has fewer than the 2 characters one prediction needs."""
+    need = config.batch_size * (config.bptt + 1)
+    if splits.train.numel() < need:
+        raise CharlmError(f"corpus {path} is too short: its training split has {splits.train.numel()} characters, "
+                          f"one batch needs batch_size * (bptt + 1) = {need}; use a longer text or lower "
+                          "data.batch_size / data.bptt")
+    for name in ("val", "test"):
+        if getattr(splits, name).numel() < 2:
+            raise CharlmError(f"corpus {path} is too short for a {name} split")
+
+
 class CharDataModule(L.LightningDataModule):
     """Serves stream windows; the vocabulary comes from the corpus unless a checkpoint's is given (then the
     text's characters outside it are an error, or with ``data.drop_unknown`` removed: see ``dropped``)."""
@@ -80,19 +94,7 @@ class CharDataModule(L.LightningDataModule):
                               "from the text")
         ids, self.dropped = corpus_ids(self.vocab, self.corpus.text, what, drop_unknown=config.drop_unknown)
         self.splits = splits_for(ids, config)
-        self._check_sizes()
-
-    def _check_sizes(self) -> None:
-        c = self.config
-        need = c.batch_size * (c.bptt + 1)
-        if self.splits.train.numel() < need:
-            raise CharlmError(
-                f"corpus {self.corpus.path} is too short: its training split has {self.splits.train.numel()} "
-                f"characters, one batch needs batch_size * (bptt + 1) = {need}; "
-                "use a longer text or lower data.batch_size / data.bptt")
-        for name in ("val", "test"):
-            if getattr(self.splits, name).numel() < 2:
-                raise CharlmError(f"corpus {self.corpus.path} is too short for a {name} split")
+        check_split_sizes(self.splits, config, self.corpus.path)
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = self.trainer

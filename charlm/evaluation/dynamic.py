@@ -13,7 +13,8 @@ them. For each segment, in this order:
 
    where RMS is the root mean squared gradient of each weight, collected once on ``rms_windows`` windows
    of the training split with the trained weights (:func:`gradient_rms`), mean(RMS) its mean over every
-   weight, and the decay rate per weight is capped at 1 (a weight never moves past θ_g);
+   weight, and the decay rate per weight is capped at 1 (a weight never moves past θ_g); both terms are
+   taken from the weights before the step (:func:`dynamic_update`);
 3. carry the state into the next segment.
 
 So the score of the character at position p depends only on the characters before p: the weights it is
@@ -88,7 +89,7 @@ def gradient_rms(model: CharLM, train_ids: Tensor, *, batch_size: int, bptt: int
     sums = [torch.zeros_like(p) for p in params]
     states: States | None = None
     seen = 0
-    for batch in _windows(train_ids, batch_size, bptt):
+    for batch in _windows(train_ids, batch_size, bptt) if train_ids.numel() >= 2 else ():
         if seen == windows or batch.tail:
             break
         model.zero_grad(set_to_none=True)
@@ -144,12 +145,24 @@ def dynamic_char_nlls(model: CharLM, ids: Tensor, train_ids: Tensor, settings: D
             done += per_char.numel()
             per_char.mean().backward()
             states = detach_states(states)
-            with torch.no_grad():
-                for p, theta, rate, scale in zip(params, theta_g, decay_rates, scales, strict=True):
-                    if p.grad is not None:
-                        p.addcmul_(p.grad, scale, value=-settings.lr)
-                    p.add_(rate * (theta - p))
+            dynamic_update(params, theta_g, decay_rates, scales, settings.lr)
     return nll
+
+
+@torch.no_grad()
+def dynamic_update(params: list[Tensor], theta_g: list[Tensor], decay_rates: list[Tensor], scales: list[Tensor],
+                   lr: float) -> None:
+    """One step of the update, in place: ``θ <- θ - lr * ∇ * scale + rate * (θ_g - θ)``, both terms taken
+    from the weights before the step (``scale`` = 1 / (RMS + eps)); a weight without a gradient only decays.
+
+    The pull toward θ_g is computed first: applied after the gradient step it would pull back part of that
+    step too, ``θ + rate (θ_g - θ) - (1 - rate) lr ∇ scale``, so a weight whose rate is capped at 1 would
+    never adapt."""
+    for p, theta, rate, scale in zip(params, theta_g, decay_rates, scales, strict=True):
+        pull = rate * (theta - p)
+        if p.grad is not None:
+            p.addcmul_(p.grad, scale, value=-lr)
+        p.add_(pull)
 
 
 def summarize_chars(nll: Tensor, seconds: float) -> dict[str, Any]:

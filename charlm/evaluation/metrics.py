@@ -22,7 +22,8 @@ LN2 = math.log(2.0)
 
 
 def summarize(nll_sum: float, chars: int) -> dict[str, float]:
-    """Loss (nats/char), bits per char and perplexity from a summed NLL."""
+    """Loss (nats/char), bits per char and perplexity from a summed NLL (the perplexity saturates at exp(700),
+    where math.exp would soon overflow)."""
     loss = nll_sum / max(chars, 1)
     return {"loss": loss, "bpc": loss / LN2, "perplexity": math.exp(min(loss, 700.0)), "chars": chars}
 
@@ -61,11 +62,16 @@ class BitsPerChar(CharNLL):
         return (self.mean_nll() / LN2).float()
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 class Perplexity(CharNLL):
-    """The same sums as :class:`CharNLL`, reported as perplexity, exp(loss)."""
+    """The same sums as :class:`CharNLL`, reported as perplexity, exp(loss): saturated at float32's largest
+    number (a loss above 88.72 nats/char), so a diverged run logs a finite figure, as :func:`summarize`'s
+    perplexity saturates at exp(700)."""
 
     def compute(self) -> Tensor:
-        return torch.exp(self.mean_nll().clamp(max=700.0)).float()
+        return torch.exp(self.mean_nll().double()).clamp(max=FLOAT32_MAX).float()  # (16-bit: states in half)
 
 
 class CharCount(CharNLL):

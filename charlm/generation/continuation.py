@@ -70,8 +70,13 @@ def read_prime(model: CharLM, prime_ids: Tensor, streams: int = 1) -> tuple[Tens
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator of its own: seeded with ``seed``, or (None) from the operating system's randomness,
+    leaving torch's global generator, which the caller may have seeded, where it was."""
     generator = torch.Generator(device="cpu")
-    generator.manual_seed(torch.seed() if seed is None else seed)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     return generator
 
 

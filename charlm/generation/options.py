@@ -18,6 +18,7 @@ MAX_LENGTH = 100_000_000  # characters one command generates (several samples or
 MAX_NUM_SAMPLES = 10_000  # rows stepped side by side
 MAX_BEAM = 1_000  # beams stepped side by side (each keeps its --length characters until the end)
 MAX_SEED = 2**32 - 1  # torch's CPU generator (mt19937) uses the low 32 bits: 2**32 would repeat seed 0
+MAX_PRIME = 100_000  # characters of a prime: read in one forward pass, which holds every position's output
 
 
 def pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator,
@@ -147,5 +148,12 @@ def decode_escapes(text: str, what: str = "text") -> str:
 
 
 def read_prime_file(path: str | Path, option: str = "--prime-file") -> str:
-    """The whole text of a UTF-8 file (a final newline included), or one sentence saying why it cannot be."""
-    return read_utf8(Path(path), option, "; the prime needs at least one character")[0]
+    """The whole text of a UTF-8 file (a final newline included), or one sentence saying why it cannot be: not
+    a regular file (``/dev/zero`` would never end), or more than :data:`MAX_PRIME` characters (no more is read)."""
+    return read_utf8(Path(path), option, "; the prime needs at least one character", max_chars=MAX_PRIME)[0]
+
+
+def check_prime(text: str, option: str = "--prime") -> None:
+    """Refuse a prime longer than :data:`MAX_PRIME` characters in one sentence."""
+    if len(text) > MAX_PRIME:
+        raise CharlmError(f"{option} is longer than {MAX_PRIME:,} characters ({len(text):,}); give a shorter text")

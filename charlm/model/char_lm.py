@@ -12,14 +12,18 @@ With ``tie_weights`` the last layer is sized to the embedding so the decoder can
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from charlm.cells.registry import get_cell
 from charlm.config import ModelConfig
 from charlm.model.recurrent_layer import RecurrentLayer, State
 from charlm.model.regularizers import LockedDropout, embedding_dropout
+from charlm.util.errors import CharlmError
 
 States = list[State]
 
@@ -36,11 +40,12 @@ class CharLM(nn.Module):
 
     def __init__(self, vocab_size: int, config: ModelConfig) -> None:
         super().__init__()
+        if torch.get_default_device().type != "meta":  # (on the meta device nothing is allocated)
+            check_fits_in_memory(vocab_size, config)
         self.config = config
         c = config
         self.encoder = nn.Embedding(vocab_size, c.embedding_size)
-        sizes = [c.embedding_size] + [c.hidden_size] * (c.num_layers - 1)
-        sizes.append(c.embedding_size if c.tie_weights else c.hidden_size)
+        sizes = layer_sizes(c)
         self.layers = nn.ModuleList(
             RecurrentLayer(c.cell, sizes[i], sizes[i + 1], weight_drop=c.weight_drop,
                            weight_drop_variational=c.weight_drop_variational, torch_rnn=c.torch_rnn, init=c.init,
@@ -92,3 +97,51 @@ def detach_states(states: States) -> States:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def layer_sizes(config: ModelConfig) -> list[int]:
+    """The input size of each recurrent layer, then the last one's output size: embedding, hidden, ...,
+    and the embedding again where the decoder is tied to it."""
+    c = config
+    return [c.embedding_size] + [c.hidden_size] * (c.num_layers - 1) + [
+        c.embedding_size if c.tie_weights else c.hidden_size]
+
+
+def parameter_count(vocab_size: int, config: ModelConfig) -> int:
+    """The parameters of ``CharLM(vocab_size, config)``, counted from the cells' shapes without building
+    anything, so a size far beyond memory is told at once (the layers of one shape are counted once)."""
+    c, sizes = config, layer_sizes(config)
+    spec = get_cell(c.cell)
+    options = {k: v for k, v in dataclasses.asdict(c).items() if k in spec.options}
+    per_shape: dict[tuple[int, int], int] = {}
+    total = vocab_size * c.embedding_size + vocab_size  # the embedding and the decoder's bias
+    total += 0 if c.tie_weights else vocab_size * sizes[-1]
+    for i in range(c.num_layers):
+        shape = (sizes[i], sizes[i + 1])
+        if shape not in per_shape:
+            cell = spec.build(*shape, **options)
+            per_shape[shape] = sum(math.prod(s) for s in cell.param_shapes().values())
+        total += per_shape[shape] + (2 * sizes[i + 1] if c.layer_norm else 0)
+    return total
+
+
+def memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(vocab_size: int, config: ModelConfig) -> None:
+    """Refuse, in one sentence, a model whose float32 weights alone would not fit in this machine's memory
+    (before any of it is allocated: a hidden size of a million would otherwise ask for terabytes)."""
+    memory = memory_bytes()
+    count = parameter_count(vocab_size, config)
+    if memory is None or count * 4 <= memory:
+        return
+    c = config
+    raise CharlmError(f"the model (cell {c.cell}, {c.num_layers} layer(s) of {c.hidden_size:,}, embedding "
+                      f"{c.embedding_size:,}) has {count:,} parameters, {count * 4 / 1e9:,.1f} GB for its weights "
+                      f"alone, more than this machine's {memory / 1e9:,.1f} GB of memory; make model.hidden_size, "
+                      "model.embedding_size or model.num_layers smaller")

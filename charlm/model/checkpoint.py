@@ -23,6 +23,7 @@ from charlm.config import Config, from_dict
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import CharLM
 from charlm.model.weights_folder import CONFIG_FILE, WEIGHTS_FILE, checkpoint_view, read_folder, with_tied_decoder
+from charlm.util.atomic import path_kind
 from charlm.util.errors import CharlmError
 
 FORMAT_VERSION = 1  # bump when a checkpoint of the previous layout can no longer be read
@@ -52,8 +53,15 @@ def _load_failure(path: Path, exc: BaseException) -> CharlmError:
 def safe_load(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; every way it can be wrong gets one clear message."""
     path = Path(path)
-    if not path.is_file():
+    kind = path_kind(path)
+    if kind is None:
         raise CharlmError(f"checkpoint {path} does not exist")
+    if kind == "a folder":
+        inside = [path / name for name in ("best.ckpt", "last.ckpt") if (path / name).is_file()]
+        raise CharlmError(f"checkpoint {path} is a folder, not a checkpoint file; give a .ckpt file"
+                          + (f", such as {inside[0]}" if inside else ""))
+    if kind != "a regular file":
+        raise CharlmError(f"checkpoint {path} is {kind}, not a checkpoint file; give a .ckpt file")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
             warnings.simplefilter("ignore")

@@ -58,6 +58,7 @@ SOURCE = CSRC / "fused_step.cpp"
 # as a matrix product does (benchmarks/sampling.py, 1 and 16 streams).
 MAX_ROWS = 16
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, the only one the C++ applies
+PROBES = 64  # elements of each weight compared at every call, to see writes its version counter misses
 _PACK = "_fused_step_pack"
 _enabled = Switch()
 _vectorised: bool | None = None  # this build's vector FMA (build()), asked once
@@ -239,28 +240,50 @@ def vectorised() -> bool:
     return _vectorised
 
 
+def _probes(weights: list[Tensor]) -> list[Tensor]:
+    """Views of about :data:`PROBES` elements of each weight, spread over all of it (every k-th element; all
+    of a small one): they see any write into the weight's memory that touches one of them."""
+    views = []
+    for t in weights:
+        flat = t.detach().view(-1) if t.is_contiguous() else t.detach().flatten()
+        views.append(flat[:: max(1, flat.size(0) // PROBES)])
+    return views
+
+
 def packed(model: CharLM, loaded: Callable[[], bool]) -> Pack | None:
     """The model's weights packed for the fused step, or None where it does not take this route (or it is
     off, or ``loaded()``, which loads the library where it can, says it is not there, or this build is not
-    :func:`vectorised`). Packed again when a parameter changed (its version) or was replaced; the tensors are
-    read from the modules at each call."""
+    :func:`vectorised`). The tensors are read from the modules at each call.
+
+    Packed again when a parameter was replaced or changed in place: its version counter counts the writes
+    autograd sees (an optimizer step, ``load_state_dict``); writes it does not see (through ``p.data``, a
+    numpy view) are caught by comparing a sample of every weight's elements (:func:`_probes`) with their
+    values at packing, which costs a small fraction of a step. A change that touches none of the sampled
+    elements goes unseen: after such a write, :func:`forget` the pack."""
     if not _enabled:
         return None
     try:
-        is_ours, key, pack = model.__dict__[_PACK]
+        is_ours, key, probes, seen, pack = model.__dict__[_PACK]
     except KeyError:
-        is_ours, key, pack = model.__dict__[_PACK] = (takes_route(model), None, None)
+        is_ours, key, probes, seen, pack = model.__dict__[_PACK] = (takes_route(model), None, [], None, None)
     if not is_ours or not loaded() or not vectorised():
         return None  # (found once: a model's layers do not change)
     weights = _sources(model)
     assert weights is not None
     now = tuple((t.data_ptr(), t._version) for t in weights)
-    if now != key:
-        if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in weights):
-            return None
-        pack = make_pack(model)
-        model.__dict__[_PACK] = (is_ours, now, pack)
+    if now == key and torch.equal(torch.cat(probes), seen):
+        return pack  # type: ignore[no-any-return]
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in weights):
+        return None
+    pack = make_pack(model)
+    probes = _probes(weights)
+    model.__dict__[_PACK] = (is_ours, now, probes, torch.cat(probes), pack)
     return pack  # type: ignore[no-any-return]
+
+
+def forget(model: CharLM) -> None:
+    """Drop the model's packed weights: the next fused step packs them afresh."""
+    model.__dict__.pop(_PACK, None)
 
 
 def flat_states(states: States | None) -> list[Tensor]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -134,8 +135,7 @@ def _build_and_load(sources: Sources, name: str, what: str) -> None:
             print(f"charlm: building the C++ kernel of {what} (once) in {directory}", file=sys.stderr)
         cflags, ldflags = compile_flags()
         saved_path = os.environ.get("PATH", "")
-        # ninja from pip lives beside this Python, which need not be on PATH (a venv used without activating it)
-        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved_path])
+        os.environ["PATH"] = tool_path()
         try:
             cpp_extension.load(
                 name=name, sources=[str(directory / p.name) for p in paths], extra_cflags=cflags, extra_ldflags=ldflags,
@@ -143,6 +143,18 @@ def _build_and_load(sources: Sources, name: str, what: str) -> None:
             )
         finally:
             os.environ["PATH"] = saved_path
+
+
+def tool_path() -> str:
+    """The ``PATH`` the build runs with: this Python's folder first (ninja from pip lives beside it, and a venv
+    need not be activated to be used), then ``$PATH``."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def missing_build_tools() -> list[str]:
+    """The build's tools (PyTorch's C++ compiler, ``$CXX`` or ``c++``, and ninja) not found where the build
+    looks for them (:func:`tool_path`)."""
+    return [tool for tool in (os.environ.get("CXX", "c++"), "ninja") if shutil.which(tool, path=tool_path()) is None]
 
 
 def build_error(err: Exception) -> str:

@@ -171,10 +171,30 @@ class LastCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
+        self.save_after_the_batches(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
+        self.save_after_the_batches(trainer)
+
+    def save_after_the_batches(self, trainer: L.Trainer) -> None:
+        """Save once the batch loop has ended: at an epoch's end, or where the budget stopped it mid-epoch.
+
+        The loggers' step count (Lightning's ``_batches_that_stepped``) has then gone past the last batch,
+        while a run resumed from a checkpoint of a batch that did not end its epoch expects the count a
+        batch-end checkpoint holds (one less than the global step) and adds one to it: saved as it is, every
+        step logged after resuming a run that spent its budget would be one too late, and its training losses
+        logged at other batches than the unbroken run's. So a mid-epoch checkpoint written here holds the
+        batch-end count. (Private API, checked with Lightning 2.6: ``_TrainingEpochLoop.reset``.)"""
+        loop = trainer.fit_loop.epoch_loop
+        if loop.batch_progress.is_last_batch or trainer.global_step == self._saved_at:
+            self.save(trainer)
+            return
+        counted = loop._batches_that_stepped
+        loop._batches_that_stepped = trainer.global_step - 1
+        try:
+            self.save(trainer)
+        finally:
+            loop._batches_that_stepped = counted
 
 
 def validation_follows(trainer: L.Trainer) -> bool:

@@ -48,7 +48,7 @@ from charlm.evaluation.scoring import score_batch
 from charlm.model.char_lm import CharLM, States, detach_states
 from charlm.model.checkpoint import FORMAT_VERSION
 from charlm.model.regularizers import ar_penalty, tar_penalty
-from charlm.training.ntasgd import NTASGD, asgd_from, averaged_weights
+from charlm.training.ntasgd import NTASGD, asgd_from, averaged_weights, rate_applied_now
 from charlm.util.errors import CharlmError
 
 MAX_SKIPPED_IN_A_ROW = 10  # on_nan=skip: this many non-finite steps in a row stop the run all the same
@@ -72,7 +72,6 @@ class CharLMModule(L.LightningModule):
         self._from_checkpoint = False  # a resumed run: its schedule is made afresh when training starts
         self._last_step_time: float | None = None
         self.last_good_checkpoint: str | None = None
-        self.last_window = 0  # length of the current training window (variable-length BPTT)
         self._resumed: dict[str, Any] | None = None  # carried state + RNG from a checkpoint, applied at step 1
         self._skipped_in_a_row = 0
         self._lr_at_switch: float | None = None  # NT-ASGD: the scheduled rate when averaging began, held after
@@ -139,20 +138,19 @@ class CharLMModule(L.LightningModule):
         finite = bool(torch.isfinite(norm))
         if finite:
             self.log("grad_norm", norm, on_step=True)
-        if str(self.trainer.precision).startswith("16"):
-            return  # fp16 mixed precision: the gradient scaler already skips such steps
-        if not finite:
-            self._non_finite("the gradients became non-finite")
-            optimizer.zero_grad(set_to_none=True)  # skipped: no gradient, no update
-            self._train_states = None
+        if finite or str(self.trainer.precision).startswith("16"):
+            # a good step ends a run of bad ones (16-bit: a finite loss; the gradient scaler skips a
+            # non-finite gradient itself)
+            self._skipped_in_a_row = 0
             return
-        self._skipped_in_a_row = 0
+        self._non_finite("the gradients became non-finite")
+        optimizer.zero_grad(set_to_none=True)  # skipped: no gradient, no update
+        self._train_states = None
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         if self._resumed is not None:
             self._restore_resume_state(self._resumed)
             self._resumed = None
-        self.last_window = batch.x.size(1)
         scheduler = self.lr_schedulers()
         assert isinstance(scheduler, LambdaLR)
         rates = scheduler.get_last_lr()  # the scheduler's rate for this step
@@ -163,6 +161,7 @@ class CharLMModule(L.LightningModule):
             rates = [rate * scale for rate in rates]
             for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate
+        rate_applied_now(scheduler.optimizer)  # NT-ASGD: the rate set now is the one this step applies
         self.log("lr", rates[0], on_step=True)
 
     def progress(self) -> float:

@@ -32,6 +32,7 @@ __all__ = [
     "asgd_from",
     "averaged_weights",
     "nonmono_triggered",
+    "rate_applied_now",
     "restore_raw_weights",
     "swap_in_averages",
 ]
@@ -107,6 +108,26 @@ def asgd_from(optimizer: Optimizer, lr: float | None = None) -> torch.optim.ASGD
         for group in optimizer.param_groups
     ]
     return torch.optim.ASGD(groups, lr=groups[0]["lr"], t0=0, lambd=0.0)
+
+
+@torch.no_grad()
+def rate_applied_now(optimizer: Optimizer) -> None:
+    """Make ASGD's next step apply its groups' rates as they are now (a no-op for other optimizers).
+
+    torch's ASGD steps each weight by ``state["eta"]``, which it sets at the end of a step from that step's
+    rate (``lr / (1 + lambd lr step) ** alpha``; ``lr`` itself with ``lambd = 0``), not from the group's
+    ``lr`` at the next step: a rate changed between two steps (variable-length BPTT scales each step's)
+    would reach the weights one step late. Called before each step, after the rate is set; a weight's
+    first step makes its state from the group's ``lr`` itself.
+    """
+    if not isinstance(optimizer, torch.optim.ASGD):
+        return
+    for group in optimizer.param_groups:
+        lr, lambd, alpha = float(group["lr"]), float(group["lambd"]), float(group["alpha"])
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if isinstance(state.get("eta"), Tensor):
+                state["eta"].fill_(lr / (1 + lambd * lr * float(state["step"])) ** alpha)
 
 
 def _averaged_params(optimizer: Optimizer) -> list[tuple[Tensor, Tensor]]:

@@ -22,6 +22,8 @@ def resolve_resume(resume: str, cli_config: Config, overrides: list[str]) -> tup
     ``resume == "newest"`` picks ``last.ckpt`` of the newest run under ``train.out``. Overrides that change
     the model the checkpoint holds are refused here, before anything is written.
     """
+    if resume == "":
+        raise CharlmError("--resume is empty; give a checkpoint file, or --resume alone to continue the newest run")
     path = newest_run_checkpoint(cli_config.train.out, "last.ckpt", "--resume") if resume == "newest" else Path(resume)
     ckpt = safe_load(path)
     saved = from_dict(ckpt["hyper_parameters"]["config"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from charlm.config import Config
+from charlm.util.atomic import leftover_temporaries
 from charlm.util.errors import CharlmError
 
 # Lightning's DDP launcher starts the other processes by running the same command again; a run without
@@ -25,6 +26,8 @@ RUN_NAME_ENV = "CHARLM_RUN_NAME"
 LOCK_FILE = ".lock"
 # what a run that failed before its first step leaves: a new run may take such a folder over
 NO_WORK = frozenset({LOCK_FILE, "config.yaml"})
+# the files written into a run folder through charlm.util.atomic (whose temporary files a kill may leave)
+WRITTEN_HERE = ("last.ckpt", "best.ckpt", "metrics.csv", "config.yaml", "compare-run.json")
 
 
 def check_run_name(name: str) -> str:
@@ -32,6 +35,11 @@ def check_run_name(name: str) -> str:
     if name in ("", ".", "..") or "/" in name or "\\" in name:
         raise CharlmError(f"--name (train.name) must be a plain folder name under --out: not empty, not '.' or "
                           f"'..', without '/' or '\\'; got {name!r}")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        raise CharlmError(f"--name (train.name) {name!r} holds characters this file system cannot name a folder "
+                          "with; choose another name") from None
     return name
 
 
@@ -102,6 +110,8 @@ def hold_run_folder(run_dir: Path, *, new: bool, writer: bool = True) -> Iterato
         if new and _holds_work(run_dir):  # another run got there first
             lock.release()
             raise CharlmError(_exists_message(run_dir))
+        for debris in leftover_temporaries(run_dir, WRITTEN_HERE):  # a kill mid-write; the lock: no writer now
+            debris.unlink(missing_ok=True)
     previous = os.environ.get(RUN_NAME_ENV)
     os.environ[RUN_NAME_ENV] = run_dir.name
     try:

@@ -20,10 +20,12 @@ inline float madd(float a, float b, float c) {
 
 // exp for float as Cephes' polynomial (about 1 ulp), written so that the compiler vectorises the loops
 // that call it (std::exp would be a call per element): n = round(x / ln 2) by the 1.5 * 2^23 trick, 2^n
-// put together in the exponent bits. (The clamp's two compares vectorise with -fno-trapping-math, which
-// norm_lstm_cpp.py passes.) Doubles (the tests' checks) use the library's exp.
+// put together in the exponent bits. Below -87.3 (where float's normal numbers end) it is exactly 0, so
+// exp(-inf) = 0: a character scored -inf weighs nothing in a draw. (The compares vectorise with
+// -fno-trapping-math, which build.py passes.) Doubles (the tests' checks) use the library's exp.
 inline float fast_exp(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const bool underflow = x < -87.3f;
+  x = underflow ? -87.3f : (x > 88.7f ? 88.7f : x);
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   x = x - n * 0.693359375f + n * 2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -36,7 +38,7 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+  return underflow ? 0.0f : y * scale;
 }
 
 template <typename S> inline S sigmoid(S x);

@@ -109,6 +109,7 @@ def write_record(plan: PlannedRun, result: RunResult | None) -> None:
     record = {"version": RECORD_VERSION, "cell": plan.entry.cell, "name": plan.entry.name, "seed": plan.seed,
               "fingerprint": fingerprint(plan.config),
               "result": None if result is None else dataclasses.asdict(result)}
+    plan.run_dir.mkdir(parents=True, exist_ok=True)  # the run's folder, under the comparison's
     atomic_write_text(plan.run_dir / RUN_RECORD, json.dumps(record, indent=1))
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from charlm.util.atomic import FOLDER_MODE, fsync_folder, rename_into_place
+from charlm.util.atomic import FOLDER_MODE, check_output_file, check_output_folder, fsync_folder, rename_into_place
 from charlm.util.errors import CharlmError
 
 
@@ -26,18 +26,22 @@ def listed(names: Sequence[str]) -> str:
 
 
 def check_out_folder(out: Path, names: Sequence[str], force: bool) -> None:
-    """Refuse an ``--out`` that is a file, or a folder that already holds files (unless ``force``)."""
-    if out.exists() and not out.is_dir():
+    """Refuse an ``--out`` that is a file, or a folder that already holds files (unless ``force``), or that cannot
+    be made (:func:`charlm.util.atomic.check_output_folder`)."""
+    if out.is_file():
         raise CharlmError(f"--out {out} is a file, not a folder; give a folder for {listed(names)}")
+    check_output_folder(out, "--out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise CharlmError(f"--out {out} already holds files; choose a new or empty folder, or add --force to "
                           f"replace its {listed(names)}")
 
 
 def check_out_file(out: Path, force: bool) -> None:
-    """Refuse an ``--out`` that is a folder, or a file that exists (unless ``force``)."""
+    """Refuse an ``--out`` that is a folder, or a file that exists (unless ``force``), or a path charlm does not write
+    to (:func:`charlm.util.atomic.check_output_file`: a socket, a missing parent folder)."""
     if out.is_dir():
         raise CharlmError(f"--out {out} is a folder; give the name of the file to write (e.g. {out / 'model.html'})")
+    check_output_file(out, "--out")
     if out.exists() and not force:
         raise CharlmError(f"--out {out} already exists; choose another file name, or add --force to replace it")
 

@@ -27,7 +27,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from charlm.config import Config, apply, key_type, validate
+from charlm.config import Config, apply, key_type, read_yaml, validate
 from charlm.util.errors import CharlmError
 
 Kind = Literal["uniform", "loguniform", "int", "intlog", "choice"]
@@ -104,7 +104,7 @@ def load_space(path: str | Path) -> SearchSpace:
     """Read and check a search-space file (see the module docstring)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path.read_text(encoding="utf-8"), f"search space {path}")
     except FileNotFoundError:
         raise CharlmError(f"search space file {path} not found") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -51,6 +51,7 @@ from charlm.util.errors import CharlmError, TrainingInterrupted
 from charlm.util.threads import max_threads
 
 HEARTBEAT_S, GRACE_S = 30, 120  # a RUNNING trial without a heartbeat for GRACE_S seconds is stale
+POLL_S = 1.0  # how often the report looks again at trials still running elsewhere
 SETTINGS_ATTR = "charlm"  # the study's user attribute holding what its trials must share
 LOCK_FILE = ".tune.lock"
 PRUNERS = "median, hyperband, threshold:LOSS (prune a trial once a validation loss is above LOSS) or none"
@@ -302,14 +303,41 @@ def _counted(study: optuna.Study) -> int:
     return sum(counts(t) for t in study.get_trials(deepcopy=False))
 
 
-def run_study(settings: TuneSettings) -> optuna.Study:
-    """Run the study to ``settings.trials`` trials: in this process, or in ``settings.workers`` processes."""
+def run_study(settings: TuneSettings, say: Callable[[str], None] | None = None) -> optuna.Study:
+    """Run the study to ``settings.trials`` trials, in this process or in ``settings.workers`` processes, and
+    return it once none is running anywhere: a trial another process still runs (a command killed just
+    before left its worker going; another machine) counts, so the report waits for it (``say`` is told once)
+    and, should it end without counting (interrupted), this command runs the trial that replaces it."""
     study = prepare_study(settings)
-    if settings.workers == 1:
-        run_worker(settings)
-    elif _counted(study) < settings.trials:  # else nothing to start processes for
-        _run_processes(settings)
-    return study
+    while True:
+        if settings.workers == 1:
+            run_worker(settings)
+        elif _counted(study) < settings.trials:  # else nothing to start processes for
+            _run_processes(settings)
+        wait_for_running(settings, study, say)
+        if _counted(study) >= settings.trials:
+            return study
+
+
+def wait_for_running(settings: TuneSettings, study: optuna.Study, say: Callable[[str], None] | None) -> None:
+    """Return once the study has no RUNNING trial: each poll marks FAIL the trials of this machine whose
+    process is gone (:func:`fail_orphans`) and, through Optuna's heartbeat, those of other machines."""
+    storage = open_storage(settings.storage)
+    told = False
+    while True:
+        fail_orphans(study, storage, unowned=settings.storage == default_storage(settings.study_dir))
+        with warnings.catch_warnings():  # "experimental" (Optuna 5.1)
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        if not running:
+            return
+        if say is not None and not told:
+            trials = "trial" if len(running) == 1 else "trials"
+            say(f"waiting for {len(running)} {trials} still running in other processes ({trials} "
+                f"{', '.join(map(str, running))}) before the report")
+            told = True
+        time.sleep(POLL_S)
 
 
 def _process_context() -> Any:
