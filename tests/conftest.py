@@ -4,6 +4,7 @@ checkpoint per session, and an environment with no corpus configured."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,3 +127,23 @@ def sharp_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     is the excerpt's plus one non-ASCII character, ``é``."""
     return write_model_checkpoint(tmp_path_factory.mktemp("sharp") / "sharp.ckpt", shakespeare_text() + "é",
                                   scale=4.0, hidden_size=32, embedding_size=16)
+
+
+# The real-browser tests (tests/test_serve_browser.py, tests/test_export_web.py): Debian's chromium and its
+# chromedriver, headless, with no network or profile of their own.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM_OPTIONS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--no-first-run", "--window-size=1280,900"]
+
+
+@pytest.fixture(scope="session")
+def browser() -> tuple[str, str]:
+    """Chromium and its driver; checked before anything is trained, exported or started."""
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        if os.environ.get("CI"):
+            pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: under CI they must be installed "
+                        "(apt-get install chromium chromium-driver; .ci/run does)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    return CHROMIUM, CHROMEDRIVER

@@ -10,8 +10,6 @@ fails (``.ci/run`` installs it)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import shakespeare_text, write_model_checkpoint
+from conftest import CHROMIUM_OPTIONS, shakespeare_text, write_model_checkpoint
 from typer.testing import CliRunner
 
 from charlm.cells.registry import cell_names
@@ -40,27 +38,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 runner = CliRunner()
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-OPTIONS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-           "--window-size=1280,860"]
-
-
 def invoke(*args: str) -> tuple[int, str]:
     result = runner.invoke(app, list(args))
     return result.exit_code, " ".join(result.output.split())  # Rich wraps long lines
-
-
-@pytest.fixture(scope="module")
-def browser() -> tuple[str, str]:
-    """Chromium and its driver; checked before anything is exported."""
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: under CI they must be installed "
-                        "(apt-get install chromium chromium-driver; .ci/run does)")
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
-    return CHROMIUM, CHROMEDRIVER
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +49,7 @@ def driver(browser: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -
     is Debian's, so Selenium Manager downloads nothing."""
     options = webdriver.ChromeOptions()
     options.binary_location = browser[0]
-    for flag in [*OPTIONS, f"--user-data-dir={tmp_path_factory.mktemp('profile')}"]:
+    for flag in [*CHROMIUM_OPTIONS, f"--user-data-dir={tmp_path_factory.mktemp('profile')}"]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     chrome = webdriver.Chrome(options=options, service=Service(browser[1]))

@@ -6,8 +6,6 @@ Skipped only where the browser is missing and ``$CI`` is not set; under CI a mis
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 webdriver = pytest.importorskip("selenium.webdriver")
+from conftest import CHROMIUM_OPTIONS  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -27,29 +26,12 @@ from charlm.tools.serve.registry import Registry  # noqa: E402
 from charlm.tools.serve.requests import Limits  # noqa: E402
 from charlm.tools.serve.server import serve_in_thread  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-OPTIONS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-           "--window-size=1280,900"]
-
-
-@pytest.fixture(scope="session")
-def browser() -> tuple[str, str]:
-    """Chromium and its driver; checked before anything is trained or started."""
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        if os.environ.get("CI"):
-            pytest.fail(f"the browser test needs {CHROMIUM} and {CHROMEDRIVER}: under CI they must be installed "
-                        "(apt-get install chromium chromium-driver; .ci/run does)")
-        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
-    return CHROMIUM, CHROMEDRIVER
-
 
 def chrome(browser: tuple[str, str], user_data_dir: Path) -> webdriver.Chrome:
     """Headless Chromium with a fresh profile; the driver is Debian's, so Selenium Manager downloads nothing."""
     options = webdriver.ChromeOptions()
     options.binary_location = browser[0]
-    for flag in [*OPTIONS, f"--user-data-dir={user_data_dir}"]:
+    for flag in [*CHROMIUM_OPTIONS, f"--user-data-dir={user_data_dir}"]:
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(browser[1]))
 
