@@ -8,6 +8,7 @@ import copy
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,17 @@ from charlm.cli import app
 from charlm.config import ModelConfig
 from charlm.data.datamodule import split_ids
 from charlm.data.vocab import Vocab
-from charlm.evaluation.dynamic import DynamicSettings, dynamic_char_nlls, dynamic_update, gradient_rms
+from charlm.evaluation.dynamic import (
+    DynamicSettings,
+    dynamic_char_nlls,
+    dynamic_update,
+    evaluate_dynamic,
+    evaluate_static,
+    gradient_rms,
+    summarize_chars,
+    write_char_nlls,
+)
+from charlm.evaluation.metrics import LN2
 from charlm.evaluation.scoring import char_nlls
 from charlm.model.char_lm import CharLM
 from charlm.model.checkpoint import load_model
@@ -201,6 +212,7 @@ def test_dynamic_nlls_are_the_plain_loop_on_a_tiny_model(decay: float) -> None:
     model = tiny_model(len(vocab))
     settings = DynamicSettings(lr=0.01, decay=decay, bptt=7, rms_windows=19)  # every training window
     ours = dynamic_char_nlls(model, ids, train, settings, train_batch_size=1, train_bptt=7)
+    assert ours.dtype == torch.float64 and ours.shape == (59,)  # float64, as the docstring promises
     expected = reference_dynamic_nlls(model, ids, train, lr=0.01, decay=decay, bptt=7, windows=19, eps=settings.eps)
     assert ours.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     static = char_nlls(model, ids, batch_size=1, bptt=7)
@@ -217,6 +229,7 @@ def test_gradient_rms_is_the_root_mean_square_by_hand() -> None:
     model = tiny_model(len(vocab))
     before = [p.detach().clone() for p in model.parameters()]
     rms = gradient_rms(model, train, batch_size=2, bptt=9, windows=4)
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind (not even zeros)
     rows = train[: 2 * ((train.numel() - 1) // 2) + 1]
     length = (train.numel() - 1) // 2
     xs, ys = rows[:-1].view(2, length), train[1 : 2 * length + 1].view(2, length)
@@ -238,3 +251,95 @@ def test_gradient_rms_is_the_root_mean_square_by_hand() -> None:
         gradient_rms(model, vocab.encode(text[:1]), batch_size=2, bptt=9, windows=4)
     assert str(caught.value) == ("dynamic evaluation needs training text for its gradient statistics, and the "
                                  "training split is too short for one window")
+
+
+def hand_rms(model: CharLM, xs: torch.Tensor, ys: torch.Tensor) -> list[torch.Tensor]:
+    """|gradient| of each weight for one window (the RMS over one window), computed plainly."""
+    model.zero_grad()
+    out = model(xs)
+    F.cross_entropy(out.logits.reshape(-1, out.logits.size(-1)), ys.reshape(-1)).backward()
+    grads = [p.grad.abs().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_gradient_rms_on_the_shortest_training_texts() -> None:
+    """Two characters make one window (one target); a text shorter than the streams asked for is read as one
+    stream per target, as evaluation does, not refused."""
+    text = shakespeare_text(300)
+    vocab = Vocab.from_text(text)
+    model = tiny_model(len(vocab))
+    two = vocab.encode(text[:2])
+    rms = gradient_rms(model, two, batch_size=4, bptt=9, windows=4)
+    for r, g in zip(rms, hand_rms(model, two[:1].view(1, 1), two[1:].view(1, 1)), strict=True):
+        torch.testing.assert_close(r, g, rtol=1e-5, atol=1e-8)
+    five = vocab.encode(text[:5])  # 4 targets, 8 streams asked for: 4 streams of one character
+    rms = gradient_rms(model, five, batch_size=8, bptt=9, windows=4)
+    for r, g in zip(rms, hand_rms(model, five[:4].view(4, 1), five[1:].view(4, 1)), strict=True):
+        torch.testing.assert_close(r, g, rtol=1e-5, atol=1e-8)
+
+
+def test_settings_are_checked_with_their_option_names() -> None:
+    for lr, decay, bptt, message in [
+        (0.0, 0.0, 5, "--dynamic-lr must be positive, got 0.0"),
+        (-1e-3, 0.0, 5, "--dynamic-lr must be positive, got -0.001"),
+        (math.nan, 0.0, 5, "--dynamic-lr must be positive, got nan"),
+        (1e-3, 1.5, 5, "--dynamic-decay must be between 0 and 1, got 1.5"),
+        (1e-3, -0.1, 5, "--dynamic-decay must be between 0 and 1, got -0.1"),
+        (1e-3, 0.0, 0, "--dynamic-bptt must be at least 1, got 0"),
+    ]:
+        with pytest.raises(CharlmError) as caught:
+            DynamicSettings(lr=lr, decay=decay, bptt=bptt).check()
+        assert str(caught.value) == message
+    for decay in (0.0, 1.0):  # both ends of the decay's range are allowed
+        DynamicSettings(lr=1e-9, decay=decay, bptt=1).check()
+
+
+def test_settings_as_reported() -> None:
+    """What `charlm eval --dynamic --json` reports under "dynamic": every setting, the defaults included."""
+    assert DynamicSettings(lr=1e-3, decay=0.5, bptt=9).to_dict() == {
+        "lr": 1e-3, "decay": 0.5, "bptt": 9, "rms_windows": 20, "eps": 1e-5}
+
+
+def test_summarize_chars_by_hand() -> None:
+    nll = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert summarize_chars(nll, 2.0) == {"loss": 2.0, "bpc": 2.0 / LN2, "perplexity": math.exp(2.0), "chars": 3,
+                                         "seconds": 2.0, "chars_per_s": 1.5}
+    assert summarize_chars(nll, 0.5)["chars_per_s"] == 6.0
+    assert summarize_chars(nll, 0.0)["chars_per_s"] == 3 / 1e-9  # no time measured: not a division by zero
+
+
+def test_evaluate_static_and_dynamic_summarise_their_nlls() -> None:
+    """Their figures are those of the per-character NLLs they return, scored with the streams asked for, timed
+    by the call itself."""
+    text = shakespeare_text(200)
+    vocab = Vocab.from_text(text)
+    ids, train = vocab.encode(text[:60]), vocab.encode(text[60:200])
+    model = tiny_model(len(vocab))
+    with torch.no_grad():
+        one_pass = F.cross_entropy(model(ids[:-1].view(1, -1)).logits[0].double(), ids[1:], reduction="none")
+    start = time.perf_counter()
+    result, nll = evaluate_static(model, ids, batch_size=1, bptt=7)
+    elapsed = time.perf_counter() - start
+    torch.testing.assert_close(nll, one_pass, rtol=0, atol=1e-5)  # one stream, the state carried throughout
+    assert result == summarize_chars(nll, result["seconds"]) and result["chars"] == 59
+    assert 0 <= result["seconds"] <= elapsed
+    settings = DynamicSettings(lr=0.01, decay=0.3, bptt=7, rms_windows=19)
+    start = time.perf_counter()
+    result, nll = evaluate_dynamic(model, ids, train, settings, train_batch_size=1, train_bptt=7)
+    elapsed = time.perf_counter() - start
+    expected = dynamic_char_nlls(model, ids, train, settings, train_batch_size=1, train_bptt=7)
+    torch.testing.assert_close(nll, expected, rtol=0, atol=0)
+    assert result == summarize_chars(nll, result["seconds"]) and result["chars"] == 59
+    assert 0 <= result["seconds"] <= elapsed
+
+
+def test_per_char_file_by_hand(tmp_path: Path) -> None:
+    """One line per scored character, from position 1, the character escaped, the NLL to 9 digits; \\n ends
+    each line (no \\r)."""
+    vocab = Vocab.from_text("ab\n\\\té")
+    ids = vocab.encode("a\nb\\é\t")
+    write_char_nlls(tmp_path / "nll.csv", ids, vocab, torch.tensor([0.5, 1.25, 2.0, 1 / 3, 10.0],
+                                                                    dtype=torch.float64))
+    assert (tmp_path / "nll.csv").read_bytes() == (
+        b"position,char,nll\n1,\\n,0.5\n2,b,1.25\n3,\\\\,2\n4,\\xe9,0.333333333\n5,\\t,10\n")
