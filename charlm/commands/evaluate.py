@@ -16,7 +16,9 @@ from charlm.util.errors import CharlmError
 # --windowed / --blocks: nanoGPT's shakespeare_char evaluation, block_size 256, eval_iters 200 x batch_size 64
 NANOGPT_BLOCK, NANOGPT_BLOCKS = 256, 12_800
 
-DYNAMIC_LR, DYNAMIC_DECAY = 1e-4, 0.0  # --dynamic's step size and decay: the best of a small search on a val piece
+# --dynamic's step size and decay: the best of a small search on a piece of the default model's validation split
+# (benchmarks/results/dynamic-eval.md)
+DYNAMIC_LR, DYNAMIC_DECAY = 2e-4, 0.02
 # (benchmarks/results/dynamic-eval.md)
 
 
