@@ -109,11 +109,13 @@ def test_the_layer_count_is_bounded(tmp_path: Path, corpus_file: Path) -> None:
 def test_a_checkpoint_that_is_a_folder_or_a_device_is_called_what_it_is(trained_run: Path, tmp_path: Path,
                                                                          option: str) -> None:
     command = ["eval"] if option == "--checkpoint" else ["train"]
+    # a model folder (charlm export --format safetensors) is read by --checkpoint, never resumed
+    folder_too = ", or a folder written by `charlm export --format safetensors`" if option == "--checkpoint" else ""
     assert invoke(*command, option, str(trained_run)) == (
         2, f"error: checkpoint {trained_run} is a folder, not a checkpoint file; give a .ckpt file, such as "
-           f"{trained_run / 'best.ckpt'}")
+           f"{trained_run / 'best.ckpt'}{folder_too}")
     assert invoke(*command, option, str(tmp_path)) == (
-        2, f"error: checkpoint {tmp_path} is a folder, not a checkpoint file; give a .ckpt file")
+        2, f"error: checkpoint {tmp_path} is a folder, not a checkpoint file; give a .ckpt file{folder_too}")
     for device in ("/dev/null", "/dev/zero"):
         assert invoke(*command, option, device) == (
             2, f"error: checkpoint {device} is a character device, not a checkpoint file; give a .ckpt file")

@@ -67,6 +67,11 @@ def with_tied_decoder(tensors: dict[str, Tensor], tie_weights: bool) -> dict[str
 def read_folder(path: Path) -> FolderContents:
     """The checked contents of the model folder ``path``; every way it can be wrong gets one sentence."""
     weights, config_file = path / WEIGHTS_FILE, path / CONFIG_FILE
+    if not weights.is_file() and not config_file.is_file():  # not a model folder at all (a run's folder, say)
+        inside = [path / name for name in ("best.ckpt", "last.ckpt") if (path / name).is_file()]
+        raise CharlmError(f"checkpoint {path} is a folder, not a checkpoint file; give a .ckpt file"
+                          + (f", such as {inside[0]}" if inside else "")
+                          + ", or a folder written by `charlm export --format safetensors`")
     if not weights.is_file():
         raise CharlmError(f"checkpoint folder {path} has no {WEIGHTS_FILE}; give a folder written by `charlm export "
                           "--format safetensors`, or a .ckpt file")
