@@ -8,11 +8,11 @@
 //   - a layer's products are "segments": a range of its gate buffer summed from an initial vector (a bias,
 //     or a row of layer 0's table: one row per character of E W_ih^T + b, made by these same products),
 //     the packed input weights times x and the packed recurrent weights times h; the blocks of every segment
-//     and every tile of rows are split between the threads (one parallel region a step);
+//     and every tile of rows are split between the threads (one parallel region a step; fused_products.h);
 //   - rows are taken in tiles of 6, 4, 2 or 1: a tile reads each weight once for all its rows, keeping up to
 //     12 vectors of sums in registers, so many streams cost little more weight traffic than one;
 //   - each cell's update (the gates' nonlinearities, the state update, layer norms) is a few vectorised
-//     loops per row (fast_math.h), then the decoder is one more product;
+//     loops per row (cell_updates.h, with fast_math.h), then the decoder is one more product;
 //   - fused_sample draws and steps a run of characters in one call, each draw charlm.generation.options.pick's
 //     at a temperature with no top-k / top-p: one uniform per row from the same generator, the inverse of
 //     the running sum.
@@ -38,7 +38,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "cell_updates.h"
 #include "fast_math.h"
+#include "fused_products.h"
 
 #include <algorithm>
 #include <cmath>
@@ -50,29 +52,10 @@
 
 namespace {
 
+using namespace charlm_fused;  // the products (fused_products.h) and the cell updates (cell_updates.h)
 using charlm_math::fast_exp;
 using charlm_math::madd;
-using charlm_math::sigmoid;
 using charlm_math::tanh_;
-
-#ifdef __AVX512F__
-constexpr int64_t BLOCK = 128;  // outputs of one block: 8 zmm registers of sums for one row
-#else
-constexpr int64_t BLOCK = 64;  // 8 ymm (AVX2) or 16 xmm registers
-#endif
-constexpr int64_t MAX_TILE = 6;  // rows of a tile (6, 4, 2 or 1)
-// A tile's sums kept in registers at once: 6 or 4 rows of BLOCK / 4 columns (12 or 8 vector registers, of 16
-// on AVX2, of 32 with AVX-512), 2 rows of BLOCK / 2, one row of BLOCK: 8 registers.
-constexpr int64_t tile_columns(int rows) { return rows >= 4 ? BLOCK / 4 : BLOCK / rows; }
-
-// the layer kinds, and the bits of a layer's flags
-enum Kind : int64_t { GATED = 0, GRU = 1, NORM_LSTM = 2, MOGRIFIER = 3 };
-enum Flag : int64_t {
-  INPUT = 1, FORGET = 2, OUTPUT = 4, COUPLED = 8, G_TANH = 16, OUT_TANH = 32, PEEP = 64,  // GateConfig's
-  LAYER_NORM = 128,  // model.layer_norm: a LayerNorm on the layer's output (2 extras: weight, bias)
-  TABLE_NORMALISED = 256,  // NORM_LSTM layer 0: the table holds LN(W x) g + b already
-};
-constexpr double CELL_EPS = 1e-5;  // the layer-normalised LSTM's norms (charlm/cells/norm_lstm.py)
 
 // W (M, K) -> (ceil(M / BLOCK), K, BLOCK): block b holds columns b*BLOCK.. of W^T, row after row, zero past M.
 at::Tensor fused_pack_matrix(const at::Tensor& w) {
@@ -85,185 +68,6 @@ at::Tensor fused_pack_matrix(const at::Tensor& w) {
   for (int64_t r = 0; r < m; ++r)
     for (int64_t j = 0; j < k; ++j) dst[((r / BLOCK) * k + j) * BLOCK + r % BLOCK] = src[r * k + j];
   return out;
-}
-
-// The operands of one product: out[row][r] = init[row][r] + sum_j x[row][j] W[r, j] + sum_j h[row][j] U[r, j]
-// for r < m, over one block of the packed W (and U); a missing init is zero, a missing matrix adds nothing.
-struct Operands {
-  const float* w = nullptr;  // packed (blocks, k, BLOCK)
-  int64_t k = 0;
-  const float* u = nullptr;
-  int64_t k2 = 0;
-  int64_t m = 0;
-};
-
-// One block of a product for a tile of RT rows: the tile's sums of BLOCK / RT columns at a time stay in
-// registers while the block's weights stream past once for all the rows.
-template <int RT>
-void product_tile(int64_t b, const Operands& op, const float* const* init, const float* const* x,
-                  const float* const* h, float* const* out) {
-  constexpr int64_t CB = tile_columns(RT);
-  const int64_t base = b * BLOCK, width = std::min<int64_t>(BLOCK, op.m - base);
-  for (int64_t c0 = 0; c0 < width; c0 += CB) {
-    float acc[RT][CB];
-    for (int r = 0; r < RT; ++r)
-      for (int64_t c = 0; c < CB; ++c) acc[r][c] = init[r] != nullptr && c0 + c < width ? init[r][base + c0 + c] : 0.0f;
-    // (the loops fully unrolled, so that the sums stay in registers: GCC keeps a 2-D array in memory else)
-    for (int part = 0; part < 2; ++part) {
-      const float* p = part == 0 ? op.w : op.u;
-      if (p == nullptr) continue;
-      const int64_t k = part == 0 ? op.k : op.k2;
-      const float* const* v = part == 0 ? x : h;
-      p += b * k * BLOCK + c0;
-      for (int64_t j = 0; j < k; ++j, p += BLOCK) {
-        float w[CB];
-#pragma GCC unroll 128
-        for (int64_t c = 0; c < CB; ++c) w[c] = p[c];
-#pragma GCC unroll 6
-        for (int r = 0; r < RT; ++r) {
-          const float vj = v[r][j];
-#pragma GCC unroll 128
-          for (int64_t c = 0; c < CB; ++c) acc[r][c] = madd(w[c], vj, acc[r][c]);
-        }
-      }
-    }
-    const int64_t n = std::min<int64_t>(CB, width - c0);
-    for (int r = 0; r < RT; ++r)
-      for (int64_t c = 0; c < n; ++c) out[r][base + c0 + c] = acc[r][c];
-  }
-}
-
-// The rows cut into tiles of 6, 4, 2 and 1 rows: (first row, rows).
-std::vector<std::pair<int64_t, int>> row_tiles(int64_t n) {
-  std::vector<std::pair<int64_t, int>> tiles;
-  int64_t row = 0;
-  for (int size : {6, 4, 2, 1})
-    for (; n - row >= size; row += size) tiles.emplace_back(row, size);
-  return tiles;
-}
-
-// One block of a product for the tile at ``first`` (``rows`` rows); each row's operands from the callables.
-template <typename Init, typename X, typename H, typename Out>
-void product_block(int64_t b, const Operands& op, int64_t first, int rows, const Init& init, const X& x,
-                   const H& h, const Out& out) {
-  const float* init_p[MAX_TILE];
-  const float* x_p[MAX_TILE];
-  const float* h_p[MAX_TILE];
-  float* out_p[MAX_TILE];
-  for (int r = 0; r < rows; ++r) {
-    init_p[r] = init(first + r);
-    x_p[r] = x(first + r);
-    h_p[r] = h(first + r);
-    out_p[r] = out(first + r);
-  }
-  switch (rows) {
-    case 6: product_tile<6>(b, op, init_p, x_p, h_p, out_p); break;
-    case 4: product_tile<4>(b, op, init_p, x_p, h_p, out_p); break;
-    case 2: product_tile<2>(b, op, init_p, x_p, h_p, out_p); break;
-    default: product_tile<1>(b, op, init_p, x_p, h_p, out_p); break;
-  }
-}
-
-// (tiles x blocks) work items split between the threads of the enclosing parallel region (a barrier after);
-// run by a lone thread outside one.
-template <typename Fn> inline void each_item(int64_t items, const Fn& fn) {
-#pragma omp for schedule(static)
-  for (int64_t t = 0; t < items; ++t) fn(t);
-}
-
-// ------------------------------------------------------------------------------------------ the updates
-void sigmoid_(float* a, int64_t n) {
-  for (int64_t u = 0; u < n; ++u) a[u] = sigmoid(a[u]);
-}
-void tanh_all(float* a, int64_t n) {
-  for (int64_t u = 0; u < n; ++u) a[u] = tanh_(a[u]);
-}
-
-// y = (v - mean) / sqrt(var + eps) * gain (+ shift): F.layer_norm over n values (biased variance).
-void layer_norm(const float* v, int64_t n, double eps, const float* gain, const float* shift, float* y) {
-  double sum = 0.0;
-  for (int64_t u = 0; u < n; ++u) sum += v[u];
-  const double mean = sum / static_cast<double>(n);
-  double sq = 0.0;
-  for (int64_t u = 0; u < n; ++u) sq += (v[u] - mean) * (v[u] - mean);
-  const float rstd = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(n) + eps));
-  const float m = static_cast<float>(mean);
-  for (int64_t u = 0; u < n; ++u) y[u] = (v[u] - m) * rstd * gain[u] + (shift != nullptr ? shift[u] : 0.0f);
-}
-
-// The LSTM family (GatedLSTMCell.step_gates): the gate buffer holds the blocks present in the order i, f, o,
-// g (charlm/model/fused_step.py reorders nn.LSTM's i, f, g, o), the peephole blocks in the order i, f, o.
-void gated_update(int64_t flags, float* a, const float* peep, const float* c0, float* c, float* h, int64_t hs) {
-  const bool has_i = flags & INPUT, has_f = (flags & FORGET) && !(flags & COUPLED), has_o = flags & OUTPUT;
-  const bool peephole = flags & PEEP;
-  float* a_i = has_i ? a : nullptr;
-  float* a_f = has_f ? a + hs * has_i : nullptr;
-  float* a_o = has_o ? a + hs * (has_i + has_f) : nullptr;
-  float* g = a + hs * (has_i + has_f + has_o);
-  if (peephole) {  // on c for i and f (blocks i, f, o of the peephole vector, those present)
-    if (has_i)
-      for (int64_t u = 0; u < hs; ++u) a_i[u] = madd(peep[u], c0[u], a_i[u]);
-    if (has_f)
-      for (int64_t u = 0; u < hs; ++u) a_f[u] = madd(peep[hs * has_i + u], c0[u], a_f[u]);
-  }
-  // the sigmoid gates that are ready (i, f, and o unless its peephole waits for c'): the first blocks
-  sigmoid_(a, hs * (has_i + has_f + (has_o && !peephole)));
-  if (flags & G_TANH) tanh_all(g, hs);
-  if (has_f && has_i) {
-    for (int64_t u = 0; u < hs; ++u) c[u] = madd(a_f[u], c0[u], a_i[u] * g[u]);
-  } else if (has_f) {
-    for (int64_t u = 0; u < hs; ++u) c[u] = madd(a_f[u], c0[u], g[u]);
-  } else if (flags & COUPLED) {  // f = 1 - i
-    for (int64_t u = 0; u < hs; ++u) c[u] = madd(1.0f - a_i[u], c0[u], a_i[u] * g[u]);
-  } else if (has_i) {  // no forget gate: f = 1
-    for (int64_t u = 0; u < hs; ++u) c[u] = c0[u] + a_i[u] * g[u];
-  } else {
-    for (int64_t u = 0; u < hs; ++u) c[u] = c0[u] + g[u];
-  }
-  if (has_o && peephole) {
-    const float* p_o = peep + hs * (has_i + has_f);
-    for (int64_t u = 0; u < hs; ++u) a_o[u] = madd(p_o[u], c[u], a_o[u]);
-    sigmoid_(a_o, hs);
-  }
-  const bool out_tanh = flags & OUT_TANH;
-  if (has_o && out_tanh) {
-    for (int64_t u = 0; u < hs; ++u) h[u] = a_o[u] * tanh_(c[u]);
-  } else if (has_o) {
-    for (int64_t u = 0; u < hs; ++u) h[u] = a_o[u] * c[u];
-  } else if (out_tanh) {
-    for (int64_t u = 0; u < hs; ++u) h[u] = tanh_(c[u]);
-  } else {
-    std::copy_n(c, hs, h);
-  }
-}
-
-// nn.GRU's cell: the buffer holds r, z (input and recurrent sums), n's input sum and n's recurrent sum.
-void gru_update(float* a, const float* h0, float* h, int64_t hs) {
-  sigmoid_(a, 2 * hs);
-  const float *r = a, *z = a + hs, *nx = a + 2 * hs, *nh = a + 3 * hs;
-  for (int64_t u = 0; u < hs; ++u) {
-    const float n = tanh_(madd(r[u], nh[u], nx[u]));
-    h[u] = madd(z[u], h0[u] - n, n);
-  }
-}
-
-// The layer-normalised LSTM (LayerNormLSTMCell.step_gates): the buffer holds W x (4H; layer 0: the finished
-// LN(W x) g_ih + b), then U h (4H), gates in the order i, f, o, g; extras: g_ih, g_hh, b, g_c, b_c.
-void norm_lstm_update(int64_t flags, float* a, const float* const* extra, const float* c0, float* c, float* h,
-                      int64_t hs) {
-  const int64_t g4 = 4 * hs;
-  float* gates = a;
-  if (!(flags & TABLE_NORMALISED)) layer_norm(a, g4, CELL_EPS, extra[0], extra[2], gates);
-  float* rec = a + g4;
-  layer_norm(rec, g4, CELL_EPS, extra[1], nullptr, rec);
-  for (int64_t u = 0; u < g4; ++u) gates[u] += rec[u];
-  sigmoid_(gates, 3 * hs);
-  tanh_all(gates + 3 * hs, hs);
-  const float *i = gates, *f = gates + hs, *o = gates + 2 * hs, *g = gates + 3 * hs;
-  for (int64_t u = 0; u < hs; ++u) c[u] = madd(f[u], c0[u], i[u] * g[u]);
-  float* normed = rec;  // free again
-  layer_norm(c, hs, CELL_EPS, extra[3], extra[4], normed);
-  for (int64_t u = 0; u < hs; ++u) h[u] = o[u] * tanh_(normed[u]);
 }
 
 // ------------------------------------------------------------------------------------------ the step
