@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import pytest
@@ -89,9 +90,50 @@ def test_small_bptt_respects_minimum() -> None:
 
 
 def test_bad_arguments() -> None:
-    """Nonsense sizes raise (Merity et al. 2017)."""
-    with pytest.raises(ValueError):
+    """Nonsense sizes raise, saying which and what was given (Merity et al. 2017)."""
+    with pytest.raises(ValueError, match=r"^bptt must be >= 1, got 0$"):
         window_schedule(10, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^n_inputs must be >= 0, got -1$"):
         window_schedule(-1, 10)
     assert window_schedule(0, 10) == []
+
+
+def _awd_draws(bptt: int, count: int, seed: int, epoch: int) -> list[int]:
+    """The AWD-LSTM lengths drawn by hand: ``count`` float64 uniforms then ``count`` float64 normals from a CPU
+    generator seeded with the 32-bit little-endian BLAKE2b digest of ``charlm-bptt:{seed}:{epoch}``; each
+    length is ``max(5, round(N(T, 5)))`` with T = bptt below a uniform of 0.95, else bptt / 2
+    (Merity et al. 2017)."""
+    key = hashlib.blake2b(f"charlm-bptt:{seed}:{epoch}".encode(), digest_size=4).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+    uniforms = torch.rand(count, generator=gen, dtype=torch.float64).tolist()
+    normals = torch.randn(count, generator=gen, dtype=torch.float64).tolist()
+    return [max(MIN_SEQ_LEN, round((bptt if u < 0.95 else bptt / 2) + 5.0 * z))
+            for u, z in zip(uniforms, normals, strict=True)]
+
+
+@pytest.mark.parametrize(("bptt", "count", "seed", "epoch"), [(70, 100, 4, 0), (6, 2, 21, 0)],
+                         ids=["bptt70", "one-extra"])
+def test_a_stream_as_long_as_the_draws_is_cut_into_the_draws(bptt: int, count: int, seed: int, epoch: int) -> None:
+    """Where the stream is exactly as long as the lengths drawn, the windows are those lengths, one by one, in
+    the order drawn (Merity et al. 2017). The cases: 100 windows of bptt 70 with half-length ones among them,
+    and two windows drawn 6 and 5, where the one extra position is the first window's."""
+    draws = _awd_draws(bptt, count, seed, epoch)
+    n_inputs = sum(draws)
+    assert variable_window_count(n_inputs, bptt) == count
+    if bptt == 70:
+        assert any(length < 50 for length in draws)  # half-length windows drawn
+    else:
+        assert draws == [6, 5]
+    windows = window_schedule(n_inputs, bptt, variable=True, seed=seed, epoch=epoch)
+    assert [seq_len for _, seq_len in windows] == draws
+
+
+def test_the_schedule_of_seed_0_epoch_0() -> None:
+    """The windows a seed cuts are part of a run: a run resumed by another release must cut the same ones, so
+    one schedule is written out here (Merity et al. 2017). It is also the default: variable, seed 0, epoch 0."""
+    lengths = [64, 69, 74, 63, 66, 64, 57, 67, 68, 74, 72, 68, 62, 64, 68]
+    expected = [(sum(lengths[:k]), length) for k, length in enumerate(lengths)]
+    assert window_schedule(1000, 70, variable=True, seed=0, epoch=0) == expected
+    assert window_schedule(1000, 70) == expected
+    assert window_schedule(1000, 70, seed=1) != expected
+    assert window_schedule(1000, 70, epoch=1) != expected

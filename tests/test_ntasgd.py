@@ -66,8 +66,19 @@ def test_no_switch_while_improving_or_too_short() -> None:
     ctl = NTASGD(nonmono=5)
     assert not any(ctl.step(v) for v in (1.0, 9.0, 9.0, 9.0, 9.0, 9.0))  # len(hist) <= 5 each time
     assert ctl.step(9.0) is True
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^nonmono must be >= 1, got 0$"):
         NTASGD(0)
+    with pytest.raises(ValueError, match=r"^nonmono must be >= 1, got 0$"):
+        nonmono_triggered(1.0, [2.0, 3.0], 0)
+
+
+def test_nonmono_defaults_to_five() -> None:
+    """``NTASGD()`` waits out AWD-LSTM's 5 validations: a worse loss switches only once more than 5 are
+    recorded (Merity et al. 2017)."""
+    ctl = NTASGD()
+    assert repr(ctl) == "NTASGD(nonmono=5, evals=0, switched_at=-1)"
+    assert [ctl.step(v) for v in (1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)] == [False] * 6 + [True]
+    assert repr(ctl) == "NTASGD(nonmono=5, evals=7, switched_at=6)"
 
 
 def test_state_dict_round_trip(tmp_path: Path) -> None:
@@ -125,6 +136,18 @@ def test_asgd_from() -> None:
     assert asgd.param_groups[0]["params"][0] is model.weight
     assert all(g["t0"] == 0 and g["lambd"] == 0.0 for g in asgd.param_groups)
     assert [g["lr"] for g in asgd_from(sgd, lr=2.0).param_groups] == [2.0, 2.0]
+    extra = nn.Parameter(torch.zeros(2))
+    asgd.add_param_group({"params": [extra]})  # a group added later runs at the same rate, without decay
+    assert asgd.param_groups[-1]["lr"] == 5.0 and asgd.param_groups[-1]["weight_decay"] == 0.0
+
+
+def test_asgd_from_an_optimizer_without_weight_decay() -> None:
+    """A group with no ``weight_decay`` at all (an optimizer that has no such option) gets none
+    (Merity et al. 2017)."""
+    model = nn.Linear(3, 2)
+    plain = torch.optim.Optimizer(model.parameters(), {"lr": 0.5})
+    asgd = asgd_from(plain)
+    assert [(g["lr"], g["weight_decay"]) for g in asgd.param_groups] == [(0.5, 0.0)]
 
 
 def _has_averages(optimizer: torch.optim.Optimizer) -> bool:
@@ -163,6 +186,23 @@ def test_averaged_weights_swap_and_exact_restore() -> None:
     assert torch.equal(model.weight, ax_w)
     restore_raw_weights(backup)
     assert torch.equal(model.weight, raw["weight"])
+
+
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")
+def test_a_parameter_listed_twice_is_swapped_and_restored_once() -> None:
+    """A weight that appears twice in a group (torch warns, and allows it) is backed up once: restoring puts
+    the raw weight back, not the average that a second backup would have copied (Merity et al. 2017)."""
+    w = nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    opt = torch.optim.ASGD([w, w], lr=0.1, t0=0, lambd=0.0)
+    for grad in (torch.tensor([1.0, 0.0, -1.0]), torch.tensor([0.5, 0.5, 0.5]), torch.tensor([-2.0, 1.0, 0.0])):
+        w.grad = grad
+        opt.step()
+    raw, ax = w.detach().clone(), opt.state[w]["ax"].clone()
+    assert not torch.equal(raw, ax)
+    with averaged_weights(opt) as backup:
+        assert len(backup) == 1
+        assert torch.equal(w, ax)
+    assert torch.equal(w, raw)
 
 
 def test_averaged_weights_noop_without_asgd() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -234,3 +236,102 @@ def test_penalties_accumulate_half_precision_in_fp32() -> None:
     assert ar_penalty(h, 1.0).dtype == torch.float32
     assert tar_penalty(h, 1.0).dtype == torch.float32
     assert ar_penalty(h, 0.0).dtype == torch.float32
+
+
+# ---------------------------------------------------------------- defaults, options, dtypes and devices
+
+
+def test_drop_weight_drops_single_elements_by_default() -> None:
+    """Without ``variational`` the mask is per element, not per row (Merity et al. 2017)."""
+    w = torch.rand(50, 20) + 0.1
+    out = drop_weight(w, 0.5)
+    dropped = out == 0
+    assert dropped.any()
+    assert (dropped.any(dim=1) & ~dropped.all(dim=1)).any()  # a row dropped only in part
+
+
+def test_locked_dropout_rate_defaults_to_one_half() -> None:
+    """``LockedDropout()`` drops half the features and doubles the rest (Gal & Ghahramani 2016)."""
+    module = LockedDropout()
+    assert module.p == 0.5
+    assert repr(module) == "LockedDropout(p=0.5)"
+    out = module.train()(torch.ones(4, 3, 1000))
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+
+
+_EMBEDDING_OPTIONS: dict[str, dict[str, Any]] = {
+    "padding_idx": {"padding_idx": 3},
+    "max_norm": {"max_norm": 1.0},
+    "norm_type": {"max_norm": 1.0, "norm_type": 1.0},
+    "scale_grad_by_freq": {"scale_grad_by_freq": True},
+    "sparse": {"sparse": True},
+}
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5], ids=["p0", "eval"])
+@pytest.mark.parametrize("options", list(_EMBEDDING_OPTIONS.values()), ids=list(_EMBEDDING_OPTIONS))
+def test_embedding_dropout_honours_the_embeddings_options(options: dict[str, Any], p: float) -> None:
+    """Without dropping (p = 0, or p = 0.5 in eval) the lookup is nn.Embedding's own, option by option: the
+    same vectors, the same gradient (none for ``padding_idx``, scaled by ``scale_grad_by_freq``, sparse for
+    ``sparse``) and the same in-place renormalisation of the weight by ``max_norm`` in ``norm_type``
+    (Merity et al. 2017)."""
+    ref = nn.Embedding(12, 5, **options)
+    with torch.no_grad():
+        ref.weight.mul_(3.0)  # rows well above max_norm in either norm
+    embed = nn.Embedding(12, 5, **options)
+    embed.load_state_dict(ref.state_dict())
+    words = torch.tensor([[3, 1, 1, 4, 3, 1], [2, 1, 3, 3, 7, 0]])
+    expected = ref(words)
+    out = embedding_dropout(embed, words, p, training=p == 0.0)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(embed.weight.detach(), ref.weight.detach(), rtol=0, atol=0)
+    (expected + expected.pow(2)).sum().backward()  # a gradient that is not 0 where the vector is 0 (padding)
+    (out + out.pow(2)).sum().backward()
+    assert ref.weight.grad is not None and embed.weight.grad is not None
+    assert embed.weight.grad.is_sparse == ref.weight.grad.is_sparse
+    torch.testing.assert_close(embed.weight.grad.to_dense(), ref.weight.grad.to_dense(), rtol=0, atol=0)
+
+
+def test_embedding_dropout_at_p0_draws_nothing() -> None:
+    """p = 0 in training is the plain lookup: the global RNG is not read (Merity et al. 2017)."""
+    embed = nn.Embedding(12, 5)
+    state = torch.get_rng_state()
+    embedding_dropout(embed, torch.arange(12)[None], 0.0, training=True)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_penalties_keep_float64() -> None:
+    """A float64 output gives a float64 penalty, off or on, with float64's digits (Merity et al. 2017)."""
+    h = torch.randn(3, 6, 4, dtype=torch.float64)
+    for z in (ar_penalty(h, 0.0), tar_penalty(h, 0.0), tar_penalty(h[:, :1], 1.0)):
+        assert z.dtype == torch.float64
+    ar = ar_penalty(h, 0.7)
+    tar = tar_penalty(h, 0.3)
+    assert ar.dtype == tar.dtype == torch.float64
+    assert ar.item() == pytest.approx(0.7 * sum(float(v) ** 2 for v in h.flatten()) / h.numel(), rel=1e-12)
+    diffs = (h[:, 1:] - h[:, :-1]).flatten()
+    assert tar.item() == pytest.approx(0.3 * sum(float(d) ** 2 for d in diffs) / diffs.numel(), rel=1e-12)
+
+
+def test_penalties_when_off_are_on_the_inputs_device() -> None:
+    """The zero of a disabled term is on the input's device, here PyTorch's ``meta`` device, which any CPU has
+    (Merity et al. 2017)."""
+    h = torch.empty(2, 4, 3, device="meta")
+    for z in (ar_penalty(h, 0.0), tar_penalty(h, 0.0), tar_penalty(h[:, :1], 1.0)):
+        assert z.device.type == "meta"
+        assert z.shape == ()
+
+
+def test_penalties_with_a_coefficient_of_one() -> None:
+    """alpha = beta = 1 are the plain means, not a disabled term (Merity et al. 2017)."""
+    h = torch.tensor([[[1.0, -2.0], [3.0, 0.0]]])  # (B=1, T=2, H=2)
+    assert ar_penalty(h, 1.0).item() == (1 + 4 + 9 + 0) / 4
+    assert tar_penalty(h, 1.0).item() == (2**2 + 2**2) / 2
+
+
+def test_tar_penalty_of_two_steps() -> None:
+    """Two steps are one difference per feature: T = 2 is the shortest sequence TAR counts
+    (Merity et al. 2017)."""
+    h = torch.tensor([[[0.0, 1.0], [1.0, 3.0]], [[2.0, 2.0], [2.0, -1.0]]])  # (B=2, T=2, H=2)
+    # diffs: (1, 2), (0, -3) -> squares 1, 4, 0, 9 -> mean 14/4
+    assert tar_penalty(h, 0.5).item() == 0.5 * 14 / 4
