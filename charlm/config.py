@@ -163,6 +163,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# A number with an exponent that PyYAML (YAML 1.1, which wants a dot before it) reads as a string: ``1e-4``,
+# ``3E5``, ``.5e3``. YAML 1.2 and Python read it as a float, and so does a key whose type is float.
+_EXPONENT_FLOAT = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Return ``value`` as type ``tp`` (int -> float allowed), or raise naming the key."""
     origin = typing.get_origin(tp)
@@ -186,6 +191,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
             return float(value)
     elif tp is str and isinstance(value, str):
         return joined_surrogates(value)
