@@ -33,6 +33,9 @@ from charlm.config import (
 from charlm.util.errors import CharlmError
 
 KNOWN = "awd-lstm, default, smoke"  # the named configs in configs/
+MODEL_KEYS = ("cell, embedding_size, hidden_size, num_layers, tie_weights, dropout, dropouth, dropouti, dropoute, "
+              "weight_drop, weight_drop_variational, layer_norm, torch_rnn, init, forget_bias, compile, "
+              "mogrifier_rounds, mogrifier_rank")
 
 
 def refused(message: str) -> AbstractContextManager[Any]:
@@ -171,10 +174,7 @@ def test_logger_names_refused(text: str) -> None:
     ("train.devices=1.5", "config key 'train.devices' must be int or str, got 1.5"),
     ("optim.optimizer=sgd", "config key 'optim.optimizer' must be 'adamw' | 'ntasgd', got 'sgd'"),
     ("model.native=false", "config key 'model.native' is now called 'model.torch_rnn'; use that name"),
-    ("model.size=3", "unknown config key 'model.size'; keys of 'model': cell, embedding_size, hidden_size, "
-                     "num_layers, tie_weights, dropout, dropouth, dropouti, dropoute, weight_drop, "
-                     "weight_drop_variational, layer_norm, torch_rnn, init, forget_bias, compile, mogrifier_rounds, "
-                     "mogrifier_rank"),
+    ("model.size=3", f"unknown config key 'model.size'; keys of 'model': {MODEL_KEYS}"),
     ("modle.size=3", "unknown config section 'modle'; sections: data, model, optim, train, sample"),
 ])
 def test_a_wrong_type_or_key_names_the_key(override: str, message: str) -> None:
@@ -237,7 +237,9 @@ def test_apply_refuses_what_is_not_a_mapping() -> None:
         apply(Config(), ["model"], source="my.yaml")  # type: ignore[arg-type]
     with refused("my.yaml: section 'model' must be a mapping of keys to values"):
         apply(Config(), {"model": 3}, source="my.yaml")
-    assert apply(Config(), {"model": None}).model.hidden_size == Config().model.hidden_size
+    assert apply(Config(), {"model": None, "optim": {"lr": 0.5}}).optim.lr == 0.5  # an empty section, then more
+    with refused(f"unknown config key 'model.hidden.size'; keys of 'model': {MODEL_KEYS}"):
+        apply(Config(), {"model": {"hidden.size": 8}})  # a file's key with a dot in it is a key, not a section
     with refused("config: section 'model' must be a mapping of keys to values"):
         apply(Config(), {"model": [1]})
 
@@ -304,6 +306,9 @@ def test_a_checkpoints_config_reads_renamed_keys() -> None:
     assert getattr(from_dict(saved).model, new_key) is True
     with refused("checkpoint config: expected a mapping of sections (data, model, optim, train, sample)"):
         from_dict([])  # type: ignore[arg-type]
+    assert from_dict({"model": None}) == Config()
+    with refused("checkpoint config: section 'model' must be a mapping of keys to values"):
+        from_dict({"model": 3})
 
 
 def test_load_config_defaults_to_the_default_config() -> None:
