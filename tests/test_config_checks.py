@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+import charlm
 from charlm.config import (
     RENAMED_KEYS,
     Config,
@@ -332,7 +333,10 @@ def test_a_files_mistakes_name_the_file(tmp_path: Path) -> None:
 def test_a_config_file_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("sample:\n  prime: \"ROM\u00c9O \u2014\"\n", encoding="utf-8")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    assert load_config(str(path)).sample.prime == "ROM\u00c9O \u2014"  # here, and in a process on the C locale:
+    here = str(Path(charlm.__file__).resolve().parent.parent)  # the charlm this process imported, in the child too
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     code = f"from charlm.config import load_config; print(ascii(load_config({str(path)!r}).sample.prime))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ascii("ROM\u00c9O \u2014")
