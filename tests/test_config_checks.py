@@ -72,20 +72,19 @@ def test_layers_at_most_a_hundred() -> None:
         loads("model.num_layers=100001")
 
 
-@pytest.mark.parametrize("key", DROPOUTS)
-def test_dropouts_in_zero_to_one(key: str) -> None:
-    for bad in ("1.0", "-0.5"):
-        with refused(f"config key '{key}' must be in [0, 1), got {float(bad)}"):
-            loads(f"{key}={bad}")
-    assert loads(f"{key}=0") is not None and loads(f"{key}=0.99") is not None
+# (key, the interval as the message writes it, values just outside it, values on its edges)
+INTERVALS = ([(key, "[0, 1)", ("1.0", "-0.5"), ("0", "0.99")) for key in DROPOUTS]
+             + [(key, "(0, 0.5)", ("0", "0.5"), ("0.001", "0.49")) for key in FRACTIONS])
 
 
-@pytest.mark.parametrize("key", FRACTIONS)
-def test_split_fractions_in_zero_to_a_half(key: str) -> None:
-    for bad in ("0", "0.5"):
-        with refused(f"config key '{key}' must be in (0, 0.5), got {float(bad)}"):
+@pytest.mark.parametrize(("key", "interval", "outside", "inside"), INTERVALS)
+def test_dropouts_and_split_fractions_in_their_interval(key: str, interval: str, outside: tuple[str, ...],
+                                                       inside: tuple[str, ...]) -> None:
+    for bad in outside:
+        with refused(f"config key '{key}' must be in {interval}, got {float(bad)}"):
             loads(f"{key}={bad}")
-    assert loads(f"{key}=0.001") is not None and loads(f"{key}=0.49") is not None
+    for good in inside:
+        assert loads(f"{key}={good}") is not None
 
 
 def test_nanogpt_split_fixes_the_fractions() -> None:
@@ -99,7 +98,7 @@ def test_nanogpt_split_fixes_the_fractions() -> None:
 
 @pytest.mark.parametrize("key", NOT_NEGATIVE)
 def test_rates_and_counts_not_negative(key: str) -> None:
-    shown = "-1.0" if isinstance(getattr(Config(), key.split(".")[0]).__dict__[key.split(".")[1]], float) else "-1"
+    shown = "-1.0" if key_type(key) is float else "-1"
     with refused(f"config key '{key}' must not be negative, got {shown}"):
         loads(f"{key}=-1")
     if key != "optim.lr":
