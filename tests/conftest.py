@@ -40,6 +40,23 @@ def require_cpp_build(available: Callable[[], bool], what: str) -> None:
     pytest.skip(f"no {' or '.join(missing)}: {what} cannot be built here")
 
 
+def invoke(*args: str, fold: bool = True) -> tuple[int, str]:
+    """``charlm ARGS`` run in-process: its exit code and output, which never holds a traceback. With ``fold``
+    (the default) line breaks and runs of spaces become one space, so a message Rich wrapped reads whole."""
+    from typer.testing import CliRunner
+
+    from charlm.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, " ".join(result.output.split()) if fold else result.output
+
+
+def invoke_as_printed(*args: str) -> tuple[int, str]:
+    """:func:`invoke` with the output line for line, as printed (for tests that read its lines)."""
+    return invoke(*args, fold=False)
+
+
 def shakespeare_text(n_chars: int | None = None) -> str:
     """The first ``n_chars`` (default: all) of the tiny-Shakespeare excerpt shipped in ``tests/data/``.
 

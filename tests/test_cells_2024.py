@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import invoke_as_printed as invoke
 from conftest import smoke_args
 from torch import Tensor
-from typer.testing import CliRunner
 
 from charlm.cells.min_rnn import SCAN_CHUNK
-from charlm.cli import app
 from charlm.model.checkpoint import load_model
 from charlm.model.recurrent_layer import RecurrentLayer
 from charlm.model.regularizers import drop_weight
@@ -104,10 +103,6 @@ def inputs(steps: int, dtype: torch.dtype = torch.float64, seed: int = 1, scale:
 
 MIN_CELLS = ("mingru", "minlstm")
 
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 # ------------------------------------------------------------------------------------------- minGRU / minLSTM

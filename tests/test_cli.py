@@ -8,16 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from charlm.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
+from conftest import invoke_as_printed as invoke
 
 
 def test_train_writes_best_last_config_and_metrics(trained_run: Path) -> None:

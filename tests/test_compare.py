@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -21,27 +20,15 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import invoke
 
 import charlm.tools.compare.run as compare_run
-from charlm.cells.registry import cell_names
-from charlm.cli import app
-from charlm.config import ModelConfig, load_config
+from charlm.data.corpus import sha256_of
 from charlm.evaluation.metrics import LN2
-from charlm.tools.compare.plan import (
-    PRESETS,
-    budget_overrides,
-    match_hidden_size,
-    matched_hidden_sizes,
-    parameter_count,
-    resolve_entries,
-)
 from charlm.tools.compare.records import RUN_RECORD
 from charlm.tools.compare.tables import RESULT_COLUMNS, RUN_COLUMNS
 from charlm.training.fit import train as real_train
-from charlm.util.errors import CharlmError, TrainingInterrupted
-
-runner = CliRunner()
+from charlm.util.errors import TrainingInterrupted
 
 
 def compare_args(corpus: Path, out: Path, cells: str = "lstm,gru", *extra: str) -> list[str]:
@@ -57,10 +44,6 @@ def logged_times(run_dir: Path) -> dict[int, float]:
             if r.get("val_loss")}
 
 
-def invoke(args: list[str]) -> tuple[int, str]:
-    """Exit code and output, with line breaks and runs of spaces folded to one space."""
-    result = runner.invoke(app, args)
-    return result.exit_code, " ".join(result.output.split())
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -90,7 +73,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> tup
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before the autouse one-thread fixture
     try:
-        code, output = invoke(compare_args(corpus_file, out))
+        code, output = invoke(*compare_args(corpus_file, out))
     finally:
         torch.set_num_threads(threads)
     assert code == 0, output
@@ -136,6 +119,9 @@ def test_two_cells_write_all_files(finished: tuple[Path, str], corpus_file: Path
 
     document = json.loads((out / "results.json").read_text())
     assert document["complete"] is True and document["curves"] == "curves.png"
+    # the corpus by name, length and hash: never the folder it lies in, which is the user's
+    assert document["settings"]["corpus"] == {"file": corpus_file.name, "sha256": sha256_of(corpus_file),
+                                              "chars": len(text)}
     assert document["best"] == best[0]["cell"]
     assert [c["cell"] for c in document["cells"]] == ["lstm", "gru"]
     for run in document["runs"]:
@@ -148,6 +134,9 @@ def test_two_cells_write_all_files(finished: tuple[Path, str], corpus_file: Path
     md = (out / "results.md").read_text()
     assert "| cell | parameters | val loss | val bpc | test bpc | test ppl | training time |" in md
     assert f"★ **{best[0]['cell']}**" in md and "![validation bits per character" in md
+    assert f"- corpus: {corpus_file.name} ({len(text):,} characters, sha256 {sha256_of(corpus_file)[:12]}…)" in md
+    for name in ("results.json", "results.md"):
+        assert str(corpus_file.parent) not in (out / name).read_text(), name
 
     png = (out / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -168,14 +157,14 @@ def test_resume_skips_finished_cells_and_resumes_the_unfinished_one(
         raise KeyboardInterrupt
 
     calls = counting_train(monkeypatch, interrupt_gru)
-    code, _ = invoke(compare_args(corpus_file, out))
+    code, _ = invoke(*compare_args(corpus_file, out))
     assert code != 0
     assert calls == [("gru-seed1234", None)]  # lstm was finished: not retrained
     record = json.loads((out / "gru-seed1234" / RUN_RECORD).read_text())
     assert record["result"] is None and (out / "gru-seed1234" / "last.ckpt").is_file()
 
     calls = counting_train(monkeypatch)
-    code, output = invoke(compare_args(corpus_file, out))
+    code, output = invoke(*compare_args(corpus_file, out))
     assert code == 0, output
     assert calls == [("gru-seed1234", out / "gru-seed1234" / "last.ckpt")]  # resumed, from its last.ckpt
     assert lstm_best.stat().st_mtime_ns == lstm_mtime
@@ -194,7 +183,7 @@ def test_resume_skips_finished_cells_and_resumes_the_unfinished_one(
     assert [r["cell"] for r in rows] == ["lstm", "gru"]
 
     calls = counting_train(monkeypatch)
-    code, output = invoke(compare_args(corpus_file, out))
+    code, output = invoke(*compare_args(corpus_file, out))
     assert code == 0 and calls == [] and "2 run(s) already finished, 0 to train" in output
 
 
@@ -206,7 +195,7 @@ def test_an_interrupted_comparison_keeps_the_signals_exit_code(
 
     monkeypatch.setattr(compare_run, "run_training", stopped)
     out = tmp_path / "cmp"
-    exit_code, output = invoke(compare_args(corpus_file, out, "lstm"))
+    exit_code, output = invoke(*compare_args(corpus_file, out, "lstm"))
     assert exit_code == code
     assert (f"stopped: comparison interrupted while training lstm-seed1234; 0 run(s) finished and recorded. "
             f"Run the same command with --out {out} to resume") in output
@@ -227,15 +216,15 @@ def test_a_record_from_before_a_config_key_existed_still_matches(copy_of: Path, 
         record = json.loads(record_path.read_text(encoding="utf-8"))
         del record["fingerprint"]["data"]["drop_unknown"]
         record_path.write_text(json.dumps(record), encoding="utf-8")
-    code, output = invoke(compare_args(corpus_file, copy_of))
+    code, output = invoke(*compare_args(corpus_file, copy_of))
     assert code == 0 and "0 run(s) trained, 2 already finished" in " ".join(output.split())
-    code, output = invoke([*compare_args(corpus_file, copy_of), "--set", "data.drop_unknown=true"])
+    code, output = invoke(*compare_args(corpus_file, copy_of), "--set", "data.drop_unknown=true")
     assert code == 2 and "was trained with other settings (data.drop_unknown: None -> True)" in output
 
 
 def test_seeds_report_mean_and_spread(copy_of: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = counting_train(monkeypatch)
-    code, output = invoke(compare_args(corpus_file, copy_of, "gru", "--seeds", "1234,7"))
+    code, output = invoke(*compare_args(corpus_file, copy_of, "gru", "--seeds", "1234,7"))
     assert code == 0, output
     assert calls == [("gru-seed7", None)]  # seed 1234 was already trained
     _, runs = read_csv(copy_of / "runs.csv")
@@ -264,7 +253,7 @@ def test_without_matplotlib_everything_else_is_written(
     for name in ("curves.png", "results.csv", "results.json", "results.md"):
         (copy_of / name).unlink()
     calls = counting_train(monkeypatch)
-    code, output = invoke(compare_args(corpus_file, copy_of))
+    code, output = invoke(*compare_args(corpus_file, copy_of))
     assert code == 0, output
     assert calls == []
     assert "curves.png not written: matplotlib is not installed" in output and "charlm[plot]" in output
@@ -273,103 +262,6 @@ def test_without_matplotlib_everything_else_is_written(
         assert (copy_of / name).is_file(), name
     assert json.loads((copy_of / "results.json").read_text())["curves"] is None
     assert "![" not in (copy_of / "results.md").read_text()
-
-
-def test_unknown_cells_and_presets_list_the_valid_ones() -> None:
-    code, output = invoke(["compare", "--cells", "lstm,lstmx,foo"])
-    assert code == 2 and "Traceback" not in output
-    assert "unknown cells 'lstmx', 'foo' in --cells; valid cells:" in output
-    for name in cell_names():
-        assert name in output
-    code, output = invoke(["compare", "--preset", "odyssey"])
-    assert code == 2 and "unknown preset 'odyssey'; presets: jozefowicz" in output and "greff" in output
-    code, output = invoke(["compare"])
-    assert code == 2 and "say which cells to compare" in output
-    code, output = invoke(["compare", "--cells", "lstm", "--preset", "greff"])
-    assert code == 2 and "not both" in output
-
-
-def test_presets_use_the_papers_row_names() -> None:
-    joz = resolve_entries(None, "jozefowicz")
-    assert [e.name for e in joz] == ["LSTM", "Tanh", "LSTM-f", "LSTM-i", "LSTM-o", "LSTM-b", "GRU",
-                                     "MUT1", "MUT2", "MUT3"]
-    greff = resolve_entries(None, "Greff")
-    assert [(e.cell, e.name) for e in greff][:2] == [("peephole", "V"), ("nig", "NIG")]
-    assert [e.name for e in greff][2:] == ["NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR"]
-    assert all(cell in cell_names() for preset in PRESETS.values() for cell in preset)
-    assert [e.cell for e in resolve_entries(" LSTM, gru,lstm ", None)] == ["lstm", "gru"]
-
-
-def test_budget_flags_give_every_cell_the_same_budget() -> None:
-    assert budget_overrides(100, None) == ["train.max_steps=100", "train.max_time=null", "train.max_epochs=-1"]
-    assert budget_overrides(None, 60.0) == ["train.max_time=60.0", "train.max_steps=-1", "train.max_epochs=-1"]
-    assert budget_overrides(100, 60.0) == ["train.max_steps=100", "train.max_time=60.0"]
-    assert budget_overrides(None, None) == []
-    cfg = load_config("default", budget_overrides(50, None))
-    assert cfg.train.max_steps == 50 and cfg.train.max_time is None
-    with pytest.raises(CharlmError, match="--max-steps must be at least 1"):
-        budget_overrides(0, None)
-
-
-def test_match_hidden_size_finds_the_nearest_count() -> None:
-    cfg = load_config("smoke")
-
-    def quadratic(model: Any, vocab: int) -> int:
-        return 3 * model.hidden_size ** 2 + 10
-
-    assert match_hidden_size(cfg.model, 65, 3 * 40 ** 2 + 10, quadratic) == 40
-    assert match_hidden_size(cfg.model, 65, 3 * 40 ** 2 + 10 + 100, quadratic) == 40  # 40 is nearer than 41
-    assert match_hidden_size(cfg.model, 65, 3 * 41 ** 2 + 10 - 100, quadratic) == 41
-    assert match_hidden_size(cfg.model, 65, 10**6, lambda m, v: 7) is None  # the size changes nothing
-
-    entries = resolve_entries("lstm,gru,rnn,fgr", None)
-    sizes = matched_hidden_sizes(cfg, entries, 65)
-    assert sizes["lstm"] == cfg.model.hidden_size
-    assert sizes["rnn"] > sizes["gru"] > sizes["lstm"] > sizes["fgr"]
-    target = parameter_count(cfg.model, 65)
-    for entry in entries[1:]:
-        gap = abs(parameter_count(_with(cfg.model, entry.cell, sizes[entry.cell]), 65) - target)
-        assert gap < 0.02 * target
-        for neighbour in (sizes[entry.cell] - 1, sizes[entry.cell] + 1):
-            assert gap <= abs(parameter_count(_with(cfg.model, entry.cell, neighbour), 65) - target)
-
-
-def _with(model: ModelConfig, cell: str, hidden: int) -> ModelConfig:
-    return dataclasses.replace(model, cell=cell, hidden_size=hidden)
-
-
-def compared_config(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Any:
-    """The config ``charlm compare ARGS`` would train with (the comparison itself is not run)."""
-    seen: list[Any] = []
-
-    def record(base: Any, entries: Any, **kwargs: Any) -> Any:
-        seen.append(base)
-        raise CharlmError("recorded")
-
-    monkeypatch.setattr(compare_run, "run_comparison", record)
-    code, output = invoke(["compare", *args])
-    assert code == 2 and "recorded" in output, output
-    return seen[0]
-
-
-def test_jozefowicz_preset_separates_lstm_from_lstm_b(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from charlm.model.char_lm import CharLM
-
-    config_file = tmp_path / "bias1.yaml"  # a config whose LSTMs start as LSTM-b
-    config_file.write_text("model:\n  forget_bias: 1.0\n  hidden_size: 16\n", encoding="utf-8")
-    assert compared_config(monkeypatch, ["--cells", "lstm", "--config", str(config_file)]).model.forget_bias == 1.0
-    cfg = compared_config(monkeypatch, ["--preset", "jozefowicz", "--config", str(config_file)])
-    assert cfg.model.forget_bias == 0.0  # the preset's rows, whatever the config file says
-    h = cfg.model.hidden_size
-    forget = {}
-    for cell in ("lstm", "lstm-b"):
-        layer = CharLM(65, _with(cfg.model, cell, h)).layers[0]
-        forget[cell] = dict(layer.named_parameters())["bias_ih_l0"][h:2 * h]  # gate order i, f, g, o
-    assert bool((forget["lstm"] == 0).all()) and bool((forget["lstm-b"] == 1).all())
-    cfg = compared_config(monkeypatch, ["--preset", "jozefowicz", "--config", str(config_file),
-                                        "--set", "model.forget_bias=0.5"])
-    assert cfg.model.forget_bias == 0.5  # the user's --set comes after the preset
-
 
 def test_result_files_are_readable_by_others(finished: tuple[Path, str]) -> None:
     out = finished[0]
@@ -386,7 +278,7 @@ def test_result_files_are_readable_by_others(finished: tuple[Path, str]) -> None
 ])
 def test_out_of_range_seeds_are_refused_before_anything_is_made(
         seeds: str, message: str, tmp_path: Path, corpus_file: Path) -> None:
-    code, output = invoke(compare_args(corpus_file, tmp_path / "cmp", "lstm", f"--seeds={seeds}"))
+    code, output = invoke(*compare_args(corpus_file, tmp_path / "cmp", "lstm", f"--seeds={seeds}"))
     assert code == 2 and "Traceback" not in output
     assert f"error: {message}" in output
     assert not (tmp_path / "cmp").exists()
@@ -398,7 +290,7 @@ def test_curves_of_runs_recorded_before_times_were_logged_have_no_times(
         path = copy_of / run / RUN_RECORD
         path.write_text(json.dumps({**json.loads(path.read_text()), "version": 1}))
     calls = counting_train(monkeypatch)
-    code, output = invoke(compare_args(corpus_file, copy_of))
+    code, output = invoke(*compare_args(corpus_file, copy_of))
     assert code == 0 and calls == [], output
     runs = json.loads((copy_of / "results.json").read_text())["runs"]
     assert [[p["seconds"] for p in r["curve"]] for r in runs] == [[None, None], [None, None]]

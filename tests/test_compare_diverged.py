@@ -11,9 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke
 
-from charlm.cli import app
 from charlm.tools.compare.plan import PRESET_SEEDS, Entry, resolve_entries
 from charlm.tools.compare.records import RunResult
 from charlm.tools.compare.significance import difference, significance_rows, verdict
@@ -22,12 +21,8 @@ from charlm.tools.compare.tables import markdown_table, run_rows, table_cells
 
 GREFF = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "compare-greff"
 V = 65
-runner = CliRunner()
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())
 
 
 def run(cell: str, seed: int, val_loss: float, *, vocab_size: int | None = V) -> RunResult:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shakespeare_text
+from conftest import invoke, shakespeare_text
 from typer.testing import CliRunner
 
 from charlm.cli import app
@@ -40,9 +40,6 @@ from charlm.util.errors import CharlmError
 runner = CliRunner()
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())
 
 
 def eval_json(*args: str) -> dict:

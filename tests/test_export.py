@@ -12,11 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import shakespeare_text
-from typer.testing import CliRunner
+from conftest import invoke, shakespeare_text
 
 from charlm.cells.registry import cell_names
-from charlm.cli import app
 from charlm.config import Config, ModelConfig
 from charlm.data.vocab import Vocab
 from charlm.evaluation.scoring import evaluate_ids
@@ -28,13 +26,9 @@ from charlm.tools.export.onnx import INSTALL_HINT, NOT_EXPORTABLE, export_model,
 from charlm.util.atomic import FOLDER_MODE
 from charlm.util.errors import CharlmError
 
-runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample_onnx.py"
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())
 
 
 def run_onnx(folder: Path, ids: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shakespeare_text, write_model_checkpoint
+from conftest import invoke, shakespeare_text, write_model_checkpoint
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -27,9 +27,6 @@ runner = CliRunner()
 FILES = ["README.md", "config.json", "model.safetensors"]
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())  # Rich wraps long lines
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import CHROMIUM_OPTIONS, shakespeare_text, write_model_checkpoint
+from conftest import CHROMIUM_OPTIONS, invoke, shakespeare_text, write_model_checkpoint
 from typer.testing import CliRunner
 
 from charlm.cells.registry import cell_names
@@ -38,9 +38,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 runner = CliRunner()
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())  # Rich wraps long lines
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shakespeare_text, smoke_args
-from typer.testing import CliRunner
+from conftest import invoke, shakespeare_text, smoke_args
 
-from charlm.cli import STDOUT_CLOSED, app
+from charlm.cli import STDOUT_CLOSED
 from charlm.config import load_config
 from charlm.data.corpus import read_corpus
 from charlm.data.vocab import Vocab
 from charlm.model.char_lm import memory_bytes, parameter_count
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output, result.output
-    return result.exit_code, " ".join(result.output.split())
 
 
 # ----------------------------------------------------------------------------------------- 7: tracebacks

@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import smoke_args, write_model_checkpoint
-from typer.testing import CliRunner
+from conftest import invoke, smoke_args, write_model_checkpoint
 
-from charlm.cli import app
 from charlm.config import Config, load_config
 from charlm.data.datamodule import CharDataModule, splits_for
 from charlm.evaluation.scoring import evaluate_blocks, evaluate_ids
 from charlm.model.checkpoint import load_model
 from charlm.util.errors import CharlmError
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())
 
 
 # ------------------------------------------------------------------------------------------------- the split

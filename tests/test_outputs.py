@@ -15,20 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import shakespeare_text, smoke_args
-from typer.testing import CliRunner
+from conftest import invoke, shakespeare_text, smoke_args
 
-from charlm.cli import app
 from charlm.util.atomic import atomic_write_text, check_output_file, check_output_folder, path_kind
 from charlm.util.errors import CharlmError
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    assert "Traceback" not in result.output
-    return result.exit_code, " ".join(result.output.split())
 
 
 def char_device(folder: Path, name: str, minor: int) -> Path:

@@ -12,23 +12,15 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import invoke_as_printed as invoke
 from conftest import shakespeare_text
-from typer.testing import CliRunner
 
 import charlm.training.fit as train_module
-from charlm.cli import app
 from charlm.config import load_config
 from charlm.model.checkpoint import FORMAT_VERSION, safe_load
 from charlm.training.checkpoint_io import AtomicCheckpointIO
 from charlm.training.fit import train
 from charlm.util.errors import CharlmError
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 def flat(text: str) -> str:

@@ -12,20 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import invoke
 from filelock import FileLock
-from typer.testing import CliRunner
 
 import charlm.training.runs as runs
-from charlm.cli import app
 from charlm.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-runner = CliRunner()
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())
 
 
 def train_args(corpus: Path, out: Path, *extra: str) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import invoke
 from typer.testing import CliRunner
 
 from charlm.cli import app
@@ -23,9 +24,6 @@ from charlm.evaluation.scoring import validation_streams
 runner = CliRunner()
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, " ".join(result.output.split())  # Rich wraps long lines
 
 
 def altered_copy(source: Path, dest: Path, change: Callable[[dict[str, Any]], None]) -> Path:

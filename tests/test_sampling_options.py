@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import invoke_as_printed as invoke
 
-from charlm.cli import app
 from charlm.data.vocab import Vocab
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.generation.beam import beam_search
@@ -22,8 +21,6 @@ from charlm.model.char_lm import CharLM
 from charlm.model.checkpoint import load_model
 from charlm.util.errors import CharlmError
 
-runner = CliRunner()
-
 
 @pytest.fixture(scope="module", autouse=True)
 def step_library_built() -> None:
@@ -31,10 +28,6 @@ def step_library_built() -> None:
     says so in a line on stderr, which the CLI runner mixes into the output."""
     fast_step.available()
 
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 def one_line(text: str) -> str:

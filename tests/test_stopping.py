@@ -16,21 +16,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import invoke_as_printed as invoke
 from conftest import shakespeare_text
-from typer.testing import CliRunner
 
-from charlm.cli import app
 from charlm.config import load_config
 from charlm.model.checkpoint import safe_load
 from charlm.training.fit import train
 from charlm.util.errors import TrainingInterrupted
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = runner.invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")

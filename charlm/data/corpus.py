@@ -32,6 +32,11 @@ class Corpus:
     text: str
     sha256: str
 
+    def record(self) -> dict[str, str | int]:
+        """What a result file says of its corpus: the file's name (never its folder, which is the user's),
+        its sha256 and its length in characters."""
+        return {"file": self.path.name, "sha256": self.sha256, "chars": len(self.text)}
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()

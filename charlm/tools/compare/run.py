@@ -114,7 +114,7 @@ def run_comparison(base: Config, entries: Sequence[Entry], *, seeds: Sequence[in
                       "(lower it with --set train.val_every_steps=N)")
     plans = plan_runs(base, entries, seeds, hidden, out)
     settings = {**(settings or {}), "cells": [dataclasses.asdict(e) for e in entries], "seeds": list(seeds),
-                "match_params": match_params, "hidden_sizes": hidden, "corpus": str(corpus.path),
+                "match_params": match_params, "hidden_sizes": hidden, "corpus": corpus.record(),
                 "budget": {"max_steps": t.max_steps, "max_time": t.max_time, "max_epochs": t.max_epochs},
                 "config_values": base.to_dict()}
     out.mkdir(parents=True, exist_ok=True)

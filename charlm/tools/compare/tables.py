@@ -223,6 +223,14 @@ def budget_text(config: Config) -> str:
     return " or ".join(parts) + " per run, whichever comes first" if len(parts) > 1 else "".join(parts) + " per run"
 
 
+def corpus_text(corpus: object) -> str:
+    """results.md's corpus line: ``tinyshakespeare.txt (1,115,394 characters, sha256 86c4e6aa9db7…)`` from the
+    record (:meth:`charlm.data.corpus.Corpus.record`); an older results.json's plain string as it is."""
+    if isinstance(corpus, dict):
+        return f"{corpus.get('file')} ({corpus.get('chars', 0):,} characters, sha256 {str(corpus.get('sha256'))[:12]}…)"
+    return str(corpus)
+
+
 def write_results(out: Path, base: Config, summaries: Sequence[CellSummary], runs: Sequence[RunResult],
                   settings: dict[str, Any], *, show_hidden: bool, curves: str | None, complete: bool) -> list[Path]:
     """results.csv (per cell), runs.csv (per run), results.json (everything), results.md (the table)."""
@@ -247,7 +255,7 @@ def write_results(out: Path, base: Config, summaries: Sequence[CellSummary], run
              + (" (matched parameter counts, see the hidden column)" if show_hidden else "")
              + f", embedding {m.embedding_size}; batch {base.data.batch_size} x {base.data.bptt} chars",
              f"- budget: {budget_text(base)}; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
-             f"- corpus: {settings.get('corpus')}", "",
+             f"- corpus: {corpus_text(settings.get('corpus'))}", "",
              markdown_table(summaries, show_hidden=show_hidden), "",
              "Scores come from each run's best checkpoint (lowest validation loss), evaluated on the whole "
              "validation and test splits. ★ marks the lowest validation bpc among the cells with no diverged "
