@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from charlm.data.datamodule import CharDataModule
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.model.checkpoint import load_model
 from charlm.training.fit import train
+from charlm.util.errors import CharlmError
 
 # Each table: minutes at most -> the candidates for that budget, the first of them the pick (the smallest budget
 # that fits is used). Without --tune only the pick runs; with --tune every candidate runs and the best is the
@@ -148,13 +150,38 @@ def _one_thread() -> None:
 
 
 def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -> dict[str, Any] | None:
-    """One task; in a worker process (``data`` None) the corpus is read again there (a second or so)."""
+    """One task; in a worker process (``data`` None) the corpus is read again there (a second or so).
+
+    A candidate whose training stopped on a non-finite loss or gradient (charlm's ``train.on_nan=stop``) is a
+    result, not a failure of the whole frontier: its row says ``diverged`` with charlm's message, and its val bpc
+    is None (:func:`bpc`: infinite), so any finite candidate of the system beats it."""
     system, minutes, spec = task
     if data is None:
         cfg = load_config("default", base)
         data = CharDataModule(cfg.data, seed=cfg.train.seed)
-    result = run_system(system, minutes, data, base, spec)
+    try:
+        result = run_system(system, minutes, data, base, spec)
+    except CharlmError as e:
+        if "non-finite" not in str(e):
+            raise
+        result = {"size": _size_of(system, spec), "steps": None, "parameters": None, "val_loss": None,
+                  "val_bpc": None, "diverged": str(e).split(". Last good checkpoint")[0]}
     return None if result is None else {"system": system, "minutes": minutes, "spec": repr(spec), **result}
+
+
+def _size_of(system: str, spec: Spec) -> str:
+    """A failed candidate's size, as its row would have said it."""
+    if isinstance(spec, list):
+        given = dict(o.split("=", 1) for o in spec if "=" in o)
+        cell = system if system in CELL_SYSTEMS else "lstm"
+        dropout = "" if "model.dropout" not in given else ", no dropout"
+        return f"{cell} 2x{given.get('model.hidden_size')}, lr {float(given['optim.lr']):g}{dropout}"
+    return repr(spec)
+
+
+def task_key(system: str, minutes: float, spec: Spec | str) -> tuple[str, float, str]:
+    """What names a run in ``frontier.json`` (``--resume`` skips a task whose key is there)."""
+    return system, float(minutes), spec if isinstance(spec, str) else repr(spec)
 
 
 def candidates_of(system: str) -> list[tuple[float, list[Any]]]:
@@ -172,23 +199,35 @@ def tasks_for(systems: list[str], budgets: list[float], tune: bool) -> list[Task
     return tasks
 
 
+def bpc(row: dict[str, Any]) -> float:
+    """A run's val bpc; a diverged run's (None, or not finite) is infinite."""
+    value = math.inf if row.get("val_bpc") is None else float(row["val_bpc"])
+    return value if math.isfinite(value) else math.inf
+
+
+def bpc_text(row: dict[str, Any]) -> str:
+    return f"{row['val_bpc']:.4f}" if math.isfinite(bpc(row)) else "diverged"
+
+
 def best_per_system(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the best run of each system and budget, the other runs)."""
     best: dict[tuple[str, float], dict[str, Any]] = {}
     for r in rows:
         key = (r["system"], r["minutes"])
-        if key not in best or r["val_bpc"] < best[key]["val_bpc"]:
+        if key not in best or bpc(r) < bpc(best[key]):
             best[key] = r
     kept = list(best.values())
     return kept, [r for r in rows if all(r is not k for k in kept)]
 
 
-def run_all(tasks: list[Task], data: CharDataModule, base: list[str], jobs: int, done: Any) -> list[dict[str, Any]]:
-    """Every (system, minutes) task, ``jobs`` at a time; ``done(rows)`` after each one that finishes.
+def run_all(tasks: list[Task], data: CharDataModule, base: list[str], jobs: int, done: Any,
+            rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every (system, minutes) task, ``jobs`` at a time, after ``rows`` (runs already recorded); ``done(rows)``
+    as each one finishes, so that a stop loses only the runs in flight.
 
     With ``jobs`` > 1 each run gets one thread in its own process (``spawn``: a fresh torch), and the
     longest runs start first so that the last to finish are short ones."""
-    rows: list[dict[str, Any]] = []
+    rows = list(rows or [])
     if jobs <= 1:
         for task in tasks:
             result = _run_task(task, base, data)
@@ -200,11 +239,16 @@ def run_all(tasks: list[Task], data: CharDataModule, base: list[str], jobs: int,
     one_thread = [*base, "train.threads=1"]
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
         futures = [pool.submit(_run_task, task, one_thread) for task in ordered]
-        for future in futures:
-            result = future.result()
-            if result is not None:
-                rows.append(result)
-                done(rows)
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                if result is not None:
+                    rows.append(result)
+                    done(rows)
+        except BaseException:
+            for future in futures:
+                future.cancel()  # the runs not started; the ones in flight end with their process
+            raise
     return rows
 
 
@@ -218,7 +262,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for system in SYSTEMS:
-        points = sorted((r["minutes"], r["val_bpc"]) for r in rows if r["system"] == system)
+        points = sorted((r["minutes"], bpc(r)) for r in rows if r["system"] == system and math.isfinite(bpc(r)))
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=system)
     ax.set_xscale("log")
@@ -243,6 +287,8 @@ def main() -> None:
     parser.add_argument("--out", default="frontier", help="folder for frontier.json and frontier.png")
     parser.add_argument("--tune", action="store_true",
                         help="run every candidate size (and lr) of every system; keep the best of each")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs --out's frontier.json already holds and run only the others")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; above 1 each gets one thread of its own (default: 1, torch's threads)")
     args = parser.parse_args()
@@ -261,21 +307,30 @@ def main() -> None:
     setting += f", {args.jobs} runs at a time" if args.jobs > 1 else ""
 
     def save(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        runs.sort(key=lambda r: (r["minutes"], SYSTEMS.index(r["system"]), r["val_bpc"]))
+        runs.sort(key=lambda r: (r["minutes"], SYSTEMS.index(r["system"]), bpc(r)))
         rows, tried = best_per_system(runs)
         (out / "frontier.json").write_text(json.dumps({"threads": threads, "jobs": args.jobs, "tune": args.tune,
                                                        "rows": rows, "other_candidates": tried}, indent=1) + "\n")
         return rows, tried
 
-    rows, tried = save(run_all(tasks_for(systems, budgets, args.tune), data, base, args.jobs, save))
+    recorded: list[dict[str, Any]] = []
+    if args.resume and (out / "frontier.json").is_file():
+        old = json.loads((out / "frontier.json").read_text())
+        recorded = [r for r in old["rows"] + old["other_candidates"]
+                    if r["minutes"] in budgets and r["system"] in systems]
+    have = {task_key(r["system"], r["minutes"], r["spec"]) for r in recorded}
+    tasks = [t for t in tasks_for(systems, budgets, args.tune) if task_key(*t) not in have]
+    if recorded:
+        Console().print(f"{len(recorded)} run(s) already in {out / 'frontier.json'}; {len(tasks)} to go")
+    rows, tried = save(run_all(tasks, data, base, args.jobs, save, recorded))
     table = Table(title=f"val bpc at equal wall time ({setting})")
     for col in ("minutes", "system", "size", "steps", "val bpc", "best at this budget"):
         table.add_column(col)
     for minutes in budgets:
         here = [r for r in rows if r["minutes"] == minutes]
-        best = min(here, key=lambda r: r["val_bpc"])["system"] if here else None
+        best = min(here, key=bpc)["system"] if here else None
         for r in here:
-            table.add_row(f"{minutes:g}", r["system"], r["size"], str(r["steps"]), f"{r['val_bpc']:.4f}",
+            table.add_row(f"{minutes:g}", r["system"], r["size"], str(r["steps"]), bpc_text(r),
                           "★" if r["system"] == best else "")
     Console().print(table)
     if tried:
@@ -283,7 +338,7 @@ def main() -> None:
         for col in ("minutes", "system", "size", "steps", "val bpc"):
             others.add_column(col)
         for r in tried:
-            others.add_row(f"{r['minutes']:g}", r["system"], r["size"], str(r["steps"]), f"{r['val_bpc']:.4f}")
+            others.add_row(f"{r['minutes']:g}", r["system"], r["size"], str(r["steps"]), bpc_text(r))
         Console().print(others)
     if not plot(rows, out / "frontier.png"):
         Console().print("matplotlib is not installed: no frontier.png (pip install \"charlm[plot]\")")
