@@ -3,6 +3,7 @@
     python -m benchmarks.frontier --budgets 2,5,15                 # every system at 2, 5 and 15 minutes
     python -m benchmarks.frontier --budgets 2,5,15 --jobs 2        # two runs at a time, one thread each
     python -m benchmarks.frontier --budgets 0.2 --systems charlm,transformer --out /tmp/f   # a quick check
+    python -m benchmarks.frontier --budgets 2,5,15 --tune --jobs 2 --resume   # after a stop: only the runs missing
 
 Every system trains on the same 90 % split of the same corpus for the same wall time and is scored by
 the same code (:func:`charlm.evaluation.scoring.evaluate_ids`, every character of the 5 % validation split once):
@@ -18,8 +19,9 @@ the same code (:func:`charlm.evaluation.scoring.evaluate_ids`, every character o
 The candidates per budget are written below (``CHARLM_SIZES``, ``PLAIN_SIZES``, ``TRANSFORMER_SIZES``), three
 per system and budget; ``--tune`` runs them all, for every system alike, and keeps the best of each, the others
 listed as the tuning's record (``benchmarks/results/frontier/frontier.md``); without it each system runs its
-first. Prints a table, writes ``frontier.json`` and ``frontier.png`` (val bpc against minutes, log x; needs
-matplotlib) to ``--out``.
+first. A candidate whose training diverged (charlm stops on a non-finite loss or gradient) is kept as a row that
+says so and loses to every finite one. Prints a table, writes ``frontier.json`` (as each run finishes) and
+``frontier.png`` (val bpc against minutes, log x; needs matplotlib) to ``--out``.
 """
 
 from __future__ import annotations

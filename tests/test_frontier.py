@@ -9,12 +9,15 @@ from pathlib import Path
 from benchmarks.frontier import (
     CELL_SYSTEMS,
     CHARLM_SIZES,
+    NO_DROPOUT,
+    ONCE,
     PLAIN_SIZES,
     SYSTEMS,
     TRANSFORMER_SIZES,
     PlainConfig,
     best_per_system,
     sized,
+    task_key,
     tasks_for,
 )
 
@@ -61,3 +64,29 @@ def test_a_plain_candidate_trains_at_its_own_size_and_rate(corpus_file: Path) ->
     v = len(data.vocab)
     assert result["parameters"] == v * 16 + 2 * (4 * 16 * 16 * 2 + 8 * 16) + 16 * v + v  # embedding, LSTM, decoder
     assert result["steps"] >= 1 and math.isfinite(result["val_bpc"])
+
+
+def test_a_diverged_candidate_is_a_row_that_any_finite_one_beats(corpus_file: Path) -> None:
+    """A learning rate of 1e6 makes charlm's gradients non-finite within a few steps: the run stops (charlm's
+    ``train.on_nan=stop``), and the frontier records it instead of ending."""
+    from benchmarks.frontier import _run_task, bpc, bpc_text
+
+    base = [f"data.path={json.dumps(str(corpus_file))}", "train.threads=1"]
+    spec = ["model.hidden_size=16", "model.embedding_size=16", "optim.lr=1e6", "optim.clip=0", *NO_DROPOUT, ONCE]
+    row = _run_task(("mingru", 0.05, spec), base)
+    assert row is not None and row["val_bpc"] is None and row["steps"] is None
+    assert row["diverged"].startswith("training stopped: the ") and "became non-finite at step" in row["diverged"]
+    assert row["size"] == "mingru 2x16, lr 1e+06, no dropout" and bpc(row) == math.inf and bpc_text(row) == "diverged"
+    finite = {"system": "mingru", "minutes": 0.05, "val_bpc": 4.1}
+    rows, others = best_per_system([row, finite])
+    assert rows == [finite] and others == [row]
+    alone, _ = best_per_system([row])
+    assert alone == [row]  # every candidate diverged: the row says so
+
+
+def test_resume_names_a_run_as_frontier_json_does() -> None:
+    """--resume skips a task whose (system, minutes, spec) is recorded: the spec as repr writes it, read back."""
+    tasks = tasks_for(list(SYSTEMS), [2], tune=True)
+    rows = json.loads(json.dumps([{"system": s, "minutes": m, "spec": repr(spec)} for s, m, spec in tasks]))
+    assert {task_key(r["system"], r["minutes"], r["spec"]) for r in rows} == {task_key(*t) for t in tasks}
+    assert len({task_key(*t) for t in tasks}) == len(tasks) == 3 * len(SYSTEMS)
