@@ -318,8 +318,7 @@ def main() -> None:
     recorded: list[dict[str, Any]] = []
     if args.resume and (out / "frontier.json").is_file():
         old = json.loads((out / "frontier.json").read_text())
-        recorded = [r for r in old["rows"] + old["other_candidates"]
-                    if r["minutes"] in budgets and r["system"] in systems]
+        recorded = old["rows"] + old["other_candidates"]  # all kept, other budgets and systems too
     have = {task_key(r["system"], r["minutes"], r["spec"]) for r in recorded}
     tasks = [t for t in tasks_for(systems, budgets, args.tune) if task_key(*t) not in have]
     if recorded:

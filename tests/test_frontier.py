@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
+
+import pytest
 
 from benchmarks.frontier import (
     CELL_SYSTEMS,
@@ -90,3 +93,24 @@ def test_resume_names_a_run_as_frontier_json_does() -> None:
     rows = json.loads(json.dumps([{"system": s, "minutes": m, "spec": repr(spec)} for s, m, spec in tasks]))
     assert {task_key(r["system"], r["minutes"], r["spec"]) for r in rows} == {task_key(*t) for t in tasks}
     assert len({task_key(*t) for t in tasks}) == len(tasks) == 3 * len(SYSTEMS)
+
+
+def test_resume_runs_only_what_frontier_json_lacks_and_keeps_the_rest(
+        corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import frontier
+
+    def run(*args: str) -> list[tuple[str, float]]:
+        argv = ["frontier", "--systems", "plain", "--data", str(corpus_file), "--out", str(tmp_path), *args]
+        monkeypatch.setattr(sys, "argv", argv)
+        frontier.main()
+        document = json.loads((tmp_path / "frontier.json").read_text())
+        return sorted((r["system"], r["minutes"]) for r in document["rows"] + document["other_candidates"])
+
+    assert run("--budgets", "0.002") == [("plain", 0.002)]
+    calls: list[object] = []
+    real = frontier._run_task
+    monkeypatch.setattr(frontier, "_run_task", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    assert run("--budgets", "0.002,0.003", "--resume") == [("plain", 0.002), ("plain", 0.003)]
+    assert calls == [("plain", 0.003, None)]  # the 0.002 run was recorded already
+    assert run("--budgets", "0.003", "--resume") == [("plain", 0.002), ("plain", 0.003)]  # nothing lost
+    assert len(calls) == 1
