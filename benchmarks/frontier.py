@@ -113,15 +113,22 @@ def run_charlm(minutes: float, data: CharDataModule, extra: list[str], size: lis
     overrides = [*size, *extra, f"train.max_time={minutes * 60}", "train.max_steps=-1",
                  "train.progress=false", "sample.enabled=false"]
     cfg = load_config("default", overrides)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg.train.out, cfg.train.name = tmp, "frontier"
-        result = train(cfg)
-        model, _, _, _ = load_model(result.best_checkpoint)
-        val = evaluate_ids(model, data.splits.val, batch_size=16, bptt=128)
     m = cfg.model
     dropouts = ", no dropout" if m.dropout == m.dropouth == m.dropoute == m.weight_drop == 0 else ""
-    return {"size": f"{m.cell} {m.num_layers}x{m.hidden_size}, lr {cfg.optim.lr:g}{dropouts}", "steps": result.steps,
-            "parameters": result.parameters, "val_loss": val["loss"], "val_bpc": val["bpc"]}
+    size_text = f"{m.cell} {m.num_layers}x{m.hidden_size}, lr {cfg.optim.lr:g}{dropouts}"
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.train.out, cfg.train.name = tmp, "frontier"
+        try:
+            result = train(cfg)
+        except CharlmError as e:  # a non-finite loss or gradient stopped it (train.on_nan=stop): a diverged row
+            if "non-finite" not in str(e):
+                raise
+            return {"size": size_text, "steps": None, "parameters": None, "val_loss": None, "val_bpc": None,
+                    "diverged": str(e).split(". Last good checkpoint")[0]}
+        model, _, _, _ = load_model(result.best_checkpoint)
+        val = evaluate_ids(model, data.splits.val, batch_size=16, bptt=128)
+    return {"size": size_text, "steps": result.steps, "parameters": result.parameters, "val_loss": val["loss"],
+            "val_bpc": val["bpc"]}
 
 
 def run_system(system: str, minutes: float, data: CharDataModule, base: list[str], spec: Spec = None
@@ -154,31 +161,15 @@ def _one_thread() -> None:
 def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -> dict[str, Any] | None:
     """One task; in a worker process (``data`` None) the corpus is read again there (a second or so).
 
-    A candidate whose training stopped on a non-finite loss or gradient (charlm's ``train.on_nan=stop``) is a
+    A charlm candidate whose training stopped on a non-finite loss or gradient (:func:`run_charlm`) is a
     result, not a failure of the whole frontier: its row says ``diverged`` with charlm's message, and its val bpc
     is None (:func:`bpc`: infinite), so any finite candidate of the system beats it."""
     system, minutes, spec = task
     if data is None:
         cfg = load_config("default", base)
         data = CharDataModule(cfg.data, seed=cfg.train.seed)
-    try:
-        result = run_system(system, minutes, data, base, spec)
-    except CharlmError as e:
-        if "non-finite" not in str(e):
-            raise
-        result = {"size": _size_of(system, spec), "steps": None, "parameters": None, "val_loss": None,
-                  "val_bpc": None, "diverged": str(e).split(". Last good checkpoint")[0]}
+    result = run_system(system, minutes, data, base, spec)
     return None if result is None else {"system": system, "minutes": minutes, "spec": repr(spec), **result}
-
-
-def _size_of(system: str, spec: Spec) -> str:
-    """A failed candidate's size, as its row would have said it."""
-    if isinstance(spec, list):
-        given = dict(o.split("=", 1) for o in spec if "=" in o)
-        cell = system if system in CELL_SYSTEMS else "lstm"
-        dropout = "" if "model.dropout" not in given else ", no dropout"
-        return f"{cell} 2x{given.get('model.hidden_size')}, lr {float(given['optim.lr']):g}{dropout}"
-    return repr(spec)
 
 
 def task_key(system: str, minutes: float, spec: Spec | str) -> tuple[str, float, str]:
