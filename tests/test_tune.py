@@ -6,15 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy
 import yaml
 from filelock import FileLock
 from optuna.trial import TrialState
@@ -227,18 +228,28 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _study_made(db: Path) -> bool:
+    """Whether the run has made study "s" in ``db``, read without writing: a storage opened on a database still
+    being made would race the run to make its tables, and one of the two would fail."""
+    if not db.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as con:
+            return con.execute("SELECT 1 FROM studies WHERE study_name = 's'").fetchone() is not None
+    except sqlite3.OperationalError:  # no tables yet
+        return False
+
+
 def _wait_for(out: Path, proc: subprocess.Popen[str], ready: object, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
-        if (out / "s" / "study.db").is_file():
+        if _study_made(out / "s" / "study.db"):
             try:
                 if ready(load(out).trials):  # type: ignore[operator]
                     return
             except (KeyError, optuna.exceptions.OptunaError):
-                pass  # the study is being created
-            except sqlalchemy.exc.OperationalError:  # our storage made its tables as the run made them: anew
-                _STORAGES.pop(out / "s" / "study.db", None)
+                pass  # the study is being made
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the study did not reach the state in time")
