@@ -4,6 +4,7 @@
     python -m benchmarks.frontier --budgets 2,5,15 --jobs 2        # two runs at a time, one thread each
     python -m benchmarks.frontier --budgets 0.2 --systems charlm,transformer --out /tmp/f   # a quick check
     python -m benchmarks.frontier --budgets 2,5,15 --tune --jobs 2 --resume   # after a stop: only the runs missing
+    python -m benchmarks.frontier --budgets 15 --carry 5 --jobs 2   # each system's 5-minute winner, given 15
 
 Every system trains on the same 90 % split of the same corpus for the same wall time and is scored by
 the same code (:func:`charlm.evaluation.scoring.evaluate_ids`, every character of the 5 % validation split once):
@@ -192,6 +193,28 @@ def tasks_for(systems: list[str], budgets: list[float], tune: bool) -> list[Task
     return tasks
 
 
+def spec_named(system: str, text: str) -> Spec:
+    """The candidate of ``system`` that ``frontier.json`` names ``text`` (its ``repr``), from any budget's table."""
+    for _, specs in candidates_of(system):
+        for spec in specs:
+            if repr(spec) == text:
+                return spec
+    raise ValueError(f"{system} has no candidate {text}: benchmarks/frontier.py's tables have changed since that run")
+
+
+def carried_tasks(systems: list[str], budgets: list[float], recorded: list[dict[str, Any]], carry: float
+                  ) -> list[Task]:
+    """Each system once per budget, with the candidate that won at ``carry`` minutes in ``recorded`` (``--carry``):
+    one run per system where ``--tune`` would take three, chosen by the same rule for every system."""
+    winners, _ = best_per_system([r for r in recorded if float(r["minutes"]) == carry and r["system"] in systems])
+    won = {r["system"]: r for r in winners if math.isfinite(bpc(r))}
+    missing = [s for s in systems if s not in won]
+    if missing:
+        raise ValueError(f"no finite run at {carry:g} minutes to carry for {', '.join(missing)}: "
+                         f"run --budgets {carry:g} --tune first")
+    return [(s, m, spec_named(s, won[s]["spec"])) for m in budgets for s in systems]
+
+
 def bpc(row: dict[str, Any]) -> float:
     """A run's val bpc; a diverged run's (None, or not finite) is infinite."""
     value = math.inf if row.get("val_bpc") is None else float(row["val_bpc"])
@@ -282,6 +305,9 @@ def main() -> None:
                         help="run every candidate size (and lr) of every system; keep the best of each")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs --out's frontier.json already holds and run only the others")
+    parser.add_argument("--carry", type=float, default=None, metavar="MINUTES",
+                        help="run each system once per budget with its best candidate at MINUTES in --out's "
+                             "frontier.json (implies --resume)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; above 1 each gets one thread of its own (default: 1, torch's threads)")
     args = parser.parse_args()
@@ -300,18 +326,29 @@ def main() -> None:
     setting += f", {args.jobs} runs at a time" if args.jobs > 1 else ""
 
     def save(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        for r in runs:
+            if args.carry is not None and id(r) not in earlier:  # a run of this call: say how it was chosen
+                r.setdefault("carried_from", args.carry)
         runs.sort(key=lambda r: (r["minutes"], SYSTEMS.index(r["system"]), bpc(r)))
         rows, tried = best_per_system(runs)
-        (out / "frontier.json").write_text(json.dumps({"threads": threads, "jobs": args.jobs, "tune": args.tune,
+        (out / "frontier.json").write_text(json.dumps({"threads": threads, "jobs": args.jobs, "tune": tuned,
                                                        "rows": rows, "other_candidates": tried}, indent=1) + "\n")
         return rows, tried
 
     recorded: list[dict[str, Any]] = []
-    if args.resume and (out / "frontier.json").is_file():
+    tuned = args.tune  # whether any budget in frontier.json ran every candidate
+    if (args.resume or args.carry is not None) and (out / "frontier.json").is_file():
         old = json.loads((out / "frontier.json").read_text())
         recorded = old["rows"] + old["other_candidates"]  # all kept, other budgets and systems too
+        tuned = tuned or bool(old.get("tune"))
+    earlier = {id(r) for r in recorded}
     have = {task_key(r["system"], r["minutes"], r["spec"]) for r in recorded}
-    tasks = [t for t in tasks_for(systems, budgets, args.tune) if task_key(*t) not in have]
+    try:
+        planned = (tasks_for(systems, budgets, args.tune) if args.carry is None
+                   else carried_tasks(systems, budgets, recorded, args.carry))
+    except ValueError as e:
+        parser.error(str(e))
+    tasks = [t for t in planned if task_key(*t) not in have]
     if recorded:
         Console().print(f"{len(recorded)} run(s) already in {out / 'frontier.json'}; {len(tasks)} to go")
     rows, tried = save(run_all(tasks, data, base, args.jobs, save, recorded))

@@ -19,6 +19,7 @@ from benchmarks.frontier import (
     TRANSFORMER_SIZES,
     PlainConfig,
     best_per_system,
+    candidates_of,
     sized,
     task_key,
     tasks_for,
@@ -114,3 +115,42 @@ def test_resume_runs_only_what_frontier_json_lacks_and_keeps_the_rest(
     assert calls == [("plain", 0.003, None)]  # the 0.002 run was recorded already
     assert run("--budgets", "0.003", "--resume") == [("plain", 0.002), ("plain", 0.003)]  # nothing lost
     assert len(calls) == 1
+
+
+def test_carry_gives_each_system_its_winner_at_the_shorter_budget() -> None:
+    """--carry 5: every system once at 15 minutes, with the candidate that won its 5-minute runs (a diverged one
+    never wins); a system without a finite run to carry is refused in one sentence."""
+    from benchmarks.frontier import carried_tasks
+
+    five = {s: sized(candidates_of(s), 5) for s in ("charlm", "plain", "transformer")}
+    recorded = [{"system": s, "minutes": 5.0, "spec": repr(spec), "val_bpc": bpc}
+                for s in five for spec, bpc in zip(five[s], (2.3, 2.1, None), strict=True)]
+    recorded.append({"system": "plain", "minutes": 2.0, "spec": repr(five["plain"][0]), "val_bpc": 1.0})
+    tasks = carried_tasks(["charlm", "plain", "transformer"], [15], recorded, 5)
+    assert tasks == [(s, 15, five[s][1]) for s in ("charlm", "plain", "transformer")]
+    assert isinstance(tasks[1][2], PlainConfig)  # the spec itself, read back from its repr
+    with pytest.raises(ValueError, match=r"^no finite run at 5 minutes to carry for slstm: run --budgets 5 --tune"):
+        carried_tasks(["charlm", "slstm"], [15], recorded, 5)
+
+
+def test_a_carried_run_is_recorded_beside_the_tuned_ones(
+        corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import frontier
+
+    def run(*args: str) -> dict[str, object]:
+        argv = ["frontier", "--systems", "plain", "--data", str(corpus_file), "--out", str(tmp_path), *args]
+        monkeypatch.setattr(sys, "argv", argv)
+        frontier.main()
+        return dict(json.loads((tmp_path / "frontier.json").read_text()))
+
+    small = [PlainConfig(hidden=8, lr=1e-2), PlainConfig(hidden=16, lr=1e-2), PlainConfig(hidden=24, lr=3e-3)]
+    monkeypatch.setattr(frontier, "PLAIN_SIZES", [(float("inf"), small)])
+    tuned = run("--budgets", "0.002", "--tune")
+    winner = next(r for r in tuned["rows"] if r["minutes"] == 0.002)  # type: ignore[union-attr]
+    carried = run("--budgets", "0.003", "--carry", "0.002")
+    assert carried["tune"] is True  # the 0.002 runs were tuned
+    runs = carried["rows"] + carried["other_candidates"]  # type: ignore[operator]
+    assert len(runs) == 4
+    new = [r for r in runs if r["minutes"] == 0.003]
+    assert [(r["spec"], r["carried_from"]) for r in new] == [(winner["spec"], 0.002)]
+    assert not [r for r in runs if r["minutes"] == 0.002 and "carried_from" in r]
