@@ -202,17 +202,20 @@ def spec_named(system: str, text: str) -> Spec:
     raise ValueError(f"{system} has no candidate {text}: benchmarks/frontier.py's tables have changed since that run")
 
 
-def carried_tasks(systems: list[str], budgets: list[float], recorded: list[dict[str, Any]], carry: float
-                  ) -> list[Task]:
+def carried_tasks(systems: list[str], budgets: list[float], recorded: list[dict[str, Any]], carry: float,
+                  place: int = 1) -> list[Task]:
     """Each system once per budget, with the candidate that won at ``carry`` minutes in ``recorded`` (``--carry``):
-    one run per system where ``--tune`` would take three, chosen by the same rule for every system."""
-    winners, _ = best_per_system([r for r in recorded if float(r["minutes"]) == carry and r["system"] in systems])
-    won = {r["system"]: r for r in winners if math.isfinite(bpc(r))}
-    missing = [s for s in systems if s not in won]
+    one run per system where ``--tune`` would take three, chosen by the same rule for every system. ``place`` 2
+    takes the runner-up instead (``--carry-place``: for a system whose winner diverged when carried)."""
+    ranked: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(recorded, key=bpc):
+        if float(r["minutes"]) == carry and r["system"] in systems and math.isfinite(bpc(r)):
+            ranked.setdefault(r["system"], []).append(r)
+    missing = [s for s in systems if len(ranked.get(s, [])) < place]
     if missing:
-        raise ValueError(f"no finite run at {carry:g} minutes to carry for {', '.join(missing)}: "
+        raise ValueError(f"no finite run at {carry:g} minutes in place {place} to carry for {', '.join(missing)}: "
                          f"run --budgets {carry:g} --tune first")
-    return [(s, m, spec_named(s, won[s]["spec"])) for m in budgets for s in systems]
+    return [(s, m, spec_named(s, ranked[s][place - 1]["spec"])) for m in budgets for s in systems]
 
 
 def bpc(row: dict[str, Any]) -> float:
@@ -308,6 +311,8 @@ def main() -> None:
     parser.add_argument("--carry", type=float, default=None, metavar="MINUTES",
                         help="run each system once per budget with its best candidate at MINUTES in --out's "
                              "frontier.json (implies --resume)")
+    parser.add_argument("--carry-place", type=int, default=1, metavar="N",
+                        help="with --carry: each system's N-th best candidate (2: the runner-up)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; above 1 each gets one thread of its own (default: 1, torch's threads)")
     args = parser.parse_args()
@@ -345,7 +350,7 @@ def main() -> None:
     have = {task_key(r["system"], r["minutes"], r["spec"]) for r in recorded}
     try:
         planned = (tasks_for(systems, budgets, args.tune) if args.carry is None
-                   else carried_tasks(systems, budgets, recorded, args.carry))
+                   else carried_tasks(systems, budgets, recorded, args.carry, args.carry_place))
     except ValueError as e:
         parser.error(str(e))
     tasks = [t for t in planned if task_key(*t) not in have]

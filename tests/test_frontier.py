@@ -129,8 +129,13 @@ def test_carry_gives_each_system_its_winner_at_the_shorter_budget() -> None:
     tasks = carried_tasks(["charlm", "plain", "transformer"], [15], recorded, 5)
     assert tasks == [(s, 15, five[s][1]) for s in ("charlm", "plain", "transformer")]
     assert isinstance(tasks[1][2], PlainConfig)  # the spec itself, read back from its repr
-    with pytest.raises(ValueError, match=r"^no finite run at 5 minutes to carry for slstm: run --budgets 5 --tune"):
+    runners_up = carried_tasks(["charlm", "plain"], [15, 30], recorded, 5, place=2)
+    assert runners_up == [(s, m, five[s][0]) for m in (15, 30) for s in ("charlm", "plain")]
+    with pytest.raises(ValueError, match=r"^no finite run at 5 minutes in place 1 to carry for slstm: run --budgets 5 "
+                                         r"--tune first$"):
         carried_tasks(["charlm", "slstm"], [15], recorded, 5)
+    with pytest.raises(ValueError, match=r"in place 3 to carry for charlm, plain"):  # the third diverged
+        carried_tasks(["charlm", "plain"], [15], recorded, 5, place=3)
 
 
 def test_a_carried_run_is_recorded_beside_the_tuned_ones(
