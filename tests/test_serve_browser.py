@@ -83,12 +83,12 @@ def test_page_streams_coloured_text_and_shows_errors(page: tuple[webdriver.Chrom
     assert all(c.startswith("rgb") for c in colours) and len(set(colours)) > 3
     span = driver.find_elements(By.CSS_SELECTOR, "#output .ch")[5]
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", span)
-    tip, elsewhere = driver.find_element(By.ID, "tip"), driver.find_element(By.ID, "model-info")
+    tip = driver.find_element(By.ID, "tip")
 
     def hovered(d: webdriver.Chrome) -> bool:
-        """Point at the span from elsewhere: a scroll event of the scroll above, if it comes late on a busy machine,
-        hides the tooltip (as any scroll does), and the next try shows it again."""
-        ActionChains(d).move_to_element(elsewhere).move_to_element(span).perform()
+        """Point at the span from beside it (40 px right, on its line): a scroll event of the scroll above, if it
+        comes late on a busy machine, hides the tooltip (as any scroll does), and the next try shows it again."""
+        ActionChains(d).move_to_element_with_offset(span, 40, 0).move_to_element(span).perform()
         return bool(tip.is_displayed())
 
     wait.until(hovered)
