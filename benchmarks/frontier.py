@@ -279,7 +279,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for system in SYSTEMS:
         points = sorted((r["minutes"], bpc(r)) for r in rows if r["system"] == system and math.isfinite(bpc(r)))
         if points:
@@ -290,7 +290,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.minorticks_off()
     ax.set_xlabel("training minutes (wall time, CPU)")
     ax.set_ylabel("validation bits per character")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden under it
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
