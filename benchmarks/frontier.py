@@ -316,6 +316,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time; above 1 each gets one thread of its own (default: 1, torch's threads)")
     args = parser.parse_args()
+    if args.carry_place < 1 or (args.carry_place > 1 and args.carry is None):
+        parser.error(f"--carry-place takes a place from 1 (the winner) and goes with --carry, got {args.carry_place}")
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(systems) - set(SYSTEMS))

@@ -159,3 +159,18 @@ def test_a_carried_run_is_recorded_beside_the_tuned_ones(
     new = [r for r in runs if r["minutes"] == 0.003]
     assert [(r["spec"], r["carried_from"]) for r in new] == [(winner["spec"], 0.002)]
     assert not [r for r in runs if r["minutes"] == 0.002 and "carried_from" in r]
+
+
+@pytest.mark.parametrize("args", [["--carry", "5", "--carry-place", "0"], ["--carry-place", "2"]])
+def test_a_carry_place_needs_a_place_from_1_and_carry(
+        args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import frontier
+
+    monkeypatch.setattr(sys, "argv", ["frontier", "--out", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as stop:
+        frontier.main()
+    assert stop.value.code == 2
+    place = args[args.index("--carry-place") + 1]
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"error: --carry-place takes a place from 1 (the winner) and goes with --carry, got {place}")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
