@@ -48,7 +48,7 @@ from charlm.data.datamodule import CharDataModule
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.model.checkpoint import load_model
 from charlm.training.fit import train
-from charlm.util.errors import CharlmError
+from charlm.util.errors import TrainingDiverged
 
 # Each table: minutes at most -> the candidates for that budget, the first of them the pick (the smallest budget
 # that fits is used). Without --tune only the pick runs; with --tune every candidate runs and the best is the
@@ -121,11 +121,9 @@ def run_charlm(minutes: float, data: CharDataModule, extra: list[str], size: lis
         cfg.train.out, cfg.train.name = tmp, "frontier"
         try:
             result = train(cfg)
-        except CharlmError as e:  # a non-finite loss or gradient stopped it (train.on_nan=stop): a diverged row
-            if "non-finite" not in str(e):
-                raise
+        except TrainingDiverged as e:  # a non-finite loss or gradient stopped it: a diverged row
             return {"size": size_text, "steps": None, "parameters": None, "val_loss": None, "val_bpc": None,
-                    "diverged": str(e).split(". Last good checkpoint")[0]}
+                    "diverged": f"training stopped: {e.what} at step {e.step}"}
         model, _, _, _ = load_model(result.best_checkpoint)
         val = evaluate_ids(model, data.splits.val, batch_size=16, bptt=128)
     return {"size": size_text, "steps": result.steps, "parameters": result.parameters, "val_loss": val["loss"],

@@ -20,7 +20,7 @@ from charlm.config import load_config
 from charlm.model.checkpoint import FORMAT_VERSION, safe_load
 from charlm.training.checkpoint_io import AtomicCheckpointIO
 from charlm.training.fit import train
-from charlm.util.errors import CharlmError
+from charlm.util.errors import CharlmError, TrainingDiverged
 
 
 def flat(text: str) -> str:
@@ -287,8 +287,9 @@ class InfGradient(L.Callback):
 
 def test_a_nan_loss_stops_the_run_naming_step_and_checkpoint(tmp_path: Path, short_corpus: Path) -> None:
     config = smoke(short_corpus, "train.max_steps=14")
-    with pytest.raises(CharlmError) as caught:
+    with pytest.raises(TrainingDiverged) as caught:
         train(config, run_dir=tmp_path / "run", callbacks=[Poison(12)])
+    assert (caught.value.what, caught.value.step) == ("the loss became nan", 12)
     last = tmp_path / "run" / "last.ckpt"
     assert str(caught.value).startswith(
         f"training stopped: the loss became nan at step 12. Last good checkpoint: {last}. Lower optim.lr")
@@ -334,8 +335,9 @@ def test_skip_mode_skips_a_bad_step_and_carries_on(tmp_path: Path, short_corpus:
 def test_skip_mode_still_stops_when_every_step_is_bad(tmp_path: Path, short_corpus: Path) -> None:
     config = smoke(short_corpus, "train.max_steps=30", "train.on_nan=skip", "train.checkpoint_every_steps=0",
                    "train.val_every_steps=0")
-    with pytest.raises(CharlmError) as caught:
+    with pytest.raises(TrainingDiverged) as caught:
         train(config, run_dir=tmp_path / "run", callbacks=[Poison(3)])
+    assert (caught.value.what, caught.value.step) == ("the loss became nan", 12)
     assert str(caught.value) == ("training stopped: the loss became nan at step 12, the 10th step in a row that "
                                  "was not finite. Last good checkpoint: none saved yet.")
 
@@ -373,8 +375,9 @@ def test_skip_mode_counts_bad_steps_in_a_row_not_in_the_run(tmp_path: Path, shor
 def test_non_finite_weights_are_never_saved(tmp_path: Path, short_corpus: Path) -> None:
     config = smoke(short_corpus, "train.max_steps=30", "train.on_nan=skip", "train.checkpoint_every_steps=5")
     last = tmp_path / "run" / "last.ckpt"
-    with pytest.raises(CharlmError) as caught:
+    with pytest.raises(TrainingDiverged) as caught:
         train(config, run_dir=tmp_path / "run", callbacks=[Poison(7)])
+    assert (caught.value.what, caught.value.step) == ("the weights are not finite (model.decoder.bias)", 10)
     assert str(caught.value) == ("training stopped at step 10: the weights are not finite (model.decoder.bias), "
                                  f"so they were not saved. Last good checkpoint: {last}")
     assert safe_load(last)["global_step"] == 5

@@ -49,7 +49,7 @@ from charlm.model.char_lm import CharLM, States, detach_states
 from charlm.model.checkpoint import FORMAT_VERSION
 from charlm.model.regularizers import ar_penalty, tar_penalty
 from charlm.training.ntasgd import NTASGD, asgd_from, averaged_weights, rate_applied_now
-from charlm.util.errors import CharlmError
+from charlm.util.errors import TrainingDiverged
 
 MAX_SKIPPED_IN_A_ROW = 10  # on_nan=skip: this many non-finite steps in a row stop the run all the same
 
@@ -122,12 +122,12 @@ class CharLMModule(L.LightningModule):
             if self._skipped_in_a_row < MAX_SKIPPED_IN_A_ROW:
                 self.print(f"step {step}: {what}; step skipped (train.on_nan=skip)")
                 return
-            raise CharlmError(f"training stopped: {what} at step {step}, the {MAX_SKIPPED_IN_A_ROW}th step in a "
-                              f"row that was not finite. Last good checkpoint: {where or 'none saved yet'}."
-                              + resume)
-        raise CharlmError(f"training stopped: {what} at step {step}. Last good checkpoint: "
-                          f"{where or 'none saved yet'}. Lower optim.lr or raise optim.clip, "
-                          "or set train.on_nan=skip to skip such steps." + resume)
+            raise TrainingDiverged(f"training stopped: {what} at step {step}, the {MAX_SKIPPED_IN_A_ROW}th step in a "
+                                   f"row that was not finite. Last good checkpoint: {where or 'none saved yet'}."
+                                   + resume, what, step)
+        raise TrainingDiverged(f"training stopped: {what} at step {step}. Last good checkpoint: "
+                               f"{where or 'none saved yet'}. Lower optim.lr or raise optim.clip, "
+                               "or set train.on_nan=skip to skip such steps." + resume, what, step)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A finite loss can still give inf/NaN gradients: never let them reach the weights."""
@@ -357,9 +357,9 @@ class CharLMModule(L.LightningModule):
                if value.is_floating_point() and not bool(torch.isfinite(value).all())]
         if bad:
             where = self.last_good_checkpoint or "none saved yet"
-            raise CharlmError(f"training stopped at step {self.global_step}: the weights are not finite "
-                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}), so they were not saved. "
-                              f"Last good checkpoint: {where}")
+            what = f"the weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+            raise TrainingDiverged(f"training stopped at step {self.global_step}: {what}, so they were not saved. "
+                                   f"Last good checkpoint: {where}", what, self.global_step)
         checkpoint["ntasgd"] = self.ntasgd.state_dict()
         if self._lr_at_switch is not None:
             checkpoint["ntasgd_lr_at_switch"] = self._lr_at_switch

@@ -22,6 +22,14 @@ class TrainingInterrupted(CharlmError):
         self.exit_code = exit_code
 
 
+class TrainingDiverged(CharlmError):
+    """Training stopped because its loss or its gradients became NaN or inf: ``what`` became so at ``step``."""
+
+    def __init__(self, message: str, what: str, step: int) -> None:
+        super().__init__(message)
+        self.what, self.step = what, step
+
+
 # Said wherever a model's next-character scores turn out NaN or inf (the C++ sampling route, pick, beam search).
 NOT_FINITE = ("the model's scores for the next character are not finite numbers (NaN or inf): its weights or "
               "its state overflowed, so it cannot go on generating")
