@@ -321,32 +321,13 @@ def main() -> None:
     unknown = sorted(set(systems) - set(SYSTEMS))
     if unknown:
         parser.error(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
-    base = [] if args.data is None else [f"data.path={json.dumps(args.data)}"]
-    cfg = load_config("default", base)
-    data = CharDataModule(cfg.data, seed=cfg.train.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = 1 if args.jobs > 1 else torch.get_num_threads()
-    setting = f"{threads} thread{'s' if threads > 1 else ''}"
-    setting += f", {args.jobs} runs at a time" if args.jobs > 1 else ""
-
-    def save(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        for r in runs:
-            if args.carry is not None and id(r) not in earlier:  # a run of this call: say how it was chosen
-                r.setdefault("carried_from", args.carry)
-        runs.sort(key=lambda r: (r["minutes"], SYSTEMS.index(r["system"]), bpc(r)))
-        rows, tried = best_per_system(runs)
-        (out / "frontier.json").write_text(json.dumps({"threads": threads, "jobs": args.jobs, "tune": tuned,
-                                                       "rows": rows, "other_candidates": tried}, indent=1) + "\n")
-        return rows, tried
-
     recorded: list[dict[str, Any]] = []
     tuned = args.tune  # whether any budget in frontier.json ran every candidate
     if (args.resume or args.carry is not None) and (out / "frontier.json").is_file():
         old = json.loads((out / "frontier.json").read_text())
         recorded = old["rows"] + old["other_candidates"]  # all kept, other budgets and systems too
         tuned = tuned or bool(old.get("tune"))
-    earlier = {id(r) for r in recorded}
     have = {task_key(r["system"], r["minutes"], r["spec"]) for r in recorded}
     try:
         planned = (tasks_for(systems, budgets, args.tune) if args.carry is None
@@ -354,6 +335,26 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     tasks = [t for t in planned if task_key(*t) not in have]
+    carried = {task_key(*t) for t in tasks} if args.carry is not None else set()  # this call's runs, if carried
+
+    base = [] if args.data is None else [f"data.path={json.dumps(args.data)}"]
+    cfg = load_config("default", base)
+    data = CharDataModule(cfg.data, seed=cfg.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    setting = f"{threads} thread{'s' if threads > 1 else ''}"
+    setting += f", {args.jobs} runs at a time" if args.jobs > 1 else ""
+
+    def save(runs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        for r in runs:
+            if task_key(r["system"], r["minutes"], r["spec"]) in carried:  # say how the run was chosen
+                r.setdefault("carried_from", args.carry)
+        runs.sort(key=lambda r: (r["minutes"], SYSTEMS.index(r["system"]), bpc(r)))
+        rows, tried = best_per_system(runs)
+        (out / "frontier.json").write_text(json.dumps({"threads": threads, "jobs": args.jobs, "tune": tuned,
+                                                       "rows": rows, "other_candidates": tried}, indent=1) + "\n")
+        return rows, tried
+
     if recorded:
         Console().print(f"{len(recorded)} run(s) already in {out / 'frontier.json'}; {len(tasks)} to go")
     rows, tried = save(run_all(tasks, data, base, args.jobs, save, recorded))

@@ -6,6 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,15 +97,22 @@ def test_resume_names_a_run_as_frontier_json_does() -> None:
     assert len({task_key(*t) for t in tasks}) == len(tasks) == 3 * len(SYSTEMS)
 
 
+def run_plain(monkeypatch: pytest.MonkeyPatch, corpus_file: Path, out: Path, *args: str) -> dict[str, Any]:
+    """``python -m benchmarks.frontier --systems plain`` on ``corpus_file`` into ``out``: its frontier.json."""
+    from benchmarks import frontier
+
+    argv = ["frontier", "--systems", "plain", "--data", str(corpus_file), "--out", str(out), *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    frontier.main()
+    return dict(json.loads((out / "frontier.json").read_text()))
+
+
 def test_resume_runs_only_what_frontier_json_lacks_and_keeps_the_rest(
         corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import frontier
 
     def run(*args: str) -> list[tuple[str, float]]:
-        argv = ["frontier", "--systems", "plain", "--data", str(corpus_file), "--out", str(tmp_path), *args]
-        monkeypatch.setattr(sys, "argv", argv)
-        frontier.main()
-        document = json.loads((tmp_path / "frontier.json").read_text())
+        document = run_plain(monkeypatch, corpus_file, tmp_path, *args)
         return sorted((r["system"], r["minutes"]) for r in document["rows"] + document["other_candidates"])
 
     assert run("--budgets", "0.002") == [("plain", 0.002)]
@@ -142,19 +150,16 @@ def test_a_carried_run_is_recorded_beside_the_tuned_ones(
         corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks import frontier
 
-    def run(*args: str) -> dict[str, object]:
-        argv = ["frontier", "--systems", "plain", "--data", str(corpus_file), "--out", str(tmp_path), *args]
-        monkeypatch.setattr(sys, "argv", argv)
-        frontier.main()
-        return dict(json.loads((tmp_path / "frontier.json").read_text()))
+    def run(*args: str) -> dict[str, Any]:
+        return run_plain(monkeypatch, corpus_file, tmp_path, *args)
 
     small = [PlainConfig(hidden=8, lr=1e-2), PlainConfig(hidden=16, lr=1e-2), PlainConfig(hidden=24, lr=3e-3)]
     monkeypatch.setattr(frontier, "PLAIN_SIZES", [(float("inf"), small)])
     tuned = run("--budgets", "0.002", "--tune")
-    winner = next(r for r in tuned["rows"] if r["minutes"] == 0.002)  # type: ignore[union-attr]
+    winner = next(r for r in tuned["rows"] if r["minutes"] == 0.002)
     carried = run("--budgets", "0.003", "--carry", "0.002")
     assert carried["tune"] is True  # the 0.002 runs were tuned
-    runs = carried["rows"] + carried["other_candidates"]  # type: ignore[operator]
+    runs = carried["rows"] + carried["other_candidates"]
     assert len(runs) == 4
     new = [r for r in runs if r["minutes"] == 0.003]
     assert [(r["spec"], r["carried_from"]) for r in new] == [(winner["spec"], 0.002)]
@@ -174,3 +179,18 @@ def test_a_carry_place_needs_a_place_from_1_and_carry(
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         f"error: --carry-place takes a place from 1 (the winner) and goes with --carry, got {place}")
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_carry_with_nothing_recorded_is_refused_before_the_folder_is_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import frontier
+
+    out = tmp_path / "new"
+    monkeypatch.setattr(sys, "argv", ["frontier", "--systems", "plain", "--budgets", "15", "--carry", "5",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        frontier.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: no finite run at 5 minutes in place 1 to carry for plain: run --budgets 5 --tune first")
+    assert not out.exists()
