@@ -172,7 +172,10 @@ def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -
 
 
 def task_key(system: str, minutes: float, spec: Spec | str) -> tuple[str, float, str]:
-    """What names a run in ``frontier.json`` (``--resume`` skips a task whose key is there)."""
+    """What names a run in ``frontier.json`` (``--resume`` skips a task whose key is there). A run without
+    ``--tune`` (spec None) ran the budget's pick, so it is named as that candidate: a later ``--tune`` keeps it."""
+    if spec is None or spec == "None":
+        spec = sized(candidates_of(system), minutes)[0]
     return system, float(minutes), spec if isinstance(spec, str) else repr(spec)
 
 

@@ -97,6 +97,16 @@ def test_resume_names_a_run_as_frontier_json_does() -> None:
     assert len({task_key(*t) for t in tasks}) == len(tasks) == 3 * len(SYSTEMS)
 
 
+def test_a_pick_run_without_tune_counts_as_that_candidate_when_tuning_later() -> None:
+    """A run without --tune records spec None: it ran the budget's first candidate, so --tune --resume skips that
+    candidate and runs only the other two of each system."""
+    picks = [{"system": s, "minutes": 15.0, "spec": "None"} for s in SYSTEMS]
+    have = {task_key(r["system"], r["minutes"], r["spec"]) for r in picks}
+    left = [t for t in tasks_for(list(SYSTEMS), [15], tune=True) if task_key(*t) not in have]
+    assert len(left) == 2 * len(SYSTEMS)
+    assert all(spec != sized(candidates_of(system), 15)[0] for system, _, spec in left)
+
+
 def run_plain(monkeypatch: pytest.MonkeyPatch, corpus_file: Path, out: Path, *args: str) -> dict[str, Any]:
     """``python -m benchmarks.frontier --systems plain`` on ``corpus_file`` into ``out``: its frontier.json."""
     from benchmarks import frontier
