@@ -229,6 +229,11 @@ def bpc_text(row: dict[str, Any]) -> str:
     return f"{row['val_bpc']:.4f}" if math.isfinite(bpc(row)) else "diverged"
 
 
+def steps_text(row: dict[str, Any]) -> str:
+    """A run's steps; none for a diverged run (its row says where it stopped)."""
+    return "" if row.get("steps") is None else str(row["steps"])
+
+
 def best_per_system(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the best run of each system and budget, the other runs)."""
     best: dict[tuple[str, float], dict[str, Any]] = {}
@@ -368,7 +373,7 @@ def main() -> None:
         here = [r for r in rows if r["minutes"] == minutes]
         best = min(here, key=bpc)["system"] if here else None
         for r in here:
-            table.add_row(f"{minutes:g}", r["system"], r["size"], str(r["steps"]), bpc_text(r),
+            table.add_row(f"{minutes:g}", r["system"], r["size"], steps_text(r), bpc_text(r),
                           "★" if r["system"] == best else "")
     Console().print(table)
     if tried:
@@ -376,7 +381,7 @@ def main() -> None:
         for col in ("minutes", "system", "size", "steps", "val bpc"):
             others.add_column(col)
         for r in tried:
-            others.add_row(f"{r['minutes']:g}", r["system"], r["size"], str(r["steps"]), bpc_text(r))
+            others.add_row(f"{r['minutes']:g}", r["system"], r["size"], steps_text(r), bpc_text(r))
         Console().print(others)
     if not plot(rows, out / "frontier.png"):
         Console().print("matplotlib is not installed: no frontier.png (pip install \"charlm[plot]\")")

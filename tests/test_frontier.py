@@ -74,7 +74,7 @@ def test_a_plain_candidate_trains_at_its_own_size_and_rate(corpus_file: Path) ->
 def test_a_diverged_candidate_is_a_row_that_any_finite_one_beats(corpus_file: Path) -> None:
     """A learning rate of 1e6 makes charlm's gradients non-finite within a few steps: the run stops (charlm's
     ``train.on_nan=stop``), and the frontier records it instead of ending."""
-    from benchmarks.frontier import _run_task, bpc, bpc_text
+    from benchmarks.frontier import _run_task, bpc, bpc_text, steps_text
 
     base = [f"data.path={json.dumps(str(corpus_file))}", "train.threads=1"]
     spec = ["model.hidden_size=16", "model.embedding_size=16", "optim.lr=1e6", "optim.clip=0", *NO_DROPOUT, ONCE]
@@ -82,6 +82,7 @@ def test_a_diverged_candidate_is_a_row_that_any_finite_one_beats(corpus_file: Pa
     assert row is not None and row["val_bpc"] is None and row["steps"] is None
     assert row["diverged"].startswith("training stopped: the ") and "became non-finite at step" in row["diverged"]
     assert row["size"] == "mingru 2x16, lr 1e+06, no dropout" and bpc(row) == math.inf and bpc_text(row) == "diverged"
+    assert steps_text(row) == "" and steps_text({"steps": 12}) == "12"  # the tables print no "None"
     finite = {"system": "mingru", "minutes": 0.05, "val_bpc": 4.1}
     rows, others = best_per_system([row, finite])
     assert rows == [finite] and others == [row]
