@@ -164,6 +164,7 @@ def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -
     result, not a failure of the whole frontier: its row says ``diverged`` with charlm's message, and its val bpc
     is None (:func:`bpc`: infinite), so any finite candidate of the system beats it."""
     system, minutes, spec = task
+    spec = sized(candidates_of(system), minutes)[0] if spec is None else spec  # recorded as the candidate it is
     if data is None:
         cfg = load_config("default", base)
         data = CharDataModule(cfg.data, seed=cfg.train.seed)
@@ -172,8 +173,9 @@ def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -
 
 
 def task_key(system: str, minutes: float, spec: Spec | str) -> tuple[str, float, str]:
-    """What names a run in ``frontier.json`` (``--resume`` skips a task whose key is there). A run without
-    ``--tune`` (spec None) ran the budget's pick, so it is named as that candidate: a later ``--tune`` keeps it."""
+    """What names a run in ``frontier.json`` (``--resume`` skips a task whose key is there). A task without
+    ``--tune`` (spec None) runs the budget's pick, so it is named as that candidate, as is a row that an earlier
+    version recorded with spec ``None``: a later ``--tune`` keeps it."""
     if spec is None or spec == "None":
         spec = sized(candidates_of(system), minutes)[0]
     return system, float(minutes), spec if isinstance(spec, str) else repr(spec)

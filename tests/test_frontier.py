@@ -99,8 +99,8 @@ def test_resume_names_a_run_as_frontier_json_does() -> None:
 
 
 def test_a_pick_run_without_tune_counts_as_that_candidate_when_tuning_later() -> None:
-    """A run without --tune records spec None: it ran the budget's first candidate, so --tune --resume skips that
-    candidate and runs only the other two of each system."""
+    """A row an earlier version recorded without --tune has spec None: it ran the budget's first candidate, so
+    --tune --resume skips that candidate and runs only the other two of each system."""
     picks = [{"system": s, "minutes": 15.0, "spec": "None"} for s in SYSTEMS]
     have = {task_key(r["system"], r["minutes"], r["spec"]) for r in picks}
     left = [t for t in tasks_for(list(SYSTEMS), [15], tune=True) if task_key(*t) not in have]
@@ -127,6 +127,8 @@ def test_resume_runs_only_what_frontier_json_lacks_and_keeps_the_rest(
         return sorted((r["system"], r["minutes"]) for r in document["rows"] + document["other_candidates"])
 
     assert run("--budgets", "0.002") == [("plain", 0.002)]
+    recorded = json.loads((tmp_path / "frontier.json").read_text())["rows"]
+    assert [r["spec"] for r in recorded] == [repr(PlainConfig())]  # the pick, by name: --tune would keep it
     calls: list[object] = []
     real = frontier._run_task
     monkeypatch.setattr(frontier, "_run_task", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
