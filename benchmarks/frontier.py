@@ -164,7 +164,7 @@ def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -
     result, not a failure of the whole frontier: its row says ``diverged`` with charlm's message, and its val bpc
     is None (:func:`bpc`: infinite), so any finite candidate of the system beats it."""
     system, minutes, spec = task
-    spec = sized(candidates_of(system), minutes)[0] if spec is None else spec  # recorded as the candidate it is
+    spec = candidate(system, minutes, spec)  # recorded as the candidate it is
     if data is None:
         cfg = load_config("default", base)
         data = CharDataModule(cfg.data, seed=cfg.train.seed)
@@ -172,12 +172,16 @@ def _run_task(task: Task, base: list[str], data: CharDataModule | None = None) -
     return None if result is None else {"system": system, "minutes": minutes, "spec": repr(spec), **result}
 
 
+def candidate(system: str, minutes: float, spec: Spec | str) -> Spec | str:
+    """``spec``, or for None the budget's pick (its table's first candidate), which is what a task without it runs."""
+    return sized(candidates_of(system), minutes)[0] if spec is None else spec
+
+
 def task_key(system: str, minutes: float, spec: Spec | str) -> tuple[str, float, str]:
     """What names a run in ``frontier.json`` (``--resume`` skips a task whose key is there). A task without
     ``--tune`` (spec None) runs the budget's pick, so it is named as that candidate, as is a row that an earlier
     version recorded with spec ``None``: a later ``--tune`` keeps it."""
-    if spec is None or spec == "None":
-        spec = sized(candidates_of(system), minutes)[0]
+    spec = candidate(system, minutes, None if spec == "None" else spec)
     return system, float(minutes), spec if isinstance(spec, str) else repr(spec)
 
 
