@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from charlm.config import Config, load_config
-from charlm.training.callbacks import format_minutes
 from charlm.training.fit import describe_budget, train
+from charlm.training.progress import format_minutes
 
 TIME_LINE = re.compile(r"^time: ([\d,]+) steps to go at ([\d.]+) s a step \(([\d,]+) chars/s\): about (.+) here, "
                        r"done near \d\d:\d\d \(validations not counted\)(.*)$", re.MULTILINE)

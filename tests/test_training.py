@@ -16,9 +16,9 @@ from charlm.data.vocab import Vocab
 from charlm.evaluation.metrics import LN2
 from charlm.evaluation.scoring import evaluate_ids
 from charlm.model.char_lm import CharLM
-from charlm.training.callbacks import ProgressBar
 from charlm.training.fit import train
 from charlm.training.lightning_module import CharLMModule
+from charlm.training.progress import ProgressBar
 
 
 def _module(**model: object) -> CharLMModule:
@@ -176,7 +176,7 @@ def test_the_time_column_says_elapsed_and_left_at_the_recent_rate() -> None:
     """Rich's estimate from the steps of its recent window: 10 steps in 20 s, 90 to go -> about 3:00 left."""
     from rich.progress import Progress
 
-    from charlm.training.callbacks import TimeLeftColumn
+    from charlm.training.progress import TimeLeftColumn
 
     now = [1000.0]
     progress = Progress(get_time=lambda: now[0])

@@ -24,18 +24,12 @@ from charlm.evaluation.scoring import evaluate_ids
 from charlm.model.char_lm import count_parameters
 from charlm.model.checkpoint import safe_load
 from charlm.model.fast_step import build_before_training as build_step_before_training
-from charlm.training.callbacks import (
-    LastCheckpoint,
-    PrintSample,
-    ProgressBar,
-    StopOnInterrupt,
-    TimeEstimate,
-    TrackBestPath,
-)
+from charlm.training.callbacks import LastCheckpoint, PrintSample, StopOnInterrupt, TrackBestPath
 from charlm.training.checkpoint_io import AtomicCheckpointIO
 from charlm.training.finetune import load_starting_point
 from charlm.training.lightning_module import CharLMModule
 from charlm.training.loggers import build_loggers, check_loggers
+from charlm.training.progress import ProgressBar, TimeEstimate
 from charlm.training.runs import hold_run_folder, new_run_dir
 from charlm.util.atomic import atomic_write_text
 from charlm.util.errors import CharlmError
