@@ -7,6 +7,8 @@
   validation to Optuna's pruner; which trials count towards ``--trials``.
 - :mod:`charlm.tools.tune.study`: the storage (SQLite in the study folder, or any Optuna storage URL that every
   machine joins), the worker processes, the trial count and what resuming after a kill does.
+- :mod:`charlm.tools.tune.signals`: Ctrl-C and SIGTERM in a worker: raised between trials, held while a trial is
+  created, and a worker that ends with its parent.
 - :mod:`charlm.tools.tune.results`: the table, ``best.yaml`` (a config for ``charlm train --config``) and the
   parameter-importance plot.
 """

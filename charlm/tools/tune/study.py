@@ -17,16 +17,14 @@ process gone, and on other machines by Optuna's heartbeat (:data:`GRACE_S` secon
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import signal
 import socket
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -46,6 +44,7 @@ from charlm.tools.tune.objective import (
     counts,
 )
 from charlm.tools.tune.results import print_trial_end
+from charlm.tools.tune.signals import HeldSignals, die_with_parent, signals_raise, threading_main
 from charlm.tools.tune.space import SearchSpace, with_values
 from charlm.util.errors import CharlmError, TrainingInterrupted
 from charlm.util.threads import max_threads
@@ -189,56 +188,13 @@ def prepare_study(settings: TuneSettings) -> optuna.Study:
     return study
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[list[int]]:
-    """Between trials, SIGINT and SIGTERM raise (during training ``StopOnInterrupt`` has them instead)."""
-
-    received: list[int] = []
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        raise KeyboardInterrupt(f"interrupted by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}")
-
-    if not threading_main():
-        yield received
-        return
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-class _HeldSignals:
-    """SIGINT and SIGTERM blocked (POSIX, main thread) from creation until ``release()``: one that
-    arrives meanwhile is delivered then. Optuna creates a trial before it calls the objective, and a signal
-    raised in between would leave that trial RUNNING for good; held, it lands inside the objective."""
-
-    SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-
-    def __init__(self) -> None:
-        self.blocked = hasattr(signal, "pthread_sigmask") and threading_main()
-        if self.blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
-
-    def release(self) -> None:
-        if self.blocked:
-            self.blocked = False
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-
-
-def threading_main() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 def run_worker(settings: TuneSettings) -> None:
     """Run trials until the study has ``settings.trials`` that count; a signal raises :class:`TuneInterrupted`."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     storage = open_storage(settings.storage)
     study = optuna.load_study(study_name=settings.study, storage=storage, pruner=make_pruner(settings.pruner))
     lock = FileLock(settings.study_dir / LOCK_FILE)
-    with _signals_raise() as received:
+    with signals_raise() as received:
         try:
             while _next_trial(settings, study, storage, lock):
                 pass
@@ -253,7 +209,7 @@ def _next_trial(settings: TuneSettings, study: optuna.Study, storage: optuna.sto
                 lock: FileLock) -> bool:
     """Run the study's next trial here, unless it has all its trials (then ``False``)."""
     lock.acquire()
-    held = _HeldSignals()  # until the trial is ours (see started): a signal then fails it
+    held = HeldSignals()  # until the trial is ours (see started): a signal then fails it
     try:
         fail_orphans(study, storage, unowned=settings.storage == default_storage(settings.study_dir))
         if _counted(study) >= settings.trials:
@@ -278,18 +234,10 @@ def _stopped_message(settings: TuneSettings, code: int) -> str:
             f"run the same command to continue study '{settings.study}'")
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this worker when its parent dies, even by SIGKILL (prctl PR_SET_PDEATHSIG). The parent
-    is the command, or the fork server, which itself ends when the command does."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
 def _worker_process(settings: TuneSettings) -> None:
     """A worker process: its exit code tells the command how it ended (the command prints the one line)."""
     os.setpgrp()  # Ctrl-C reaches the command alone, which stops the workers with one SIGTERM each
-    _die_with_parent()
+    die_with_parent()
     try:
         run_worker(settings)
     except TuneInterrupted as exc:
