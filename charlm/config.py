@@ -22,6 +22,7 @@ import yaml
 from charlm.cells.registry import cell_registry_names
 from charlm.util.atomic import path_kind
 from charlm.util.errors import CharlmError
+from charlm.util.yaml_text import joined_surrogates, read_yaml
 
 
 def config_dir() -> Path:
@@ -199,18 +200,6 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise CharlmError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
-def joined_surrogates(text: str) -> str:
-    """``text`` with each UTF-16 surrogate pair as the one character it stands for: JSON writes a character
-    outside the Basic Multilingual Plane (an emoji) as two ``\\u`` escapes, which YAML reads as two lone
-    surrogates, a string no file system or encoder accepts. A lone surrogate is left as it is."""
-    if not any("\ud800" <= ch <= "\udfff" for ch in text):
-        return text
-    try:
-        return text.encode("utf-16", "surrogatepass").decode("utf-16")
-    except UnicodeDecodeError:
-        return text
-
-
 def _section(name: str) -> type:
     if name not in _SECTION_CLASSES:
         raise CharlmError(f"unknown config section '{name}'; sections: {', '.join(_SECTION_CLASSES)}")
@@ -276,29 +265,6 @@ def resolve_config_path(name_or_path: str) -> Path:
     if kind is not None:  # a folder, /dev/null, a pipe: say what it is
         raise CharlmError(f"config {path} is {kind}, not a YAML file; give a YAML file or one of: {known}")
     raise CharlmError(f"config '{name_or_path}' not found; give a YAML file or one of: {known}")
-
-
-def read_yaml(text: str, source: str) -> Any:
-    """YAML text as Python values; a mapping that gives a key twice is one error naming the key and its lines
-    (PyYAML would keep the last silently, and a config with a key twice is a mistake)."""
-    _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), [], source)
-    return yaml.safe_load(text)
-
-
-def _refuse_duplicate_keys(node: yaml.Node | None, where: list[str], source: str) -> None:
-    if isinstance(node, yaml.MappingNode):
-        lines: dict[str, int] = {}
-        for key, value in node.value:
-            name = str(key.value)
-            if name in lines:
-                dotted = ".".join([*where, name])
-                raise CharlmError(f"{source} gives '{dotted}' twice (lines {lines[name]} and "
-                                  f"{key.start_mark.line + 1}); a key given twice is a mistake: keep one")
-            lines[name] = key.start_mark.line + 1
-            _refuse_duplicate_keys(value, [*where, name], source)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            _refuse_duplicate_keys(item, where, source)
 
 
 def load_config(name_or_path: str | None = "default", overrides: list[str] | None = None) -> Config:

@@ -23,15 +23,14 @@ from charlm.config import (
     config_dir,
     dump_yaml,
     from_dict,
-    joined_surrogates,
     key_type,
     load_config,
     logger_names,
     parse_override,
-    read_yaml,
     resolve_config_path,
 )
 from charlm.util.errors import CharlmError
+from charlm.util.yaml_text import joined_surrogates, read_yaml
 
 KNOWN = "awd-lstm, default, smoke"  # the named configs in configs/
 MODEL_KEYS = ("cell, embedding_size, hidden_size, num_layers, tie_weights, dropout, dropouth, dropouti, dropoute, "

@@ -27,8 +27,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from charlm.config import Config, apply, key_type, read_yaml, validate
+from charlm.config import Config, apply, key_type, validate
 from charlm.util.errors import CharlmError
+from charlm.util.yaml_text import read_yaml
 
 Kind = Literal["uniform", "loguniform", "int", "intlog", "choice"]
 FORMS = "uniform(low, high), loguniform(low, high), int(low, high), intlog(low, high) or a list of choices [a, b]"
