@@ -120,7 +120,6 @@ def print_above_bar(trainer: L.Trainer, message: str) -> None:
         print(message, flush=True)
 
 
-
 class TimeEstimate(Callback):
     """Once the first steps of a step-limited run are timed, print how long the rest will take here.
 
