@@ -7,7 +7,6 @@ from __future__ import annotations
 import shlex
 import signal
 import sys
-import threading
 from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ from charlm.generation.continuation import generate
 from charlm.training.loggers import log_text
 from charlm.training.progress import print_above_bar
 from charlm.util.errors import TrainingInterrupted
+from charlm.util.threads import on_main_thread
 
 
 class LastCheckpoint(Checkpoint):
@@ -142,7 +142,7 @@ class StopOnInterrupt(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._speaks = trainer.is_global_zero
         self.requested = self._stopping = None
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+        if stage == "fit" and on_main_thread():
             # the handlers in place before Lightning's, put back when training ends
             self._previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
 

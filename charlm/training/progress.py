@@ -68,9 +68,9 @@ class ProgressBar(RichProgressBar):
 
     def configure_columns(self, trainer: L.Trainer) -> list[Any]:
         """Lightning's columns, its unlabelled "elapsed • remaining" replaced by :class:`TimeLeftColumn`."""
-        time_column = type(super().configure_columns(trainer)[3])
-        return [TimeLeftColumn(self.theme.time) if isinstance(c, time_column) else c
-                for c in super().configure_columns(trainer)]
+        columns = super().configure_columns(trainer)
+        time_column = type(columns[3])
+        return [TimeLeftColumn(self.theme.time) if isinstance(c, time_column) else c for c in columns]
 
     def _get_train_description(self, current_epoch: int) -> str:
         max_epochs = self.trainer.max_epochs
@@ -83,6 +83,7 @@ class ProgressBar(RichProgressBar):
             super().on_train_epoch_start(trainer, pl_module)
         elif not self.is_disabled:
             self._budget_task(trainer, budget)
+            self.refresh()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -97,7 +98,8 @@ class ProgressBar(RichProgressBar):
             self.refresh()
 
     def _budget_task(self, trainer: L.Trainer, budget: int) -> None:
-        """The one training task of the run (made once, at the step the run starts from), its epoch named."""
+        """The one training task of the run (made once, at the step the run starts from), its epoch named; the caller
+        refreshes the bar."""
         if self.progress is None:
             return
         if self.train_progress_bar_id is None:
@@ -108,7 +110,6 @@ class ProgressBar(RichProgressBar):
             self._shown_epoch = trainer.current_epoch
             self.progress.update(self.train_progress_bar_id,
                                  description=self._get_train_description(trainer.current_epoch))
-        self.refresh()
 
 
 def print_above_bar(trainer: L.Trainer, message: str) -> None:

@@ -1,9 +1,10 @@
 """CPU threads and CPU arithmetic settings: how many threads a run may ask for, how many generation takes,
-and the flush of denormal floats."""
+the flush of denormal floats, and whether this is the main thread."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -13,6 +14,11 @@ from charlm.util.errors import CharlmError
 # them, which pays at 2 on an idle machine; on a busy one a thread that waits for a core at every step's
 # barrier costs more than the split saves (benchmarks/results/sampling.txt). More than 2: not measured.
 MAX_SAMPLING_THREADS = 2
+
+
+def on_main_thread() -> bool:
+    """Whether this is the main thread, the only one that may set signal handlers."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def max_threads() -> int:

@@ -7,9 +7,10 @@ import contextlib
 import ctypes
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from types import FrameType
+
+from charlm.util.threads import on_main_thread
 
 
 @contextlib.contextmanager
@@ -22,7 +23,7 @@ def signals_raise() -> Iterator[list[int]]:
         received.append(signum)
         raise KeyboardInterrupt(f"interrupted by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'}")
 
-    if not threading_main():
+    if not on_main_thread():
         yield received
         return
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -41,7 +42,7 @@ class HeldSignals:
     SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
     def __init__(self) -> None:
-        self.blocked = hasattr(signal, "pthread_sigmask") and threading_main()
+        self.blocked = hasattr(signal, "pthread_sigmask") and on_main_thread()
         if self.blocked:
             signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
 
@@ -49,11 +50,6 @@ class HeldSignals:
         if self.blocked:
             self.blocked = False
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-
-
-def threading_main() -> bool:
-    """Whether this is the main thread (the only one that may set signal handlers)."""
-    return threading.current_thread() is threading.main_thread()
 
 
 def die_with_parent() -> None:

@@ -44,10 +44,10 @@ from charlm.tools.tune.objective import (
     counts,
 )
 from charlm.tools.tune.results import print_trial_end
-from charlm.tools.tune.signals import HeldSignals, die_with_parent, signals_raise, threading_main
+from charlm.tools.tune.signals import HeldSignals, die_with_parent, signals_raise
 from charlm.tools.tune.space import SearchSpace, with_values
 from charlm.util.errors import CharlmError, TrainingInterrupted
-from charlm.util.threads import max_threads
+from charlm.util.threads import max_threads, on_main_thread
 
 HEARTBEAT_S, GRACE_S = 30, 120  # a RUNNING trial without a heartbeat for GRACE_S seconds is stale
 POLL_S = 1.0  # how often the report looks again at trials still running elsewhere
@@ -312,7 +312,7 @@ def _run_processes(settings: TuneSettings) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if threading_main() else {}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if on_main_thread() else {}
     try:
         for p in procs:
             if not received:
