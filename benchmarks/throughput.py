@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--sample-length", type=int, default=2000)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
+    fast_step.available()  # build (or load) the op before anything is timed, as benchmarks/sampling.py does
     cfg = load_config(args.config, args.overrides)
     data = CharDataModule(cfg.data, seed=cfg.train.seed)
 
