@@ -31,10 +31,12 @@ normalised LSTMs' Python kernel instead of their C++ one (path ``c++``, :mod:`ch
 ``CELL[key=value,...]`` sets the cell's own config keys (``model.CELL_key``): ``mogrifier[rank=32]``,
 ``mogrifier[rounds=0]`` (``mogrifier`` alone: the config's defaults).
 ``nn.LSTM`` is the reference; ``CELL[autograd]`` runs any cell with a kernel through the engine's
-autograd loop instead. The shape is the default config's (``configs/default.yaml``: 2 x 384, batch 32, bptt
-128) unless ``--hidden`` / ``--layers`` / ``--batch`` / ``--bptt`` say otherwise. The header names the CPU,
-its features and torch's capability. Paths: ``torch`` (a torch RNN kernel: nn.LSTM's ATen op), ``kernel`` (a
-hand-written forward/backward-through-time kernel), ``c++``, ``scan``, ``compiled``, ``autograd``, ``naive``.
+autograd loop instead. ``gru`` trains through its hand-written kernel on a CPU (``CellSpec.kernel_first_on_cpu``);
+``gru[aten]`` runs nn.GRU's ATen op instead. The shape is the default config's (``configs/default.yaml``:
+2 x 384, batch 32, bptt 128) unless ``--hidden`` / ``--layers`` / ``--batch`` / ``--bptt`` say otherwise. The
+header names the CPU, its features and torch's capability. Paths: ``torch`` (a torch RNN kernel: nn.LSTM's
+ATen op), ``kernel`` (a hand-written forward/backward-through-time kernel), ``c++``, ``scan``, ``compiled``,
+``autograd``, ``naive``.
 """
 
 from __future__ import annotations
@@ -126,14 +128,17 @@ def build(row: str, args: argparse.Namespace, hidden: int | None = None) -> tupl
     options = {f"{cell}_{k}": int(v) for k, _, v in pairs}
     if options:
         variant = ""
-    stack = Stack(cell, h, layers, torch_rnn=not variant, compile=variant == "compile]", cell_options=options)
+    stack = Stack(cell, h, layers, torch_rnn=variant in ("", "aten]"), compile=variant == "compile]",
+                  cell_options=options)
     for layer in stack.layers:
         layer.cell.kernel_on = variant not in ("autograd]", "compile]")
+        layer.kernel_first_on_cpu &= variant != "aten]"
     first = stack.layers[0]
-    kernel = first.cell.uses_kernel(torch.empty(0, device="cpu"))  # float32 outside autocast, as the rows run
+    rows = torch.empty(args.batch, 1, h, device="cpu")  # float32 outside autocast, as the rows run
+    kernel = not first.runs_torch_rnn(rows) and first.cell.uses_kernel(rows)
     compiled = first.cell.step_compiled
     scan = hasattr(first.cell, "scan_terms")  # the min cells' parallel scan (charlm.cells.min_rnn)
-    path = "torch" if first.torch_rnn else "kernel" if kernel else "scan" if scan else (
+    path = "torch" if first.runs_torch_rnn(rows) else "kernel" if kernel else "scan" if scan else (
         "compiled" if compiled else "autograd")
     if kernel and cell in NORM_CELLS and variant != "python]" and norm_lstm_cpp.available():
         path = "c++"

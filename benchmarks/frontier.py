@@ -112,7 +112,8 @@ def run_charlm(minutes: float, data: CharDataModule, extra: list[str], size: lis
                ) -> dict[str, Any]:
     size = sized(CHARLM_SIZES, minutes)[0] if size is None else size
     overrides = [*size, *extra, f"train.max_time={minutes * 60}", "train.max_steps=-1",
-                 "train.progress=false", "sample.enabled=false"]
+                 "train.progress=false", "sample.enabled=false",
+                 "train.precision=32-true"]  # float32, as the plain loop and the transformer
     cfg = load_config("default", overrides)
     m = cfg.model
     dropouts = ", no dropout" if m.dropout == m.dropouth == m.dropoute == m.weight_drop == 0 else ""

@@ -85,6 +85,7 @@ def run_charlm(args: argparse.Namespace, out_dir: Path, cuda: bool = True) -> di
     from charlm.model.char_lm import count_parameters
     from charlm.training.fit import build_trainer, quiet_lightning
     from charlm.training.lightning_module import CharLMModule
+    from charlm.training.precision import precision_of
 
     class TrainClock(L.Callback):
         """Chars/s of the training steps after the warm-up, validations left out (synchronised edges)."""
@@ -131,7 +132,9 @@ def run_charlm(args: argparse.Namespace, out_dir: Path, cuda: bool = True) -> di
     data = CharDataModule(cfg.data, seed=cfg.train.seed)
     module = CharLMModule(cfg.to_dict(), data.vocab.chars)
     clock = TrainClock(args.warmup_steps)
-    trainer, best = build_trainer(cfg, out_dir / "charlm", extra_callbacks=[clock])
+    run_dir = out_dir / "charlm"
+    run_dir.mkdir(parents=True)  # the run folder that charlm train would make (metrics.csv, checkpoints)
+    trainer, best = build_trainer(cfg, run_dir, extra_callbacks=[clock])
     _reset_peak(cuda)
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
@@ -141,7 +144,7 @@ def run_charlm(args: argparse.Namespace, out_dir: Path, cuda: bool = True) -> di
     final = evaluate_ids(module.model, data.splits.val, batch_size=d.eval_batch_size, bptt=d.bptt, device=module.device)
     m = cfg.model
     return {
-        "system": f"charlm {m.cell} {m.num_layers}x{m.hidden_size} ({cfg.train.precision})",
+        "system": f"charlm {m.cell} {m.num_layers}x{m.hidden_size} ({precision_of(cfg)})",
         "parameters": count_parameters(module.model), "steps": trainer.global_step, "seconds": wall,
         "chars_per_s": clock.chars / max(clock.seconds, 1e-9), "peak_memory_gib": peak,
         "val_loss": final["loss"], "val_bpc": final["bpc"],
@@ -185,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     from charlm.config import load_config
 
     console = Console()
-    precision = load_config(args.config, args.overrides).train.precision
+    from charlm.training.precision import precision_of
+
+    # what charlm's own run trains in (train.precision: auto resolved), so that the plain loop runs in it too
+    precision = precision_of(load_config(args.config, [*args.overrides,
+                                                       f"train.accelerator={'gpu' if cuda else 'cpu'}"]))
     if cuda:
         props = torch.cuda.get_device_properties(0)
         name, memory = props.name, props.total_memory / 2**30

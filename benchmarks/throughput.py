@@ -58,7 +58,8 @@ class StepTimer(L.Callback):
 def charlm_train_speed(overrides: list[str], config: str, steps: int) -> tuple[float, CharLMModule]:
     cfg = load_config(config, [*overrides, f"train.max_steps={steps}", "train.max_time=null",
                                "train.val_every_steps=0", "train.max_epochs=1", "train.progress=false",
-                               "sample.enabled=false", "train.checkpoint_every_steps=0"])
+                               "sample.enabled=false", "train.checkpoint_every_steps=0",
+                               "train.precision=32-true"])  # float32, as the plain loop it is compared with
     fast_cpu_math(cfg.train.threads)
     data = CharDataModule(cfg.data, seed=cfg.train.seed)
     module = CharLMModule(cfg.to_dict(), data.vocab.chars)

@@ -110,7 +110,7 @@ class TrainConfig:
     devices: int | str = "auto"
     strategy: str = "auto"
     num_nodes: int = 1
-    precision: str = "32-true"
+    precision: str = "auto"  # auto: bf16-mixed for the LSTM on a CPU with native bfloat16, else 32-true
     threads: int = 0  # torch CPU threads; 0 leaves torch's choice
     on_nan: Literal["stop", "skip"] = "stop"
     progress: bool = True

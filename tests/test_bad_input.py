@@ -88,9 +88,10 @@ def test_bad_config_file(tmp_path: Path, corpus_file: Path, text: str, message: 
                                  "strategy='auto', num_nodes=1, precision='64-bits'): Precision '64-bits' is invalid"),
     (["--accelerator", "tpu"], "invalid device settings (train.accelerator='tpu', devices='auto', strategy='auto', "
                                "num_nodes=1, precision='32-true'): Requirement 'torch_xla"),
-    (["--strategy", "nosuch"], "invalid device settings (train.accelerator='auto', devices='auto', "
-                               "strategy='nosuch', num_nodes=1, precision='32-true'): You selected an invalid "
-                               "strategy name: `strategy='nosuch'`"),
+    (["--strategy", "nosuch", "--precision", "32-true"], "invalid device settings (train.accelerator='auto', "
+                                                         "devices='auto', strategy='nosuch', num_nodes=1, "
+                                                         "precision='32-true'): You selected an invalid strategy "
+                                                         "name: `strategy='nosuch'`"),
     (["--set", "train.threads=100000"], f"config key 'train.threads' must be at most {os.cpu_count()}, the number "
                                         "of CPUs here (or 0: torch's choice), got 100000"),
 ], ids=["accelerator", "devices", "precision", "tpu", "strategy", "threads"])

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.cells import REFERENCE, build, matched_hidden, parameter_count, train_flops_per_char
 
-ARGS = argparse.Namespace(hidden=24, layers=2, vocab=11)
+ARGS = argparse.Namespace(hidden=24, layers=2, vocab=11, batch=4)
 
 
 def test_train_flops_count_every_matrix_but_the_embedding_three_times_two() -> None:
@@ -28,3 +28,10 @@ def test_matched_hidden_is_the_size_nearest_the_lstms_parameter_count(row: str) 
     assert abs(counts[h] - target) <= abs(counts[h - 1] - target)
     assert abs(counts[h] - target) < abs(counts[h + 1] - target)
     assert h == {"slstm": 24}.get(row, h)  # slstm has nn.LSTM's matrices: the same size
+
+
+@pytest.mark.parametrize(("row", "path"), [("lstm", "torch"), ("gru", "kernel"), ("gru[aten]", "torch"),
+                                          ("gru[autograd]", "autograd"), ("lstm[custom]", "kernel"),
+                                          ("gru-cho", "kernel"), ("mut2[autograd]", "autograd")])
+def test_the_path_column_names_what_the_layers_run(row: str, path: str) -> None:
+    assert build(row, ARGS)[1] == path

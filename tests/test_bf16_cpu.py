@@ -68,6 +68,7 @@ def test_torch_rnn_layers_without_a_low_precision_kernel_run_in_float32(
     monkeypatch.setattr(engine, "cpu_autocast_runs", lambda kind, dtype: False)
     torch.manual_seed(0)
     layer = RecurrentLayer(cell, 3, 8).eval()
+    layer.kernel_first_on_cpu = False  # the op in float32 (gru's kernel would take float32 outside autocast)
     x, state = torch.randn(4, 6, 3), layer.initial_state(4)
     want, _ = layer(x, state)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # a bfloat16 state, as a custom cell's under autocast

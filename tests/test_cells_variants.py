@@ -74,7 +74,7 @@ def test_gated_variants_follow_their_equations(cell: str, kernel: bool) -> None:
     check(layer, gated_reference(layer, x, state, GATED[cell]), x, state)
 
 
-@pytest.mark.parametrize("cell", [*GATED, "fgr", "lstm-ln", "lstm-bn"])
+@pytest.mark.parametrize("cell", [*GATED, "fgr", "lstm-ln", "lstm-bn", "gru", "gru-cho", "mut1", "mut2", "mut3"])
 def test_kernel_gradients_match_autograd(cell: str) -> None:
     """The hand-written backward through time equals autograd through the step, for every input."""
     layer = make(cell)
@@ -188,8 +188,10 @@ def test_fgr_gate_recurrence(kernel: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 # GRUs, MUTs, simple recurrences
 # ----------------------------------------------------------------------------------------------
-def test_gru_cho_resets_before_the_matmul() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "autograd"])
+def test_gru_cho_resets_before_the_matmul(kernel: bool) -> None:
     layer = make("gru-cho")
+    layer.cell.kernel_on = kernel
     x, state = rand_inputs(layer)
     Wr, Wz, Wn = blocks(layer.weight_ih_l0, 3)
     Ur, Uz, Un = blocks(layer.weight_hh_l0, 3)
@@ -211,8 +213,10 @@ def test_gru_cho_resets_before_the_matmul() -> None:
     assert (gru(x, state)[0] - layer(x, state)[0]).abs().max() > 1e-3
 
 
-def test_mut1() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "autograd"])
+def test_mut1(kernel: bool) -> None:
     layer = make("mut1")
+    layer.cell.kernel_on = kernel
     x, state = rand_inputs(layer)
     Wz, Wr, P = blocks(layer.weight_ih_l0, 3)
     bz, br, bp = blocks(layer.bias_ih_l0, 3)
@@ -230,8 +234,10 @@ def test_mut1() -> None:
     check(layer, torch.stack(outs, 1), x, state)
 
 
-def test_mut2() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "autograd"])
+def test_mut2(kernel: bool) -> None:
     layer = make("mut2")
+    layer.cell.kernel_on = kernel
     x, state = rand_inputs(layer)
     Wz, P, Wh = blocks(layer.weight_ih_l0, 3)
     Uz, Ur, Uh = blocks(layer.weight_hh_l0, 3)
@@ -247,8 +253,10 @@ def test_mut2() -> None:
     check(layer, torch.stack(outs, 1), x, state)
 
 
-def test_mut3() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "autograd"])
+def test_mut3(kernel: bool) -> None:
     layer = make("mut3")
+    layer.cell.kernel_on = kernel
     x, state = rand_inputs(layer)
     Wz, Wr, Wh = blocks(layer.weight_ih_l0, 3)
     Uz, Ur, Uh = blocks(layer.weight_hh_l0, 3)

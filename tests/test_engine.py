@@ -126,6 +126,31 @@ def test_torch_rnn_and_custom_draw_the_same_masks(cell: str) -> None:
     torch.testing.assert_close(out_a, out_b, atol=1e-12, rtol=0)
 
 
+def test_gru_trains_through_its_kernel_on_a_cpu_and_equals_the_torch_op() -> None:
+    """``gru`` (CellSpec.kernel_first_on_cpu) runs its hand-written kernel on a CPU for more than one row; one row,
+    autocast, or ``kernel_first_on_cpu`` off: the ATen op. Both give the same outputs, states and gradients."""
+    torch.manual_seed(6)
+    layer = RecurrentLayer("gru", IN, H, weight_drop=0.3).double()
+    x = torch.randn(B, T, IN, dtype=torch.float64)
+    assert layer.torch_rnn and not layer.runs_torch_rnn(x) and layer.runs_torch_rnn(x[:1])
+    assert layer.runs_torch_rnn(x.float().to(torch.bfloat16)) and RecurrentLayer("lstm", IN, H).runs_torch_rnn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.runs_torch_rnn(x.float())
+    results = []
+    for kernel_first in (True, False):
+        layer.kernel_first_on_cpu = kernel_first
+        assert layer.runs_torch_rnn(x) is not kernel_first
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        h0 = torch.randn(1, B, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        torch.manual_seed(9)  # the same weight-drop mask
+        out, (h,) = layer(xi, (h0,))
+        (out.sin().sum() + 2.0 * h.cos().sum()).backward()
+        results.append([out, h, xi.grad, h0.grad, *(p.grad for p in layer.parameters())])
+    for ours, op in zip(*results, strict=True):
+        torch.testing.assert_close(ours, op, atol=1e-12, rtol=0)
+
+
 def test_state_dict_round_trip_and_to() -> None:
     torch.manual_seed(5)
     layer = RecurrentLayer("lstm", IN, H, weight_drop=0.5)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from charlm import __version__
 from charlm.cli import app
 from charlm.native.cache import cache_root
-from charlm.tools.env import driver_gpus, native, parse_cpuinfo, torch_facts
+from charlm.tools.env import driver_gpus, native, torch_facts
+from charlm.util.cpu_features import parse_cpuinfo
 
 runner = CliRunner()
 

@@ -76,8 +76,8 @@ def test_projection_matches_f_linear_in_value_and_gradient() -> None:
 
 @needs_onednn
 @pytest.mark.usefixtures("onednn_always")
-@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "noaf", "fgr", "lstm-ln", "lstm-bn", "gru-cho",
-                                  "mogrifier"])
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "cifg", "noaf", "fgr", "lstm-ln", "lstm-bn", "gru", "gru-cho",
+                                  "mut1", "mut3", "mogrifier"])
 def test_cells_agree_with_and_without_onednn(cell: str) -> None:
     """Outputs, final state and every gradient, float32, with oneDNN on and off (MKL's addmm)."""
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ live on :class:`charlm.model.recurrent_layer.RecurrentLayer` under nn.LSTM-style
 ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``), so weights move freely between a custom cell and
 the nn.LSTM / nn.GRU / nn.RNN module of the same cell.
 
-Cells with a hand-written forward/backward-through-time kernel (the LSTM family) say so through
+Cells with a hand-written forward/backward-through-time kernel (the LSTM family, the GRUs and MUTs) say so through
 :meth:`Cell.has_kernel_for`; this module knows no kernel. The input projection goes through
 :func:`charlm.cells.onednn_matmul.linear`, the matrix-product layer under every cell and kernel.
 

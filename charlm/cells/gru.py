@@ -10,7 +10,12 @@ import torch
 from torch import Tensor
 
 from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
+from charlm.cells.lstm_kernel import kernel_runs_on
 from charlm.cells.onednn_matmul import linear
+from charlm.cells.reset_gate_kernel import GateProduct, GRUKernel, ResetGateKernel, ResetGateSpec
+
+# Cho's form in the reset-gate kernel: r and z both see h through one product (blocks r, z, n)
+CHO_KERNEL = ResetGateSpec(z_block=1, r_block=0, products=(GateProduct((0, 2), 0),), cand_row=2, z_keeps_h=True)
 
 
 class GRUCell(Cell):
@@ -58,3 +63,16 @@ class GRUCell(Cell):
             r, z = rz[:, :hs], rz[:, hs:]
             n = torch.tanh(xw[:, 2 * hs :] + r * (hw[:, 2 * hs :] + q["bias_hh"][2 * hs :]))
         return (n + z * (h - n),), {"r": r, "z": z, "n": n}
+
+    def has_kernel_for(self, x: Tensor) -> bool:
+        return kernel_runs_on(x)
+
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        """The whole sequence in a hand-written kernel where it runs; else the autograd loop."""
+        if not self.uses_kernel(xw):
+            return super().sequence(xw, state, q)
+        if self.reset_inside:
+            hs, h = ResetGateKernel.apply(xw, state[0], q["weight_hh"], CHO_KERNEL)
+        else:
+            hs, h = GRUKernel.apply(xw, state[0], q["weight_hh"], q["bias_hh"][2 * self.hidden_size :])
+        return hs, (h,)

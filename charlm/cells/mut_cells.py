@@ -8,6 +8,10 @@ when dim x = dim h. Here x is first projected to H: x~ = P x + b_p, with P a lea
 Layout: ``weight_ih`` [3H, in], ``bias_ih`` [3H]; ``weight_hh`` [2H or 3H, H], ``bias_hh`` alike; the
 block order is given per cell. Biases that the equations add outside a nonlinearity are folded into
 the input projection once per call.
+
+All three train through the hand-written kernel of :mod:`charlm.cells.reset_gate_kernel` where it runs
+(float32 or float64 outside autocast, the step not compiled); each cell's ``KERNEL`` says where its pieces
+sit. Elsewhere the autograd loop runs :meth:`step_gates`.
 """
 
 from __future__ import annotations
@@ -16,10 +20,29 @@ import torch
 from torch import Tensor
 
 from charlm.cells.base import Cell, CellState, Gates, Params, standard_shapes
+from charlm.cells.lstm_kernel import kernel_runs_on
 from charlm.cells.onednn_matmul import linear
+from charlm.cells.reset_gate_kernel import GateProduct, ResetGateKernel, ResetGateSpec
 
 
-class MUT1Cell(Cell):
+class _MUTCell(Cell):
+    """What MUT1-3 share: gates z, r, n (in that order in the projection), and the reset-gate kernel."""
+
+    gate_names = ("z", "r", "n")
+    KERNEL: ResetGateSpec
+
+    def has_kernel_for(self, x: Tensor) -> bool:
+        return kernel_runs_on(x)
+
+    def sequence(self, xw: Tensor, state: CellState, q: Params) -> tuple[Tensor, CellState]:
+        """The whole sequence in the reset-gate kernel where it runs; else the autograd loop."""
+        if not self.uses_kernel(xw):
+            return super().sequence(xw, state, q)
+        hs, h = ResetGateKernel.apply(xw, state[0], q["weight_hh"], self.KERNEL)
+        return hs, (h,)
+
+
+class MUT1Cell(_MUTCell):
     """MUT1 (Jozefowicz et al. 2015):
 
         z = s(W_z x + b_z),  r = s(W_r x + U_r h + b_r)
@@ -28,7 +51,7 @@ class MUT1Cell(Cell):
     ``weight_ih`` blocks (z, r, P); ``weight_hh`` blocks (U_r, U_h); ``bias_hh`` blocks (r, h).
     """
 
-    gate_names = ("z", "r", "n")
+    KERNEL = ResetGateSpec(z_block=0, r_block=1, products=(GateProduct((0, 1), 1),), cand_row=1, z_keeps_h=False)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return standard_shapes(3, 2, self.input_size, self.hidden_size)
@@ -50,10 +73,8 @@ class MUT1Cell(Cell):
         return (h + z * (n - h),), {"z": z, "r": r, "n": n}
 
 
-class _ThreeByThreeCell(Cell):
+class _ThreeByThreeCell(_MUTCell):
     """MUT2 and MUT3: one state, three input blocks and three recurrent blocks."""
-
-    gate_names = ("z", "r", "n")
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return standard_shapes(3, 3, self.input_size, self.hidden_size)
@@ -67,6 +88,8 @@ class MUT2Cell(_ThreeByThreeCell):
 
     ``weight_ih`` blocks (z, P, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
     """
+
+    KERNEL = ResetGateSpec(z_block=0, r_block=1, products=(GateProduct((0, 2), 0),), cand_row=2, z_keeps_h=False)
 
     def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h = state[0]
@@ -87,6 +110,11 @@ class MUT3Cell(_ThreeByThreeCell):
     ``weight_ih`` blocks (W_z, W_r, W_h); ``weight_hh`` blocks (U_z, U_r, U_h); ``bias_hh`` likewise.
     (MUT3 never uses the bare input, so it needs no projection.)
     """
+
+    KERNEL = ResetGateSpec(
+        z_block=0, r_block=1, products=(GateProduct((0, 1), 0, tanh_h=True), GateProduct((1, 2), 1)), cand_row=2,
+        z_keeps_h=False,
+    )
 
     def step_gates(self, xw: Tensor, state: CellState, q: Params, t: int) -> tuple[CellState, Gates]:
         h = state[0]

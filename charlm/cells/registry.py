@@ -52,7 +52,9 @@ class CellSpec:
     (the ATen op behind nn.LSTM / nn.GRU / nn.RNN, by nn.RNNBase's mode: "LSTM", "GRU", "RNN_TANH",
     "RNN_RELU") that computes exactly this cell, or is None; ``forget_bias`` forces the forget-gate bias
     initialisation (lstm-b); ``options`` names the :class:`charlm.config.ModelConfig` keys of this cell alone,
-    which ``build`` takes as keyword arguments (``mogrifier_rounds``, ``mogrifier_rank``).
+    which ``build`` takes as keyword arguments (``mogrifier_rounds``, ``mogrifier_rank``). ``kernel_first_on_cpu``:
+    the cell's hand-written kernel is faster than its torch RNN op on a CPU for batches of more than one row
+    (``gru``: docs/results.md, "Cells"), so a layer runs the kernel there even with ``model.torch_rnn=true``.
     """
 
     name: str
@@ -63,13 +65,15 @@ class CellSpec:
     torch_rnn: str | None = None
     forget_bias: float | None = None
     options: tuple[str, ...] = ()
+    kernel_first_on_cpu: bool = False
 
 
 def _spec(
     name: str, summary: str, paper: str, num_states: int, build: Callable[..., Cell],
     torch_rnn: str | None = None, forget_bias: float | None = None, options: tuple[str, ...] = (),
+    kernel_first_on_cpu: bool = False,
 ) -> CellSpec:
-    return CellSpec(name, summary, paper, num_states, build, torch_rnn, forget_bias, options)
+    return CellSpec(name, summary, paper, num_states, build, torch_rnn, forget_bias, options, kernel_first_on_cpu)
 
 
 _HOCHREITER = "Hochreiter & Schmidhuber 1997; forget gate: Gers, Schmidhuber & Cummins 2000"
@@ -91,7 +95,7 @@ _SPECS = [
           torch_rnn="LSTM"),
     _spec("peephole", "LSTM with diagonal peepholes p_i*c, p_f*c, p_o*c'", _GERS, 2, _gated(peephole=True)),
     _spec("gru", "GRU as nn.GRU: n = tanh(W_n x + r*(U_n h + b_hn))", "Cho et al. 2014 (nn.GRU form)", 1,
-          _cell("gru", "GRUCell"), torch_rnn="GRU"),
+          _cell("gru", "GRUCell"), torch_rnn="GRU", kernel_first_on_cpu=True),
     _spec("gru-cho", "GRU with the reset inside the matmul: n = tanh(W_n x + U_n(r*h))",
           "Cho et al. 2014, 'Learning Phrase Representations using RNN Encoder-Decoder'", 1,
           _cell("gru", "GRUCell", reset_inside=True)),

@@ -40,7 +40,9 @@ def train(
     strategy: Annotated[str | None, typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
     num_nodes: Annotated[int | None, typer.Option(help="Number of nodes.")] = None,
     accelerator: Annotated[str | None, typer.Option(help="cpu, gpu or auto.")] = None,
-    precision: Annotated[str | None, typer.Option(help="e.g. 32-true, bf16-mixed.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto (the default: bf16-mixed for the LSTM on a CPU with native bfloat16, else 32-true), 32-true, "
+             "bf16-mixed, ...")] = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue a run: alone (or 'newest'), the newest run's last.ckpt under --out; or a checkpoint.",
         show_default=False)] = None,

@@ -165,6 +165,8 @@ class RecurrentLayer(nn.Module):
         self.cell = spec.build(input_size, hidden_size, **options)
         self.num_states: int = self.cell.num_states
         self.torch_rnn: bool = torch_rnn and spec.torch_rnn is not None
+        # a torch_rnn layer runs the cell's kernel instead on a CPU, where that is faster (CellSpec.kernel_first_on_cpu)
+        self.kernel_first_on_cpu: bool = spec.kernel_first_on_cpu
         if compile and not self.torch_rnn:
             self.cell.compile_step()
         self._buffer_names = tuple(self.cell.buffer_shapes())
@@ -256,13 +258,22 @@ class RecurrentLayer(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         self._next_t = x.shape[1]
-        if self.torch_rnn:
+        if self.runs_torch_rnn(x):
             return self._forward_torch_rnn(x, state)
         if self.training:
             self._grow_buffers(x.shape[1])
         q = self.cell.prepare(self._params())
         hs, final = self.cell.run(x.transpose(0, 1), tuple(s[0] for s in state), q)
         return hs.transpose(0, 1), tuple(s.unsqueeze(0) for s in final)
+
+    def runs_torch_rnn(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` runs the torch RNN op on ``x`` (B, T, in): where the layer has one, except on a CPU
+        for a cell whose kernel is the faster there (:attr:`kernel_first_on_cpu`), for more than one row (one row
+        is the op's) and where that kernel runs on x (float32 / float64, no autocast)."""
+        if not self.torch_rnn:
+            return False
+        kernel_first = self.kernel_first_on_cpu and x.device.type == "cpu" and x.shape[0] > 1
+        return not (kernel_first and self.cell.uses_kernel(x))
 
     def _forward_torch_rnn(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         p = self._params()

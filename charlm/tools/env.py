@@ -16,23 +16,18 @@ import importlib.metadata
 import os
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from charlm import __version__
 from charlm.native.cache import built_libraries, cache_root
+from charlm.util.cpu_features import cpu_flags
 
 # the distributions of charlm's dependencies, then of its optional extras (None: not installed)
 REQUIRED = ("torch", "lightning", "torchmetrics", "typer", "rich", "PyYAML", "ninja", "filelock")
 OPTIONAL = ("tensorboard", "matplotlib", "scipy", "onnx", "onnxruntime", "optuna", "fastapi", "uvicorn",
             "safetensors")
-# /proc/cpuinfo flag names -> the name reported; AMX is reported when any of its parts is there
-CPU_FLAGS = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512_bf16": "avx512_bf16"}
-AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
-# macOS (Intel): sysctl machdep.cpu.{features,leaf7_features} words -> the name reported
-MAC_FLAGS = {"AVX2": "avx2", "FMA": "fma", "AVX512F": "avx512f", "AVX512BF16": "avx512_bf16", "AMX-TILE": "amx"}
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
@@ -43,42 +38,10 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def _sysctl(*names: str) -> str | None:
-    try:
-        done = subprocess.run(["sysctl", "-n", *names], capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout if done.returncode == 0 else None
-
-
-def parse_cpuinfo(text: str) -> tuple[str | None, dict[str, bool]]:
-    """(model name, {avx2, fma, avx512f, avx512_bf16, amx: present}) from the text of ``/proc/cpuinfo`` (x86;
-    other CPUs have other flags, and every one of these reads False)."""
-    model, flags = None, set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = set(value.split())
-    found = {name: flag in flags for flag, name in CPU_FLAGS.items()}
-    found["amx"] = any(flag in flags for flag in AMX_FLAGS)
-    return model, found
-
-
 def cpu() -> dict[str, Any]:
-    """The CPU's model, the features PyTorch's kernels and charlm's C++ depend on, and the CPUs usable here."""
-    model: str | None = None
-    flags: dict[str, bool | None] = {name: None for name in [*CPU_FLAGS.values(), "amx"]}
-    cpuinfo = Path("/proc/cpuinfo")
-    if sys.platform.startswith("linux") and cpuinfo.is_file():
-        model, found = parse_cpuinfo(cpuinfo.read_text(encoding="utf-8", errors="replace"))
-        flags.update(found)
-    elif sys.platform == "darwin":
-        model = (_sysctl("machdep.cpu.brand_string") or "").strip() or None
-        words = set((_sysctl("machdep.cpu.features", "machdep.cpu.leaf7_features") or "").upper().split())
-        flags = {name: (word in words) for word, name in MAC_FLAGS.items()}
+    """The CPU's model, the features PyTorch's kernels and charlm's C++ depend on (:mod:`charlm.util.cpu_features`),
+    and the CPUs usable here."""
+    model, flags = cpu_flags()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {"model": model or platform.processor() or None, "machine": platform.machine(), **flags,
             "logical_cpus": os.cpu_count(), "usable_cpus": affinity}

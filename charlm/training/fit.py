@@ -29,6 +29,7 @@ from charlm.training.checkpoint_io import AtomicCheckpointIO
 from charlm.training.finetune import load_starting_point
 from charlm.training.lightning_module import CharLMModule
 from charlm.training.loggers import build_loggers, check_loggers
+from charlm.training.precision import precision_of, resolve_precision
 from charlm.training.progress import ProgressBar, TimeEstimate
 from charlm.training.runs import hold_run_folder, new_run_dir
 from charlm.util.atomic import atomic_write_text
@@ -69,7 +70,7 @@ def build_trainer(config: Config, run_dir: Path, *, extra_callbacks: list[L.Call
     try:
         trainer = L.Trainer(
             accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-            precision=t.precision,  # type: ignore[arg-type]
+            precision=precision_of(config),  # type: ignore[arg-type]
             max_epochs=t.max_epochs, max_steps=t.max_steps,
             max_time=None if t.max_time is None else dt.timedelta(seconds=t.max_time),
             gradient_clip_val=config.optim.clip or None, logger=build_loggers(config, run_dir),
@@ -120,6 +121,7 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
     folder ``<out>/<name>`` is made, refused if it exists. Everything that can be checked is checked before
     the folder is touched; it is locked while the run writes to it.
     """
+    config, precision_note = resolve_precision(config)  # train.precision: auto -> what it means here
     t = config.train
     check_loggers(config)
     run_dir, new = (run_dir, False) if run_dir is not None else (new_run_dir(config), True)
@@ -146,11 +148,13 @@ def train(config: Config, *, resume: Path | None = None, run_dir: Path | None = 
     with hold_run_folder(run_dir, new=new, writer=trainer.is_global_zero):
         if trainer.is_global_zero:
             atomic_write_text(run_dir / "config.yaml", dump_yaml(config))
-        return _fit(config, trainer, best, module, data, run_dir, resume=resume, console=console)
+        return _fit(config, trainer, best, module, data, run_dir, resume=resume, console=console,
+                    precision_note=precision_note)
 
 
 def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: CharLMModule, data: CharDataModule,
-         run_dir: Path, *, resume: Path | None, console: Console | None) -> TrainResult:
+         run_dir: Path, *, resume: Path | None, console: Console | None, precision_note: str | None = None
+         ) -> TrainResult:
     """Run ``trainer.fit``, then score the final weights and keep them if they are the best."""
     t = config.train
     if console is not None and trainer.is_global_zero:
@@ -164,6 +168,8 @@ def _fit(config: Config, trainer: L.Trainer, best: ModelCheckpoint, module: Char
                       f"{d.batch_size * world * d.bptt:,} chars per step ({d.batch_size} per process x {world} "
                       f"process{'es' if world > 1 else ''})  [bold]lr[/] {config.optim.lr:g} "
                       f"({config.optim.schedule}, not scaled with the batch)  [bold]precision[/] {t.precision}")
+        if precision_note:
+            console.print(f"[bold]precision[/] {precision_note}")
         console.print(f"[bold]budget[/] {describe_budget(config, world)}")
         if resume is not None:
             console.print(f"[bold]resuming[/] from {resume}")

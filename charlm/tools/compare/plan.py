@@ -23,6 +23,7 @@ from rich.console import Console
 from charlm.cells.registry import cell_registry_names
 from charlm.config import Config, ModelConfig, check_seed, logger_names, validate
 from charlm.model.char_lm import CharLM, count_parameters
+from charlm.training.precision import for_comparison
 from charlm.util.errors import CharlmError
 
 # The rows of the papers' tables, in their order (the reference row first: LSTM, vanilla V), cell name ->
@@ -199,7 +200,7 @@ def plan_runs(base: Config, entries: Sequence[Entry], seeds: Sequence[int], hidd
     plans: list[PlannedRun] = []
     for seed in seeds:
         for entry in entries:
-            config = copy.deepcopy(base)
+            config = for_comparison(copy.deepcopy(base))  # one precision for every cell
             config.model.cell, config.model.hidden_size, config.train.seed = entry.cell, hidden[entry.cell], seed
             # metrics.csv is where the curves are read from: always written, TensorBoard too if asked
             config.train.loggers = ",".join(dict.fromkeys(["csv", *logger_names(base.train.loggers)]))

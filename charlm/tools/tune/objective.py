@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from charlm.config import Config, validate
 from charlm.tools.tune.space import SearchSpace, with_values
 from charlm.training.fit import train
+from charlm.training.precision import for_comparison
 from charlm.util.errors import CharlmError, TrainingInterrupted
 
 # user attributes of a trial (what the table and the resume rules read)
@@ -85,6 +86,7 @@ class Objective:
             name = trial_folder(trial.number)
             trial.set_user_attr(RUN_DIR_ATTR, name)
             config = with_values(self.base, {**params, "train.name": name, "train.out": str(self.study_dir)})
+            for_comparison(config)  # one precision for every trial
             validate(config)
             result = train(config, callbacks=[pruning])
         except (TrainingInterrupted, KeyboardInterrupt) as exc:  # a signal (see charlm.tools.tune.study)
