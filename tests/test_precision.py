@@ -23,8 +23,8 @@ from charlm.training.fit import build_trainer
 from charlm.training.precision import for_comparison, resolve_precision
 from charlm.util.errors import CharlmError
 
-NOTE = ("bf16-mixed: this CPU has native bfloat16 (avx512_bf16), where it trains the LSTM faster to the same loss; "
-        "--precision 32-true trains in float32")
+NOTE = ("auto chose bf16-mixed: this CPU has native bfloat16 (avx512_bf16), where it trains the LSTM faster to the "
+        "same loss; --precision 32-true trains in float32")
 TINY = ["--max-steps", "2", "--set", "model.hidden_size=16", "--set", "model.embedding_size=16", "--set",
         "data.batch_size=4", "--set", "data.bptt=16", "--set", "data.eval_batch_size=4", "--set",
         "train.val_every_steps=2", "--no-samples"]

@@ -36,8 +36,8 @@ def auto_precision(config: Config) -> tuple[str, str | None]:
     feature = native_bf16()
     torch_lstm = get_cell(m.cell).torch_rnn == "LSTM" and m.torch_rnn and not m.compile
     if feature and torch_lstm and on_cpu(config.train.accelerator):
-        return "bf16-mixed", (f"bf16-mixed: this CPU has native bfloat16 ({feature}), where it trains the LSTM "
-                              "faster to the same loss; --precision 32-true trains in float32")
+        return "bf16-mixed", (f"auto chose bf16-mixed: this CPU has native bfloat16 ({feature}), where it trains "
+                              "the LSTM faster to the same loss; --precision 32-true trains in float32")
     return FLOAT32, None
 
 
