@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 
 
 def kernel_runs_on(x: Tensor) -> bool:
-    """Whether the hand-written kernels (this one and the normalised LSTMs') run on ``x``: they compute in
-    the tensor's own dtype, float32 or float64; under autocast the cells take the autograd loop."""
+    """Whether the hand-written kernels (this one, the normalised LSTMs', the Mogrifier's, the GRUs' and MUTs') run
+    on ``x``: they compute in the tensor's own dtype, float32 or float64; under autocast the cells take the autograd
+    loop."""
     return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
 
 

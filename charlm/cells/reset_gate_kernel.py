@@ -60,6 +60,15 @@ class ResetGateSpec:
     cand_row: int
     z_keeps_h: bool
 
+    def candidate_weight(self, w_hh: Tensor, h: int) -> Tensor:
+        """U_n: the candidate's rows of ``weight_hh`` (or of its gradient), [H, H]."""
+        return w_hh[self.cand_row * h : (self.cand_row + 1) * h]
+
+
+def _block(g: Tensor, k: int, h: int) -> Tensor:
+    """Block k of the last dimension of g (..., 3H): (..., H)."""
+    return g[..., k * h : (k + 1) * h]
+
 
 def _h_prev(h0: Tensor, hs: Tensor) -> Tensor:
     """The state each step starts from: h0, then every output but the last, (T, B, H)."""
@@ -81,11 +90,10 @@ class ResetGateKernel(torch.autograd.Function):
         tanh_h = any(p.tanh_h for p in spec.products)
         TH = G.new_empty(T, B, H) if tanh_h else None  # tanh(h) of every step (MUT3's z)
         prods = [StepProduct(p.weight(w_hh, H), B, T) for p in spec.products]
-        cand = StepProduct(w_hh[spec.cand_row * H : (spec.cand_row + 1) * H], B, T)
+        cand = StepProduct(spec.candidate_weight(w_hh, H), B, T)
         targets = [p.target(G, H).unbind(0) for p in spec.products]
         gates, n_blk = G[:, :, : 2 * H].unbind(0), G[:, :, 2 * H :].unbind(0)
-        z_blk = G[:, :, spec.z_block * H : (spec.z_block + 1) * H].unbind(0)
-        r_blk = G[:, :, spec.r_block * H : (spec.r_block + 1) * H].unbind(0)
+        z_blk, r_blk = _block(G, spec.z_block, H).unbind(0), _block(G, spec.r_block, H).unbind(0)
         h_list, rh_list = Hs.unbind(0), RH.unbind(0)
         th_list = TH.unbind(0) if TH is not None else ()
         h = h0
@@ -108,20 +116,18 @@ class ResetGateKernel(torch.autograd.Function):
         T, B, K = G.shape
         H = K // 3
         hp = _h_prev(h0, Hs)  # (T, B, H)
-        z = G[:, :, spec.z_block * H : (spec.z_block + 1) * H]
-        r = G[:, :, spec.r_block * H : (spec.r_block + 1) * H]
-        n = G[:, :, 2 * H :]
+        z, r, n = _block(G, spec.z_block, H), _block(G, spec.r_block, H), _block(G, 2, H)
         sig_bw, tanh_bw = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
         # The factors that dh is multiplied by, for every step at once, written where the gradients go:
         # d a_n = dh * k_n, d a_z = dh * k_z, and d a_r = d(r h) * h r (1 - r); dh reaches h directly by k_h.
         dG = torch.empty_like(G)
-        d_z, d_r, d_n = (dG[:, :, b * H : (b + 1) * H] for b in (spec.z_block, spec.r_block, 2))
+        d_z, d_r, d_n = (_block(dG, b, H) for b in (spec.z_block, spec.r_block, 2))
         keep = z if spec.z_keeps_h else 1.0 - z  # what h' keeps of h
         d_n[:] = tanh_bw(1.0 - z if spec.z_keeps_h else z, n)  # what h' takes of n, times tanh'
         d_z[:] = sig_bw(hp - n if spec.z_keeps_h else n - hp, z)
         d_r[:] = sig_bw(hp, r)
         products = [(p, StepProduct(p.weight(w_hh, H).t(), B, T)) for p in spec.products]
-        cand_back = StepProduct(w_hh[spec.cand_row * H : (spec.cand_row + 1) * H].t(), B, T)
+        cand_back = StepProduct(spec.candidate_weight(w_hh, H).t(), B, T)
         tanh_h = TH.shape[0] > 0
         th_fac = 1.0 - TH * TH if tanh_h else None  # tanh'(h) of MUT3's z
         blocks = [p.target(dG, H).unbind(0) for p in spec.products]
@@ -151,7 +157,7 @@ class ResetGateKernel(torch.autograd.Function):
             for p in spec.products:
                 src = (TH if p.tanh_h else hp).reshape(flat, H)
                 p.weight(d_w, H).copy_(p.target(dG, H).reshape(flat, -1).t() @ src)
-            d_w[spec.cand_row * H : (spec.cand_row + 1) * H] = d_n.reshape(flat, H).t() @ RH.reshape(flat, H)
+            spec.candidate_weight(d_w, H).copy_(d_n.reshape(flat, H).t() @ RH.reshape(flat, H))
         return dG, dh, d_w, None
 
 
@@ -192,7 +198,7 @@ class GRUKernel(torch.autograd.Function):
         T, B, K = G.shape
         H = K // 3
         hp = _h_prev(h0, Hs)
-        r, z, n = G[:, :, :H], G[:, :, H : 2 * H], G[:, :, 2 * H :]
+        r, z, n = (_block(G, k, H) for k in range(3))
         sig_bw, tanh_bw = torch.ops.aten.sigmoid_backward, torch.ops.aten.tanh_backward
         # DU holds what goes back through the product, [d a_r, d a_z, d(U_n h + b_hn)]; d a_n is kept apart.
         # The factors that dh (or d a_n) multiplies, for every step at once, go where the gradients will be.
@@ -200,7 +206,7 @@ class GRUKernel(torch.autograd.Function):
         d_an = tanh_bw(1.0 - z, n)  # d a_n = dh (1 - z) (1 - n^2)
         DU[:, :, :H] = sig_bw(HN, r)  # d a_r = d a_n (U_n h + b_hn) r (1 - r)
         DU[:, :, H : 2 * H] = sig_bw(hp - n, z)  # d a_z = dh (h - n) z (1 - z)
-        dr_l, dz_l, dhn_l = (DU[:, :, k * H : (k + 1) * H].unbind(0) for k in range(3))
+        dr_l, dz_l, dhn_l = (_block(DU, k, H).unbind(0) for k in range(3))
         du_l, dan_l, r_l, z_l = DU.unbind(0), d_an.unbind(0), r.unbind(0), z.unbind(0)
         back = StepProduct(w_hh.t(), B, T)  # dh_{t-1} += DU_t U
         dh_list = g_hs.clone(memory_format=torch.contiguous_format).unbind(0)
